@@ -1,0 +1,12 @@
+"""Exceptions raised by llamacpu."""
+
+
+class ModelFormatError(ValueError):
+    """A model file (ours, GGUF or a Hugging Face folder) is malformed or unsupported.
+
+    The message names the problem (file, field, tensor) so that a user can act on it.
+    """
+
+
+class ContextOverflowError(ValueError):
+    """A forward call would write past the KV cache (n_ctx)."""
