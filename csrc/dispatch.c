@@ -1,0 +1,70 @@
+/* Runtime choice of the kernel table: cpuid on x86-64, hwcaps on aarch64.
+ * LLAMACPU_KERNELS=scalar (or avx2, neon, neon-dotprod) overrides. */
+#include <stdlib.h>
+#include <string.h>
+#include "llamacpu.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+
+static int cpu_has_avx2_fma_f16c(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    const int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, f16c = (c >> 29) & 1;
+    if (!(fma && osxsave && avx && f16c)) return 0;
+    unsigned xlo, xhi;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0)); /* OS saves YMM state? */
+    if ((xlo & 6) != 6) return 0;
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (b >> 5) & 1;
+}
+#endif
+
+#if defined(__aarch64__)
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+static int cpu_has_dotprod(void) { return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0; }
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+static int cpu_has_dotprod(void) {
+    int v = 0;
+    size_t len = sizeof(v);
+    if (sysctlbyname("hw.optional.arm.FEAT_DotProd", &v, &len, NULL, 0) != 0) return 0;
+    return v != 0;
+}
+#else
+static int cpu_has_dotprod(void) { return 0; }
+#endif
+#endif
+
+const lc_kernels *lc_kernels_by_name(const char *name) {
+    if (!name) return NULL;
+    if (strcmp(name, "scalar") == 0) return &lc_kernels_scalar;
+#if defined(__x86_64__) || defined(_M_X64)
+    if (strcmp(name, "avx2") == 0) return cpu_has_avx2_fma_f16c() ? &lc_kernels_avx2 : NULL;
+#endif
+#if defined(__aarch64__)
+    if (strcmp(name, "neon") == 0) return &lc_kernels_neon;
+    if (strcmp(name, "neon-dotprod") == 0) return cpu_has_dotprod() ? &lc_kernels_neon_dotprod : NULL;
+#endif
+    return NULL;
+}
+
+const lc_kernels *lc_kernels_best(void) {
+    const char *env = getenv("LLAMACPU_KERNELS");
+    if (env && *env) {
+        const lc_kernels *k = lc_kernels_by_name(env);
+        return k ? k : &lc_kernels_scalar;
+    }
+#if defined(__x86_64__) || defined(_M_X64)
+    if (cpu_has_avx2_fma_f16c()) return &lc_kernels_avx2;
+#endif
+#if defined(__aarch64__)
+    return cpu_has_dotprod() ? &lc_kernels_neon_dotprod : &lc_kernels_neon;
+#endif
+    return &lc_kernels_scalar;
+}

@@ -1,0 +1,261 @@
+/* The Llama forward pass over a chunk of tokens, with an F16 KV cache.
+ *
+ *   x = embed(tokens)                                   (n, dim)
+ *   per layer:
+ *     h = rmsnorm(x) ; q, k, v = h Wq^T, h Wk^T, h Wv^T  (n, heads*hd) (n, kv*hd) x2
+ *     rope(q, k) ; cache[k, v] at positions pos..pos+n-1
+ *     a = causal GQA attention(q, cache)                 (n, heads*hd)
+ *     x += a Wo^T
+ *     h = rmsnorm(x) ; x += (silu(h W1^T) * (h W3^T)) W2^T
+ *   logits = rmsnorm(x) Wout^T                           (n or 1, vocab)
+ *
+ * Matmuls with quantized weights take activations quantized once per row
+ * (block_q8a); several tokens share each weight load (kernels' gemm tiles).
+ * Threads: OpenMP over weight rows (matmuls) and over (token, head) pairs. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "llamacpu.h"
+
+struct lc_model {
+    lc_config c;
+    lc_weights w;
+    const lc_kernels *k;
+    int q_dim, kv_dim;
+    uint16_t *kcache, *vcache; /* (n_layers, n_kv_heads, n_ctx, head_dim) */
+    /* scratch for up to n_batch tokens */
+    float *x;      /* (B, dim) residual stream */
+    float *xb;     /* (B, max(dim, q_dim)) normed input; attention output */
+    float *q;      /* (B, q_dim) */
+    float *kb, *vb; /* (B, kv_dim) */
+    float *hb, *hb2; /* (B, hidden_dim) */
+    float *proj;   /* (B, dim) */
+    block_q8a *xq; /* (B, max(dim, q_dim, hidden_dim) / 32) */
+    float *att;    /* (n_scratch_threads, n_ctx) attention scores */
+    int n_scratch_threads;
+};
+
+static void *xalloc(size_t n) {
+    void *p = NULL;
+    if (n == 0) n = 64;
+    if (posix_memalign(&p, 64, (n + 63) / 64 * 64) != 0) return NULL;
+    return p;
+}
+
+static int is_quantized(int type) { return type == LC_TYPE_Q4_0 || type == LC_TYPE_Q4_1 || type == LC_TYPE_Q8_0; }
+
+static int max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+void lc_model_free(lc_model *m) {
+    if (!m) return;
+    free(m->w.layers);
+    free((void *)m->w.inv_freq);
+    free(m->kcache); free(m->vcache);
+    free(m->x); free(m->xb); free(m->q); free(m->kb); free(m->vb);
+    free(m->hb); free(m->hb2); free(m->proj); free(m->xq); free(m->att);
+    free(m);
+}
+
+static int alloc_att(lc_model *m, int threads) {
+    if (threads <= m->n_scratch_threads) return 0;
+    float *a = xalloc((size_t)threads * m->c.n_ctx * sizeof(float));
+    if (!a) return -1;
+    free(m->att);
+    m->att = a;
+    m->n_scratch_threads = threads;
+    return 0;
+}
+
+lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kernels *k, char *err, size_t errlen) {
+    const lc_config c = *cfg;
+    if (c.dim <= 0 || c.hidden_dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 ||
+        c.head_dim <= 0 || c.head_dim % 2 || c.head_dim > 1024 || c.n_heads % c.n_kv_heads ||
+        c.vocab_size <= 0 || c.n_ctx <= 0 || c.n_batch <= 0 || c.n_threads <= 0) {
+        snprintf(err, errlen, "invalid engine configuration");
+        return NULL;
+    }
+    lc_model *m = calloc(1, sizeof(*m));
+    if (!m) { snprintf(err, errlen, "out of memory"); return NULL; }
+    m->c = c;
+    m->w = *w;
+    m->k = k ? k : lc_kernels_best();
+    m->q_dim = c.n_heads * c.head_dim;
+    m->kv_dim = c.n_kv_heads * c.head_dim;
+    m->w.layers = malloc(sizeof(lc_layer_weights) * c.n_layers);
+    float *inv = malloc(sizeof(float) * (c.head_dim / 2));
+    if (m->w.layers && inv) {
+        memcpy(m->w.layers, w->layers, sizeof(lc_layer_weights) * c.n_layers);
+        memcpy(inv, w->inv_freq, sizeof(float) * (c.head_dim / 2));
+    }
+    m->w.inv_freq = inv;
+
+    const size_t B = (size_t)c.n_batch;
+    const size_t cache = (size_t)c.n_layers * c.n_kv_heads * c.n_ctx * c.head_dim;
+    const size_t wide = (size_t)(c.dim > m->q_dim ? c.dim : m->q_dim);
+    size_t widest = wide > (size_t)c.hidden_dim ? wide : (size_t)c.hidden_dim;
+    m->kcache = xalloc(cache * 2);
+    m->vcache = xalloc(cache * 2);
+    m->x = xalloc(B * c.dim * 4);
+    m->xb = xalloc(B * wide * 4);
+    m->q = xalloc(B * m->q_dim * 4);
+    m->kb = xalloc(B * m->kv_dim * 4);
+    m->vb = xalloc(B * m->kv_dim * 4);
+    m->hb = xalloc(B * c.hidden_dim * 4);
+    m->hb2 = xalloc(B * c.hidden_dim * 4);
+    m->proj = xalloc(B * c.dim * 4);
+    m->xq = xalloc(B * (widest / QK + 1) * sizeof(block_q8a));
+    int th = c.n_threads > max_threads() ? c.n_threads : max_threads();
+    if (!m->w.layers || !inv || !m->kcache || !m->vcache || !m->x || !m->xb || !m->q || !m->kb || !m->vb ||
+        !m->hb || !m->hb2 || !m->proj || !m->xq || alloc_att(m, th) != 0) {
+        snprintf(err, errlen, "out of memory allocating the KV cache (%.1f MiB) and buffers",
+                 cache * 4.0 / (1024.0 * 1024.0));
+        lc_model_free(m);
+        return NULL;
+    }
+    memset(m->kcache, 0, cache * 2);
+    memset(m->vcache, 0, cache * 2);
+    return m;
+}
+
+const lc_kernels *lc_model_kernels(const lc_model *m) { return m->k; }
+
+void lc_model_set_threads(lc_model *m, int n_threads) {
+    if (n_threads < 1) n_threads = 1;
+    if (alloc_att(m, n_threads) == 0) m->c.n_threads = n_threads;
+}
+
+/* Y (nt, W.rows) [row stride ldy] = X W^T. X given as float (xf) and, for
+ * quantized W, as q8a blocks (xq). Rows are split among threads. */
+static void matmul(lc_model *m, const lc_tensor *W, const float *xf, const block_q8a *xq, int nt, float *Y, int64_t ldy) {
+    const lc_kernels *k = m->k;
+    const int64_t rows = W->rows;
+    const int nth = m->c.n_threads;
+    /* about 8 chunks a thread for balance, multiples of 4 rows */
+    int64_t chunk = (rows + (int64_t)nth * 8 - 1) / ((int64_t)nth * 8);
+    chunk = (chunk + 3) / 4 * 4;
+    if (chunk < 4) chunk = 4;
+    const int64_t nchunks = (rows + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(nth) schedule(static) if (nth > 1)
+    for (int64_t ci = 0; ci < nchunks; ci++) {
+        const int64_t r0 = ci * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
+        switch (W->type) {
+        case LC_TYPE_Q4_0: k->gemm_q4_0(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
+        case LC_TYPE_Q4_1: k->gemm_q4_1(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
+        case LC_TYPE_Q8_0: k->gemm_q8_0(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
+        case LC_TYPE_F16: k->gemm_f16(W->data, W->cols, xf, nt, Y, ldy, r0, r1); break;
+        default: k->gemm_f32(W->data, W->cols, xf, nt, Y, ldy, r0, r1); break;
+        }
+    }
+}
+
+/* Quantize nt rows of `cols` floats to q8a (when any consumer needs it). */
+static void quantize_rows(lc_model *m, const float *x, int nt, int cols, int needed) {
+    if (!needed) return;
+    const int64_t nb = cols / QK;
+#pragma omp parallel for num_threads(m->c.n_threads) schedule(static) if (nt > 1 && m->c.n_threads > 1)
+    for (int t = 0; t < nt; t++) m->k->quantize_act(x + (int64_t)t * cols, m->xq + t * nb, cols);
+}
+
+static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, float *logits, int all_logits, int want_last) {
+    const lc_config *c = &m->c;
+    const lc_kernels *k = m->k;
+    const int dim = c->dim, hd = c->head_dim, qd = m->q_dim, kvd = m->kv_dim, hid = c->hidden_dim;
+    const int group = c->n_heads / c->n_kv_heads;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int nth = c->n_threads;
+
+    for (int t = 0; t < nt; t++) {
+        const lc_tensor *E = &m->w.tok_embeddings;
+        k->dequantize_row(E->type, (const char *)E->data + (int64_t)tokens[t] * lc_row_bytes(E->type, E->cols),
+                          m->x + (int64_t)t * dim, dim);
+    }
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const lc_layer_weights *L = &m->w.layers[l];
+        uint16_t *kc = m->kcache + (size_t)l * c->n_kv_heads * c->n_ctx * hd;
+        uint16_t *vc = m->vcache + (size_t)l * c->n_kv_heads * c->n_ctx * hd;
+
+        /* attention block */
+        for (int t = 0; t < nt; t++)
+            k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, L->attention_norm, dim, c->norm_eps);
+        quantize_rows(m, m->xb, nt, dim, is_quantized(L->wq.type) || is_quantized(L->wk.type) || is_quantized(L->wv.type));
+        matmul(m, &L->wq, m->xb, m->xq, nt, m->q, qd);
+        matmul(m, &L->wk, m->xb, m->xq, nt, m->kb, kvd);
+        matmul(m, &L->wv, m->xb, m->xq, nt, m->vb, kvd);
+        for (int t = 0; t < nt; t++) {
+            k->rope(m->q + (int64_t)t * qd, c->n_heads, hd, pos + t, m->w.inv_freq);
+            k->rope(m->kb + (int64_t)t * kvd, c->n_kv_heads, hd, pos + t, m->w.inv_freq);
+            for (int h = 0; h < c->n_kv_heads; h++) {
+                const size_t off = ((size_t)h * c->n_ctx + pos + t) * hd;
+                k->f32_to_f16(kc + off, m->kb + (int64_t)t * kvd + h * hd, hd);
+                k->f32_to_f16(vc + off, m->vb + (int64_t)t * kvd + h * hd, hd);
+            }
+        }
+        const int pairs = nt * c->n_heads;
+#pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (nth > 1 && pairs > 1)
+        for (int i = 0; i < pairs; i++) {
+            const int t = i / c->n_heads, h = i % c->n_heads, kh = h / group;
+            const size_t off = (size_t)kh * c->n_ctx * hd;
+            k->attention(m->xb + (int64_t)t * qd + h * hd, m->q + (int64_t)t * qd + h * hd, kc + off, vc + off,
+                         pos + t + 1, hd, scale, m->att + (size_t)thread_id() * c->n_ctx);
+        }
+        quantize_rows(m, m->xb, nt, qd, is_quantized(L->wo.type));
+        matmul(m, &L->wo, m->xb, m->xq, nt, m->proj, dim);
+        for (int64_t i = 0; i < (int64_t)nt * dim; i++) m->x[i] += m->proj[i];
+
+        /* feed-forward block */
+        for (int t = 0; t < nt; t++)
+            k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, L->ffn_norm, dim, c->norm_eps);
+        quantize_rows(m, m->xb, nt, dim, is_quantized(L->w1.type) || is_quantized(L->w3.type));
+        matmul(m, &L->w1, m->xb, m->xq, nt, m->hb, hid);
+        matmul(m, &L->w3, m->xb, m->xq, nt, m->hb2, hid);
+        k->swiglu(m->hb, m->hb2, (int64_t)nt * hid);
+        quantize_rows(m, m->hb, nt, hid, is_quantized(L->w2.type));
+        matmul(m, &L->w2, m->hb, m->xq, nt, m->proj, dim);
+        for (int64_t i = 0; i < (int64_t)nt * dim; i++) m->x[i] += m->proj[i];
+    }
+
+    /* logits: of every token, or of the last one */
+    const lc_tensor *O = &m->w.output;
+    if (all_logits) {
+        for (int t = 0; t < nt; t++)
+            k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, m->w.norm, dim, c->norm_eps);
+        quantize_rows(m, m->xb, nt, dim, is_quantized(O->type));
+        matmul(m, O, m->xb, m->xq, nt, logits, c->vocab_size);
+    } else if (want_last) {
+        k->rmsnorm(m->xb, m->x + (int64_t)(nt - 1) * dim, m->w.norm, dim, c->norm_eps);
+        quantize_rows(m, m->xb, 1, dim, is_quantized(O->type));
+        matmul(m, O, m->xb, m->xq, 1, logits, c->vocab_size);
+    }
+}
+
+int lc_forward(lc_model *m, const int32_t *tokens, int n, int pos, float *logits, int all_logits) {
+    if (n < 1 || pos < 0) return LC_E_ARG;
+    if ((int64_t)pos + n > m->c.n_ctx) return LC_E_CTX;
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->c.vocab_size) return LC_E_TOKEN;
+    for (int done = 0; done < n; done += m->c.n_batch) {
+        const int nt = n - done < m->c.n_batch ? n - done : m->c.n_batch;
+        float *out = all_logits ? logits + (int64_t)done * m->c.vocab_size : logits;
+        forward_chunk(m, tokens + done, nt, pos + done, out, all_logits, done + nt == n);
+    }
+    return LC_OK;
+}

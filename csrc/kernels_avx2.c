@@ -1,0 +1,387 @@
+/* AVX2 + FMA + F16C kernels. Compiled with in-file target options so that the
+ * package builds for baseline x86-64; dispatch.c only hands this table out when
+ * cpuid says the CPU has all three. Same signatures as kernels_scalar.c. */
+#if defined(__x86_64__) || defined(_M_X64)
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+#include <immintrin.h>
+#include <math.h>
+#include "llamacpu.h"
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+
+static ALWAYS_INLINE float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 sh = _mm_movehdup_ps(s);
+    s = _mm_add_ps(s, sh);
+    sh = _mm_movehl_ps(sh, s);
+    s = _mm_add_ss(s, sh);
+    return _mm_cvtss_f32(s);
+}
+
+static ALWAYS_INLINE float hmax_ps(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static ALWAYS_INLINE int hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* 16 bytes of nibbles -> 32 bytes in [0, 15]: elements 0..15 are the low
+ * nibbles, 16..31 the high nibbles (GGUF order). */
+static ALWAYS_INLINE __m256i unpack_nibbles(const uint8_t *qs) {
+    const __m128i t = _mm_loadu_si128((const __m128i *)qs);
+    const __m256i v = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+}
+
+static ALWAYS_INLINE float fp16_1(uint16_t h) { return _cvtsh_ss(h); }
+
+/* exp(x) for a vector, Cephes-style range reduction and polynomial (~2 ulp). */
+static ALWAYS_INLINE __m256 exp_ps(__m256 x) {
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f));
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
+    fx = _mm256_floor_ps(fx);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i n = _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127));
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(n, 23)));
+}
+
+/* ------------------------------------------------ activations */
+
+static void quantize_act(const float *x, block_q8a *y, int64_t n) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t i = 0; i < n / QK; i++) {
+        const float *xb = x + i * QK;
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
+        __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        const float amax = hmax_ps(m);
+        const float d = amax / 127.0f;
+        const float id = d ? 1.0f / d : 0.0f;
+        const __m256 mul = _mm256_set1_ps(id);
+        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), rnd));
+        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), rnd));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), rnd));
+        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), rnd));
+        const int sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        b = _mm256_permutevar8x32_epi32(b, perm);
+        _mm256_storeu_si256((__m256i *)y[i].qs, b);
+        y[i].d = d;
+        y[i].s = d * (float)sum;
+    }
+}
+
+/* ------------------------------------------------ quantized matmuls
+ * One weight row against a tile of TN <= 4 tokens: the row's blocks are unpacked
+ * once and shared by TN accumulators. Per block and token the integer dot product
+ * is maddubs (u8 x s8 -> s16 pairs) + madd (-> 8 x s32), then one FMA with the
+ * product of the two scales. */
+
+/* TYPE and TN are compile-time constants at every call, so the branches fold
+ * away and the TN accumulators stay in registers. */
+static ALWAYS_INLINE void tile_q(const int TYPE, const void *wrow, const block_q8a *x, int64_t nb, const int TN,
+                                 float *out, int64_t ldo) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[4];
+    float corr[4];
+    for (int k = 0; k < TN; k++) { acc[k] = _mm256_setzero_ps(); corr[k] = 0.0f; }
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i q;
+        float dw, mw = 0.0f;
+        if (TYPE == LC_TYPE_Q4_0) {
+            const block_q4_0 *w = (const block_q4_0 *)wrow + b;
+            q = unpack_nibbles(w->qs); dw = fp16_1(w->d);
+        } else if (TYPE == LC_TYPE_Q4_1) {
+            const block_q4_1 *w = (const block_q4_1 *)wrow + b;
+            q = unpack_nibbles(w->qs); dw = fp16_1(w->d); mw = fp16_1(w->m);
+        } else {
+            const block_q8_0 *w = (const block_q8_0 *)wrow + b;
+            q = _mm256_loadu_si256((const __m256i *)w->qs); dw = fp16_1(w->d);
+        }
+        for (int k = 0; k < TN; k++) {
+            const block_q8a *xb = x + k * nb + b;
+            const __m256i y = _mm256_loadu_si256((const __m256i *)xb->qs);
+            __m256i p;
+            if (TYPE == LC_TYPE_Q8_0) /* sign trick: |w| (unsigned) times y carrying w's sign */
+                p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)), ones);
+            else /* nibbles are already unsigned */
+                p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xb->d), acc[k]);
+            if (TYPE == LC_TYPE_Q4_0) corr[k] += dw * xb->s;      /* the -8 offset, once per block */
+            else if (TYPE == LC_TYPE_Q4_1) corr[k] += mw * xb->s; /* the minimum, once per block */
+        }
+    }
+    for (int k = 0; k < TN; k++) {
+        const float s = hsum_ps(acc[k]);
+        out[k * ldo] = TYPE == LC_TYPE_Q4_0 ? s - 8.0f * corr[k] : TYPE == LC_TYPE_Q4_1 ? s + corr[k] : s;
+    }
+}
+
+#define DEFINE_GEMM_Q(NAME, BLOCK, TYPE)                                                          \
+    static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, \
+                     int64_t r0, int64_t r1) {                                                     \
+        const int64_t nb = cols / QK;                                                              \
+        for (int t0 = 0; t0 < nt; t0 += 4) {                                                       \
+            const int tn = nt - t0 < 4 ? nt - t0 : 4;                                              \
+            const block_q8a *x = X + (int64_t)t0 * nb;                                             \
+            for (int64_t r = r0; r < r1; r++) {                                                    \
+                const BLOCK *w = (const BLOCK *)W + r * nb;                                        \
+                float *out = Y + (int64_t)t0 * ldy + r;                                            \
+                switch (tn) {                                                                      \
+                case 4: tile_q(TYPE, w, x, nb, 4, out, ldy); break;                                \
+                case 3: tile_q(TYPE, w, x, nb, 3, out, ldy); break;                                \
+                case 2: tile_q(TYPE, w, x, nb, 2, out, ldy); break;                                \
+                default: tile_q(TYPE, w, x, nb, 1, out, ldy); break;                               \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+DEFINE_GEMM_Q(gemm_q4_0, block_q4_0, LC_TYPE_Q4_0)
+DEFINE_GEMM_Q(gemm_q4_1, block_q4_1, LC_TYPE_Q4_1)
+DEFINE_GEMM_Q(gemm_q8_0, block_q8_0, LC_TYPE_Q8_0)
+
+/* ------------------------------------------------ float matmuls */
+
+static ALWAYS_INLINE __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+static ALWAYS_INLINE void tile_f(const void *wrow, int is_f16, const float *x, int64_t cols, const int TN, float *out, int64_t ldo) {
+    __m256 acc[4];
+    for (int k = 0; k < TN; k++) acc[k] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+        const __m256 w = is_f16 ? load8_f16((const uint16_t *)wrow + c) : _mm256_loadu_ps((const float *)wrow + c);
+        for (int k = 0; k < TN; k++) acc[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + k * cols + c), acc[k]);
+    }
+    for (int k = 0; k < TN; k++) {
+        float s = hsum_ps(acc[k]);
+        for (int64_t cc = c; cc < cols; cc++) {
+            const float w = is_f16 ? lc_fp16_to_fp32(((const uint16_t *)wrow)[cc]) : ((const float *)wrow)[cc];
+            s += w * x[k * cols + cc];
+        }
+        out[k * ldo] = s;
+    }
+}
+
+#define DEFINE_GEMM_F(NAME, IS_F16, ESIZE)                                                       \
+    static void NAME(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy,  \
+                     int64_t r0, int64_t r1) {                                                    \
+        for (int t0 = 0; t0 < nt; t0 += 4) {                                                      \
+            const int tn = nt - t0 < 4 ? nt - t0 : 4;                                             \
+            const float *x = X + (int64_t)t0 * cols;                                              \
+            for (int64_t r = r0; r < r1; r++) {                                                   \
+                const void *w = (const char *)W + r * cols * ESIZE;                               \
+                float *out = Y + (int64_t)t0 * ldy + r;                                           \
+                switch (tn) {                                                                     \
+                case 4: tile_f(w, IS_F16, x, cols, 4, out, ldy); break;                           \
+                case 3: tile_f(w, IS_F16, x, cols, 3, out, ldy); break;                           \
+                case 2: tile_f(w, IS_F16, x, cols, 2, out, ldy); break;                           \
+                default: tile_f(w, IS_F16, x, cols, 1, out, ldy); break;                          \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+DEFINE_GEMM_F(gemm_f16, 1, 2)
+DEFINE_GEMM_F(gemm_f32, 0, 4)
+
+/* ------------------------------------------------ element-wise */
+
+static void dequantize_row(int type, const void *row, float *y, int64_t n) {
+    switch (type) {
+    case LC_TYPE_F16: {
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, load8_f16((const uint16_t *)row + i));
+        for (; i < n; i++) y[i] = lc_fp16_to_fp32(((const uint16_t *)row)[i]);
+        break;
+    }
+    case LC_TYPE_Q4_0:
+    case LC_TYPE_Q4_1:
+        for (int64_t b = 0; b < n / QK; b++) {
+            const uint8_t *qs;
+            float d, m;
+            if (type == LC_TYPE_Q4_0) {
+                const block_q4_0 *w = (const block_q4_0 *)row + b;
+                qs = w->qs; d = fp16_1(w->d); m = -8.0f * d;
+            } else {
+                const block_q4_1 *w = (const block_q4_1 *)row + b;
+                qs = w->qs; d = fp16_1(w->d); m = fp16_1(w->m);
+            }
+            /* same operation order as the scalar reference, so results are identical */
+            const __m256i q = unpack_nibbles(qs);
+            const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+            for (int h = 0; h < 4; h++) {
+                const __m128i q8 = h < 2 ? _mm256_castsi256_si128(q) : _mm256_extracti128_si256(q, 1);
+                const __m128i part = (h & 1) ? _mm_srli_si128(q8, 8) : q8;
+                __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+                if (type == LC_TYPE_Q4_0)
+                    f = _mm256_mul_ps(_mm256_sub_ps(f, _mm256_set1_ps(8.0f)), vd);
+                else
+                    f = _mm256_add_ps(_mm256_mul_ps(f, vd), vm);
+                _mm256_storeu_ps(y + b * QK + h * 8, f);
+            }
+        }
+        break;
+    case LC_TYPE_Q8_0:
+        for (int64_t b = 0; b < n / QK; b++) {
+            const block_q8_0 *w = (const block_q8_0 *)row + b;
+            const __m256 vd = _mm256_set1_ps(fp16_1(w->d));
+            for (int h = 0; h < 4; h++) {
+                const __m128i q = _mm_loadl_epi64((const __m128i *)(w->qs + h * 8));
+                _mm256_storeu_ps(y + b * QK + h * 8, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), vd));
+            }
+        }
+        break;
+    default:
+        lc_kernels_scalar.dequantize_row(type, row, y, n);
+    }
+}
+
+static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    float ss = hsum_ps(acc);
+    for (; i < n; i++) ss += x[i] * x[i];
+    const float scale = 1.0f / sqrtf(ss / n + eps);
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (i = 0; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vs), _mm256_loadu_ps(w + i)));
+    for (; i < n; i++) out[i] = x[i] * scale * w[i];
+}
+
+static void rope(float *x, int n_heads, int head_dim, int pos, const float *inv_freq) {
+    float c[512], s[512], cd[1024], sd[1024];
+    const int half = head_dim / 2;
+    lc_rope_angles(c, s, half, pos, inv_freq);
+    for (int i = 0; i < half; i++) {
+        cd[2 * i] = c[i]; cd[2 * i + 1] = c[i];
+        sd[2 * i] = -s[i]; sd[2 * i + 1] = s[i];
+    }
+    for (int h = 0; h < n_heads; h++) {
+        float *v = x + h * head_dim;
+        int i = 0;
+        for (; i + 8 <= head_dim; i += 8) {
+            const __m256 xv = _mm256_loadu_ps(v + i);
+            const __m256 xs = _mm256_permute_ps(xv, 0xb1); /* swap each pair */
+            _mm256_storeu_ps(v + i, _mm256_add_ps(_mm256_mul_ps(xv, _mm256_loadu_ps(cd + i)),
+                                                  _mm256_mul_ps(xs, _mm256_loadu_ps(sd + i))));
+        }
+        for (; i < head_dim; i += 2) {
+            const float x0 = v[i], x1 = v[i + 1];
+            v[i] = x0 * cd[i] + x1 * sd[i];
+            v[i + 1] = x1 * cd[i + 1] + x0 * sd[i + 1];
+        }
+    }
+}
+
+static void attention(float *out, const float *q, const uint16_t *K, const uint16_t *V, int n, int head_dim, float scale, float *scores) {
+    float max = -INFINITY;
+    for (int j = 0; j < n; j++) {
+        const uint16_t *k = K + (int64_t)j * head_dim;
+        __m256 acc = _mm256_setzero_ps();
+        int i = 0;
+        for (; i + 8 <= head_dim; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8_f16(k + i), acc);
+        float s = hsum_ps(acc);
+        for (; i < head_dim; i++) s += q[i] * lc_fp16_to_fp32(k[i]);
+        scores[j] = s * scale;
+        if (scores[j] > max) max = scores[j];
+    }
+    __m256 vsum = _mm256_setzero_ps();
+    const __m256 vmax = _mm256_set1_ps(max);
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vmax));
+        _mm256_storeu_ps(scores + j, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    float sum = hsum_ps(vsum);
+    for (; j < n; j++) {
+        scores[j] = expf(scores[j] - max);
+        sum += scores[j];
+    }
+    const float inv = 1.0f / sum;
+    int i = 0;
+    for (; i + 8 <= head_dim; i += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (j = 0; j < n; j++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]), load8_f16(V + (int64_t)j * head_dim + i), acc);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+    }
+    for (; i < head_dim; i++) {
+        float acc = 0.0f;
+        for (j = 0; j < n; j++) acc += scores[j] * lc_fp16_to_fp32(V[(int64_t)j * head_dim + i]);
+        out[i] = acc * inv;
+    }
+}
+
+static void f32_to_f16(uint16_t *y, const float *x, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) y[i] = lc_fp32_to_fp16(x[i]);
+}
+
+static void swiglu(float *hb, const float *hb2, int64_t n) {
+    int64_t i = 0;
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 a = _mm256_loadu_ps(hb + i);
+        const __m256 e = exp_ps(_mm256_xor_ps(a, sign));
+        _mm256_storeu_ps(hb + i, _mm256_mul_ps(_mm256_div_ps(a, _mm256_add_ps(one, e)), _mm256_loadu_ps(hb2 + i)));
+    }
+    for (; i < n; i++) hb[i] = hb[i] / (1.0f + expf(-hb[i])) * hb2[i];
+}
+
+const lc_kernels lc_kernels_avx2 = {
+    .name = "avx2",
+    .quantize_act = quantize_act,
+    .gemm_q4_0 = gemm_q4_0,
+    .gemm_q4_1 = gemm_q4_1,
+    .gemm_q8_0 = gemm_q8_0,
+    .gemm_f16 = gemm_f16,
+    .gemm_f32 = gemm_f32,
+    .dequantize_row = dequantize_row,
+    .rmsnorm = rmsnorm,
+    .rope = rope,
+    .attention = attention,
+    .f32_to_f16 = f32_to_f16,
+    .swiglu = swiglu,
+};
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+#endif /* x86-64 */

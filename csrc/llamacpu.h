@@ -1,0 +1,126 @@
+/* llamacpu C core: kernel table and the forward pass.
+ *
+ * Python validates the model file and hands this core pointers into the mmap;
+ * the core never copies weights and never reads a file itself.
+ */
+#ifndef LLAMACPU_H
+#define LLAMACPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "quants.h"
+
+/* ---------------------------------------------------------------- kernels */
+
+/* Every kernel has a scalar reference (kernels_scalar.c); SIMD variants share
+ * its signature and are validated against it (tests/test_kernels.py). */
+typedef struct lc_kernels {
+    const char *name; /* "scalar", "avx2", "neon", "neon-dotprod" */
+
+    /* x (n,) -> y (n/32 blocks); n % 32 == 0 */
+    void (*quantize_act)(const float *x, block_q8a *y, int64_t n);
+
+    /* Y[t*ldy + r] = W[r,:] . X[t,:] for rows r in [r0, r1), tokens t in [0, nt).
+     * W (rows, cols) in its type, row-major; X (nt, cols) quantized (q8a) for
+     * quantized W, float for F16/F32 W. cols % 32 == 0. */
+    void (*gemm_q4_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
+    void (*gemm_q4_1)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
+    void (*gemm_q8_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
+    void (*gemm_f16)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
+    void (*gemm_f32)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
+
+    /* row (n elements, n % 32 == 0 for quantized types) of `type` -> float */
+    void (*dequantize_row)(int type, const void *row, float *y, int64_t n);
+
+    /* out (n,) = x / sqrt(mean(x^2) + eps) * w */
+    void (*rmsnorm)(float *out, const float *x, const float *w, int n, float eps);
+
+    /* in place, n_heads heads of head_dim, adjacent pairs (2i, 2i+1) rotated by
+     * pos * inv_freq[i] */
+    void (*rope)(float *x, int n_heads, int head_dim, int pos, const float *inv_freq);
+
+    /* One query head against n cached positions of K and V (f16, (n, head_dim)):
+     * out (head_dim,) = softmax(K q * scale) V. scratch: n floats. */
+    void (*attention)(float *out, const float *q, const uint16_t *K, const uint16_t *V,
+                      int n, int head_dim, float scale, float *scratch);
+
+    /* x (n,) float -> y (n,) f16, round to nearest even */
+    void (*f32_to_f16)(uint16_t *y, const float *x, int64_t n);
+
+    /* hb (n,) = silu(hb) * hb2 */
+    void (*swiglu)(float *hb, const float *hb2, int64_t n);
+} lc_kernels;
+
+/* Weight-type quantizers (scalar, deterministic, identical to ggml's
+ * quantize_row_*_ref): these write model files. n % 32 == 0. */
+void lc_quantize_row_q4_0_ref(const float *x, block_q4_0 *y, int64_t n);
+void lc_quantize_row_q4_1_ref(const float *x, block_q4_1 *y, int64_t n);
+void lc_quantize_row_q8_0_ref(const float *x, block_q8_0 *y, int64_t n);
+
+/* cos/sin of the float32 angles pos * inv_freq[i], i < half (shared by all RoPE variants) */
+void lc_rope_angles(float *cos_out, float *sin_out, int half, int pos, const float *inv_freq);
+
+extern const lc_kernels lc_kernels_scalar;
+#if defined(__x86_64__) || defined(_M_X64)
+extern const lc_kernels lc_kernels_avx2;
+#endif
+#if defined(__aarch64__)
+extern const lc_kernels lc_kernels_neon;
+extern const lc_kernels lc_kernels_neon_dotprod;
+#endif
+
+/* Best kernel table for this CPU; LLAMACPU_KERNELS=scalar|avx2|neon|neon-dotprod
+ * overrides (an unsupported request falls back to scalar). */
+const lc_kernels *lc_kernels_best(void);
+/* Table by name, or NULL when it is not compiled in or the CPU lacks it. */
+const lc_kernels *lc_kernels_by_name(const char *name);
+
+/* ---------------------------------------------------------------- model */
+
+typedef struct {
+    const void *data; /* into the mmap */
+    int type;
+    int64_t rows, cols;
+} lc_tensor;
+
+typedef struct {
+    const float *attention_norm, *ffn_norm; /* (dim,) */
+    lc_tensor wq, wk, wv, wo;               /* (n_heads*hd, dim) (n_kv*hd, dim) x2, (dim, n_heads*hd) */
+    lc_tensor w1, w2, w3;                   /* gate (ffn, dim), down (dim, ffn), up (ffn, dim) */
+} lc_layer_weights;
+
+typedef struct {
+    int vocab_size, dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim;
+    float norm_eps;
+    int n_ctx;   /* KV cache positions */
+    int n_batch; /* most tokens per internal chunk (scratch size) */
+    int n_threads;
+} lc_config;
+
+typedef struct {
+    lc_tensor tok_embeddings; /* (vocab, dim) */
+    lc_tensor output;         /* (vocab, dim): tok_embeddings when tied */
+    const float *norm;        /* (dim,) */
+    lc_layer_weights *layers; /* n_layers, copied at lc_model_new */
+    const float *inv_freq;    /* (head_dim/2,), copied at lc_model_new */
+} lc_weights;
+
+typedef struct lc_model lc_model;
+
+/* Returns NULL with a message in err on failure (bad config, out of memory). */
+lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kernels *k, char *err, size_t errlen);
+void lc_model_free(lc_model *m);
+const lc_kernels *lc_model_kernels(const lc_model *m);
+void lc_model_set_threads(lc_model *m, int n_threads);
+
+/* Runs tokens[0..n) at positions [pos, pos+n). logits: (vocab,) for the last
+ * token, or (n, vocab) when all_logits. Returns 0, or a negative LC_E* code
+ * (nothing is written to the cache then). Any n >= 1: chunks internally. */
+int lc_forward(lc_model *m, const int32_t *tokens, int n, int pos, float *logits, int all_logits);
+
+#define LC_OK 0
+#define LC_E_CTX (-1)   /* pos + n > n_ctx */
+#define LC_E_TOKEN (-2) /* token id outside [0, vocab) */
+#define LC_E_ARG (-3)   /* n < 1 or pos < 0 */
+
+#endif

@@ -1,0 +1,104 @@
+/* Block layouts (GGUF-compatible) and fp16 helpers.
+ *
+ * Weight blocks are exactly GGUF's, so GGUF blocks import bit-exact.
+ * Activations are quantized to block_q8a: like Q8_0 but with an f32 scale and
+ * the precomputed d * sum(qs), which Q4_0 (offset 8) and Q4_1 (min m) need.
+ */
+#ifndef LLAMACPU_QUANTS_H
+#define LLAMACPU_QUANTS_H
+
+#include <stdint.h>
+#include <string.h>
+#include <assert.h>
+
+#define QK 32 /* elements per block, every quantized type */
+
+enum lc_type {
+    LC_TYPE_F32 = 0,
+    LC_TYPE_F16 = 1,
+    LC_TYPE_Q4_0 = 2,
+    LC_TYPE_Q4_1 = 3,
+    LC_TYPE_Q8_0 = 8,
+};
+
+typedef struct {
+    uint16_t d;         /* fp16 scale */
+    uint8_t qs[QK / 2]; /* element j: low nibble of qs[j]; element j+16: high nibble */
+} block_q4_0;           /* x = (q - 8) * d */
+static_assert(sizeof(block_q4_0) == 18, "block_q4_0 size");
+
+typedef struct {
+    uint16_t d;         /* fp16 scale */
+    uint16_t m;         /* fp16 minimum */
+    uint8_t qs[QK / 2]; /* nibbles as block_q4_0 */
+} block_q4_1;           /* x = q * d + m */
+static_assert(sizeof(block_q4_1) == 20, "block_q4_1 size");
+
+typedef struct {
+    uint16_t d;     /* fp16 scale */
+    int8_t qs[QK];
+} block_q8_0;       /* x = q * d */
+static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
+
+typedef struct {
+    float d;        /* scale: x ~= q * d */
+    float s;        /* d * sum(qs): lets Q4_0's offset and Q4_1's minimum be applied once per block */
+    int8_t qs[QK];
+} block_q8a;        /* activations, internal only */
+static_assert(sizeof(block_q8a) == 40, "block_q8a size");
+
+static inline uint32_t lc_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float lc_f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* IEEE half -> float, exact, including subnormals, inf and nan. */
+static inline float lc_fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, f;
+    if (exp == 0) {
+        if (mant == 0) {
+            f = sign;
+        } else {
+            int e = -1;
+            do { e++; mant <<= 1; } while (!(mant & 0x400u));
+            f = sign | ((uint32_t)(112 - e) << 23) | ((mant & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        f = sign | 0x7f800000u | (mant << 13);
+    } else {
+        f = sign | ((exp + 112) << 23) | (mant << 13);
+    }
+    return lc_f32_from_bits(f);
+}
+
+/* float -> IEEE half, round to nearest even (the same as F16C and numpy).
+ * Branch-light method of the FP16 library (M. Dukhan), as used by ggml. */
+static inline uint16_t lc_fp32_to_fp16(float f) {
+    const float scale_to_inf = lc_f32_from_bits(0x77800000u);  /* 2^112 */
+    const float scale_to_zero = lc_f32_from_bits(0x08800000u); /* 2^-110 */
+    float base = (__builtin_fabsf(f) * scale_to_inf) * scale_to_zero;
+    const uint32_t w = lc_f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xff000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = lc_f32_from_bits((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = lc_f32_bits(base);
+    const uint32_t exp_bits = (bits >> 13) & 0x00007c00u;
+    const uint32_t mantissa_bits = bits & 0x00000fffu;
+    const uint32_t nonsign = exp_bits + mantissa_bits;
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
+}
+
+/* Bytes of one row of `cols` elements (cols % 32 == 0 for quantized types). */
+static inline int64_t lc_row_bytes(int type, int64_t cols) {
+    switch (type) {
+    case LC_TYPE_F32: return cols * 4;
+    case LC_TYPE_F16: return cols * 2;
+    case LC_TYPE_Q4_0: return cols / QK * (int64_t)sizeof(block_q4_0);
+    case LC_TYPE_Q4_1: return cols / QK * (int64_t)sizeof(block_q4_1);
+    case LC_TYPE_Q8_0: return cols / QK * (int64_t)sizeof(block_q8_0);
+    default: return -1;
+    }
+}
+
+#endif

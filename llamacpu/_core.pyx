@@ -1,0 +1,399 @@
+# cython: language_level=3
+"""Thin binding of the C core (csrc/llamacpu.h).
+
+Python-facing functions allocate their outputs; the GIL is released around
+every kernel and around the forward pass.
+"""
+from libc.stdint cimport int32_t, int64_t, uint16_t, uintptr_t
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
+
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+
+
+cdef extern from "llamacpu.h" nogil:
+    int QK
+    int LC_TYPE_F32, LC_TYPE_F16, LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0
+    int LC_OK, LC_E_CTX, LC_E_TOKEN, LC_E_ARG
+
+    ctypedef struct block_q8a:
+        float d
+        float s
+        signed char qs[32]
+
+    ctypedef struct lc_kernels:
+        const char *name
+        void (*quantize_act)(const float *x, block_q8a *y, int64_t n) noexcept nogil
+        void (*gemm_q4_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
+        void (*gemm_q4_1)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
+        void (*gemm_q8_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
+        void (*gemm_f16)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
+        void (*gemm_f32)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
+        void (*dequantize_row)(int type, const void *row, float *y, int64_t n) noexcept nogil
+        void (*rmsnorm)(float *out, const float *x, const float *w, int n, float eps) noexcept nogil
+        void (*rope)(float *x, int n_heads, int head_dim, int pos, const float *inv_freq) noexcept nogil
+        void (*attention)(float *out, const float *q, const uint16_t *K, const uint16_t *V, int n, int head_dim, float scale, float *scratch) noexcept nogil
+        void (*f32_to_f16)(uint16_t *y, const float *x, int64_t n) noexcept nogil
+        void (*swiglu)(float *hb, const float *hb2, int64_t n) noexcept nogil
+
+    int64_t lc_row_bytes(int type, int64_t cols)
+    void lc_quantize_row_q4_0_ref(const float *x, void *y, int64_t n)
+    void lc_quantize_row_q4_1_ref(const float *x, void *y, int64_t n)
+    void lc_quantize_row_q8_0_ref(const float *x, void *y, int64_t n)
+    const lc_kernels *lc_kernels_best()
+    const lc_kernels *lc_kernels_by_name(const char *name)
+
+    ctypedef struct lc_tensor:
+        const void *data
+        int type
+        int64_t rows, cols
+
+    ctypedef struct lc_layer_weights:
+        const float *attention_norm
+        const float *ffn_norm
+        lc_tensor wq, wk, wv, wo, w1, w2, w3
+
+    ctypedef struct lc_config:
+        int vocab_size, dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim
+        float norm_eps
+        int n_ctx, n_batch, n_threads
+
+    ctypedef struct lc_weights:
+        lc_tensor tok_embeddings
+        lc_tensor output
+        const float *norm
+        lc_layer_weights *layers
+        const float *inv_freq
+
+    ctypedef struct lc_model:
+        pass
+
+    lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kernels *k, char *err, size_t errlen)
+    void lc_model_free(lc_model *m)
+    const lc_kernels *lc_model_kernels(const lc_model *m)
+    void lc_model_set_threads(lc_model *m, int n_threads)
+    int lc_forward(lc_model *m, const int32_t *tokens, int n, int pos, float *logits, int all_logits)
+
+
+# Constants agree between C and Python (checked at import).
+F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
+assert (LC_TYPE_F32, LC_TYPE_F16, LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0) == (F32, F16, Q4_0, Q4_1, Q8_0)
+assert QK == 32 and sizeof(block_q8a) == 40
+QUANTIZED = (Q4_0, Q4_1, Q8_0)
+
+#: numpy view of the C activation block (block_q8a)
+Q8A_DTYPE = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", (32,))])
+
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int lc_omp_max(void) { return omp_get_max_threads(); }
+    static int lc_has_openmp(void) { return 1; }
+    #else
+    static int lc_omp_max(void) { return 1; }
+    static int lc_has_openmp(void) { return 0; }
+    #endif
+    """
+    int lc_omp_max()
+    int lc_has_openmp()
+
+
+def omp_max_threads():
+    """Threads OpenMP would use by default (1 when built without OpenMP)."""
+    return lc_omp_max()
+
+
+def has_openmp():
+    return bool(lc_has_openmp())
+
+
+def row_bytes(int type, int64_t cols):
+    cdef int64_t r = lc_row_bytes(type, cols)
+    if r < 0:
+        raise ValueError(f"unknown tensor type {type}")
+    return r
+
+
+cdef const lc_kernels *_kernels(impl) except NULL:
+    cdef const lc_kernels *k
+    if impl is None:
+        return lc_kernels_best()
+    k = lc_kernels_by_name(impl.encode())
+    if k == NULL:
+        raise ValueError(f"kernels {impl!r} are not available on this CPU/build (have: {available_kernels()})")
+    return k
+
+
+def available_kernels():
+    """Names of the kernel tables this CPU can run, best last."""
+    return [n for n in ("scalar", "avx2", "neon", "neon-dotprod") if lc_kernels_by_name(n.encode()) != NULL]
+
+
+def best_kernels():
+    """The kernel table the engine picks (honours LLAMACPU_KERNELS)."""
+    return lc_kernels_best().name.decode()
+
+
+# ------------------------------------------------------------ weight quantizers
+
+def quantize(x, int type):
+    """Scalar reference quantizer (ggml's quantize_row_*_ref): float32 (rows, cols) -> uint8 (rows, row_bytes)."""
+    cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] a = np.ascontiguousarray(x, dtype=np.float32)
+    if a.ndim != 2:
+        raise ValueError("quantize expects a 2-D array")
+    cdef int64_t rows = a.shape[0], cols = a.shape[1], i
+    if type not in QUANTIZED:
+        raise ValueError(f"quantize: type {type} is not a quantized type")
+    if cols % 32:
+        raise ValueError(f"quantize: {cols} columns is not a multiple of 32")
+    cdef int64_t rb = lc_row_bytes(type, cols)
+    cdef cnp.ndarray[cnp.uint8_t, ndim=2, mode="c"] out = np.empty((rows, rb), dtype=np.uint8)
+    cdef const float *src = <const float *>a.data
+    cdef unsigned char *dst = <unsigned char *>out.data
+    with nogil:
+        for i in range(rows):
+            if type == LC_TYPE_Q4_0:
+                lc_quantize_row_q4_0_ref(src + i * cols, dst + i * rb, cols)
+            elif type == LC_TYPE_Q4_1:
+                lc_quantize_row_q4_1_ref(src + i * cols, dst + i * rb, cols)
+            else:
+                lc_quantize_row_q8_0_ref(src + i * cols, dst + i * rb, cols)
+    return out
+
+
+def dequantize(raw, int type, int64_t cols, impl="scalar"):
+    """Rows of `type` (uint8 (rows, row_bytes), or uint16 / float32 (rows, cols)) -> float32 (rows, cols)."""
+    cdef const lc_kernels *k = _kernels(impl)
+    cdef int64_t rb = row_bytes(type, cols)
+    if type in QUANTIZED and cols % 32:
+        raise ValueError(f"dequantize: {cols} columns is not a multiple of 32")
+    b = np.ascontiguousarray(raw).view(np.uint8)
+    if b.size % rb:
+        raise ValueError("dequantize: data is not a whole number of rows")
+    cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] flat = b.reshape(-1)
+    cdef int64_t rows = flat.shape[0] // rb, i
+    cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] out = np.empty((rows, cols), dtype=np.float32)
+    cdef const unsigned char *src = <const unsigned char *>flat.data
+    cdef float *dst = <float *>out.data
+    with nogil:
+        for i in range(rows):
+            k.dequantize_row(type, src + i * rb, dst + i * cols, cols)
+    return out
+
+
+# ------------------------------------------------------------ kernels, for tests
+
+def quantize_act(x, impl=None):
+    """float32 (n,) -> q8a blocks (n/32,) as a Q8A_DTYPE structured array."""
+    cdef const lc_kernels *k = _kernels(impl)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] a = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    cdef int64_t n = a.shape[0]
+    if n % 32:
+        raise ValueError("quantize_act: length must be a multiple of 32")
+    out = np.zeros(n // 32, dtype=Q8A_DTYPE)
+    cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] ob = out.view(np.uint8)
+    with nogil:
+        k.quantize_act(<const float *>a.data, <block_q8a *>ob.data, n)
+    return out
+
+
+def gemm(w, int type, int64_t rows, int64_t cols, x, impl=None):
+    """Y (nt, rows) = X (nt, cols) @ W^T with W stored in `type` (raw rows as stored in a model file).
+
+    For quantized W, X is first quantized to q8a with the same kernel table."""
+    cdef const lc_kernels *k = _kernels(impl)
+    cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] X = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, cols)
+    cdef int nt = X.shape[0]
+    cdef int64_t rb = row_bytes(type, cols)
+    cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] W = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
+    if W.shape[0] != rows * rb:
+        raise ValueError("gemm: weight size does not match rows x cols")
+    if type in QUANTIZED and cols % 32:
+        raise ValueError("gemm: cols must be a multiple of 32 for quantized types")
+    cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] Y = np.zeros((nt, rows), dtype=np.float32)
+    cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] XQ
+    cdef block_q8a *xq = NULL
+    cdef int t
+    if type in QUANTIZED:
+        XQ = np.zeros(nt * (cols // 32) * 40, dtype=np.uint8)
+        xq = <block_q8a *>XQ.data
+    with nogil:
+        if type == LC_TYPE_Q4_0 or type == LC_TYPE_Q4_1 or type == LC_TYPE_Q8_0:
+            for t in range(nt):
+                k.quantize_act(<const float *>X.data + t * cols, xq + t * (cols // 32), cols)
+        if type == LC_TYPE_Q4_0:
+            k.gemm_q4_0(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
+        elif type == LC_TYPE_Q4_1:
+            k.gemm_q4_1(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
+        elif type == LC_TYPE_Q8_0:
+            k.gemm_q8_0(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
+        elif type == LC_TYPE_F16:
+            k.gemm_f16(W.data, cols, <const float *>X.data, nt, <float *>Y.data, rows, 0, rows)
+        else:
+            k.gemm_f32(W.data, cols, <const float *>X.data, nt, <float *>Y.data, rows, 0, rows)
+    return Y
+
+
+def rmsnorm(x, w, float eps, impl=None):
+    cdef const lc_kernels *k = _kernels(impl)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] a = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] b = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError("rmsnorm: x and w differ in length")
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] out = np.empty_like(a)
+    with nogil:
+        k.rmsnorm(<float *>out.data, <const float *>a.data, <const float *>b.data, a.shape[0], eps)
+    return out
+
+
+def rope(x, int pos, inv_freq, impl=None):
+    """x float32 (n_heads, head_dim), adjacent pairs; returns the rotated copy."""
+    cdef const lc_kernels *k = _kernels(impl)
+    cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] a = np.array(x, dtype=np.float32, order="C", ndmin=2)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] f = np.ascontiguousarray(inv_freq, dtype=np.float32).reshape(-1)
+    cdef int hd = a.shape[1]
+    if hd % 2 or hd > 1024 or f.shape[0] != hd // 2:
+        raise ValueError("rope: head_dim must be even, <= 1024, and inv_freq head_dim/2 long")
+    with nogil:
+        k.rope(<float *>a.data, a.shape[0], hd, pos, <const float *>f.data)
+    return a
+
+
+def attention(q, K, V, float scale, impl=None):
+    """q float32 (hd,), K and V float16 (n, hd) -> float32 (hd,)."""
+    cdef const lc_kernels *k = _kernels(impl)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] qa = np.ascontiguousarray(q, dtype=np.float32).reshape(-1)
+    cdef cnp.ndarray[cnp.uint16_t, ndim=2, mode="c"] Ka = np.ascontiguousarray(K, dtype=np.float16).view(np.uint16)
+    cdef cnp.ndarray[cnp.uint16_t, ndim=2, mode="c"] Va = np.ascontiguousarray(V, dtype=np.float16).view(np.uint16)
+    cdef int n = Ka.shape[0], hd = qa.shape[0]
+    if n < 1 or Ka.shape[1] != hd or Va.shape[0] != n or Va.shape[1] != hd:
+        raise ValueError("attention: shapes do not agree")
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] out = np.empty(hd, dtype=np.float32)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] scratch = np.empty(n, dtype=np.float32)
+    with nogil:
+        k.attention(<float *>out.data, <const float *>qa.data, <const uint16_t *>Ka.data, <const uint16_t *>Va.data,
+                    n, hd, scale, <float *>scratch.data)
+    return out
+
+
+def f32_to_f16(x, impl=None):
+    cdef const lc_kernels *k = _kernels(impl)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] a = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    cdef cnp.ndarray[cnp.uint16_t, ndim=1, mode="c"] out = np.empty(a.shape[0], dtype=np.uint16)
+    with nogil:
+        k.f32_to_f16(<uint16_t *>out.data, <const float *>a.data, a.shape[0])
+    return out
+
+
+def swiglu(a, b, impl=None):
+    cdef const lc_kernels *k = _kernels(impl)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] x = np.array(a, dtype=np.float32, order="C").reshape(-1)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] y = np.ascontiguousarray(b, dtype=np.float32).reshape(-1)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError("swiglu: lengths differ")
+    with nogil:
+        k.swiglu(<float *>x.data, <const float *>y.data, x.shape[0])
+    return x
+
+
+# ------------------------------------------------------------ engine
+
+cdef lc_tensor _tensor(spec) except *:
+    """spec = (address, type, rows, cols) of a validated tensor."""
+    cdef lc_tensor t
+    t.data = <const void *><uintptr_t>spec[0]
+    t.type = spec[1]
+    t.rows = spec[2]
+    t.cols = spec[3]
+    return t
+
+
+cdef class Engine:
+    """The C model. Built from validated tensor addresses (the caller keeps the
+    mmap alive in `keepalive`). Not thread-safe: callers serialise."""
+    cdef lc_model *m
+    cdef readonly object keepalive
+    cdef readonly int vocab_size, n_ctx, n_threads
+
+    def __cinit__(self, dict cfg, dict tensors, layers, inv_freq, int n_ctx, int n_batch, int n_threads,
+                  kernels=None, keepalive=None):
+        cdef lc_config c
+        cdef lc_weights w
+        cdef char err[256]
+        cdef int i, nl = cfg["n_layers"]
+        cdef const lc_kernels *k = _kernels(kernels)
+        cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] f = np.ascontiguousarray(inv_freq, dtype=np.float32)
+        if len(layers) != nl:
+            raise ValueError("layers and n_layers disagree")
+        c.vocab_size = cfg["vocab_size"]; c.dim = cfg["dim"]; c.hidden_dim = cfg["hidden_dim"]
+        c.n_layers = nl; c.n_heads = cfg["n_heads"]; c.n_kv_heads = cfg["n_kv_heads"]
+        c.head_dim = cfg["head_dim"]; c.norm_eps = cfg["norm_eps"]
+        c.n_ctx = n_ctx; c.n_batch = n_batch; c.n_threads = n_threads
+        if f.shape[0] != c.head_dim // 2:
+            raise ValueError("inv_freq must have head_dim/2 entries")
+        memset(&w, 0, sizeof(w))
+        w.tok_embeddings = _tensor(tensors["tok_embeddings"])
+        w.output = _tensor(tensors["output"])
+        w.norm = <const float *><uintptr_t>tensors["norm"]
+        w.inv_freq = <const float *>f.data
+        w.layers = <lc_layer_weights *>malloc(sizeof(lc_layer_weights) * nl)
+        if w.layers == NULL:
+            raise MemoryError()
+        try:
+            for i in range(nl):
+                L = layers[i]
+                w.layers[i].attention_norm = <const float *><uintptr_t>L["attention_norm"]
+                w.layers[i].ffn_norm = <const float *><uintptr_t>L["ffn_norm"]
+                w.layers[i].wq = _tensor(L["wq"]); w.layers[i].wk = _tensor(L["wk"])
+                w.layers[i].wv = _tensor(L["wv"]); w.layers[i].wo = _tensor(L["wo"])
+                w.layers[i].w1 = _tensor(L["w1"]); w.layers[i].w2 = _tensor(L["w2"])
+                w.layers[i].w3 = _tensor(L["w3"])
+            with nogil:
+                self.m = lc_model_new(&c, &w, k, err, sizeof(err))
+        finally:
+            free(w.layers)
+        if self.m == NULL:
+            raise MemoryError(err.decode())
+        self.keepalive = keepalive
+        self.vocab_size = c.vocab_size
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads
+
+    def __dealloc__(self):
+        if self.m != NULL:
+            lc_model_free(self.m)
+            self.m = NULL
+
+    @property
+    def kernels(self):
+        return lc_model_kernels(self.m).name.decode()
+
+    def set_threads(self, int n):
+        if n < 1:
+            raise ValueError("n_threads must be >= 1")
+        lc_model_set_threads(self.m, n)
+        self.n_threads = n
+
+    def forward(self, tokens, int pos, bint all_logits=False):
+        """tokens int32 (n,) at positions [pos, pos+n) -> float32 logits ((n, vocab) or (vocab,))."""
+        cdef cnp.ndarray[cnp.int32_t, ndim=1, mode="c"] t = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
+        cdef int n = t.shape[0], rc
+        cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] out
+        if all_logits:
+            out = np.empty((n, self.vocab_size), dtype=np.float32)
+        else:
+            out = np.empty((1, self.vocab_size), dtype=np.float32)
+        with nogil:
+            rc = lc_forward(self.m, <const int32_t *>t.data, n, pos, <float *>out.data, all_logits)
+        if rc == LC_E_CTX:
+            raise OverflowError(f"positions {pos}..{pos + n - 1} do not fit the context of {self.n_ctx} tokens")
+        if rc == LC_E_TOKEN:
+            raise ValueError(f"token id outside [0, {self.vocab_size})")
+        if rc != LC_OK:
+            raise ValueError("forward needs at least one token and pos >= 0")
+        return out if all_logits else out[0]

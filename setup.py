@@ -1,0 +1,81 @@
+"""Build of llamacpu's C core (Cython + plain C, no cmake).
+
+Environment switches:
+  DEBUG=1                    -O0 -g
+  LLAMACPU_SANITIZE=address,undefined   build with those sanitizers
+  LLAMACPU_NO_OPENMP=1       build single-threaded
+"""
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import warnings
+
+import numpy
+from setuptools import Extension, setup
+
+try:
+    from Cython.Build import cythonize
+except ImportError:  # pragma: no cover - pyproject's build-system lists Cython
+    sys.exit("llamacpu needs Cython to build: pip install cython")
+
+
+def _compiler():
+    return os.environ.get("CC", "cc")
+
+
+def _compiles_with(flags):
+    """True when the C compiler accepts `flags` on a tiny OpenMP program."""
+    src = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
+    with tempfile.TemporaryDirectory() as d:
+        c = os.path.join(d, "t.c")
+        with open(c, "w") as f:
+            f.write(src)
+        try:
+            r = subprocess.run([_compiler(), *flags, c, "-o", os.path.join(d, "t")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            return False
+        return r.returncode == 0
+
+
+machine = platform.machine().lower()
+is_x86 = machine in ("x86_64", "amd64", "i686", "x86")
+is_arm64 = machine in ("aarch64", "arm64")
+
+sources = ["llamacpu/_core.pyx", "csrc/kernels_scalar.c", "csrc/dispatch.c", "csrc/forward.c"]
+if is_x86:
+    sources.append("csrc/kernels_avx2.c")  # compiled with in-file target pragmas, chosen at run time
+if is_arm64:
+    sources.append("csrc/kernels_neon.c")
+
+cflags = ["-std=c11", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"]
+ldflags = []
+if os.environ.get("DEBUG") == "1":
+    cflags += ["-O0", "-g"]
+else:
+    cflags += ["-O3"]
+san = os.environ.get("LLAMACPU_SANITIZE")
+if san:
+    cflags += [f"-fsanitize={san}", "-fno-omit-frame-pointer", "-g"]
+    ldflags += [f"-fsanitize={san}"]
+
+if os.environ.get("LLAMACPU_NO_OPENMP") == "1":
+    warnings.warn("llamacpu: LLAMACPU_NO_OPENMP=1, building single-threaded")
+elif _compiles_with(["-fopenmp"]):
+    cflags.append("-fopenmp")
+    ldflags.append("-fopenmp")
+else:
+    warnings.warn("llamacpu: the C compiler has no OpenMP (-fopenmp failed); building single-threaded")
+
+ext = Extension(
+    "llamacpu._core",
+    sources=sources,
+    include_dirs=["csrc", numpy.get_include()],
+    extra_compile_args=cflags,
+    extra_link_args=ldflags,
+    depends=[os.path.join("csrc", f) for f in os.listdir("csrc")] if os.path.isdir("csrc") else [],
+)
+
+setup(ext_modules=cythonize([ext], language_level=3, compiler_directives={"boundscheck": False, "wraparound": False}))
