@@ -1,0 +1,128 @@
+/* C test driver: every SIMD kernel table against the scalar reference, over odd
+ * sizes. Runs natively and under qemu-aarch64 (NEON and dotprod paths).
+ *   cc -O2 -Icsrc tests/c/test_kernels.c csrc/kernels_*.c csrc/dispatch.c -lm
+ * Prints "N passed, M failed"; exit status 1 on any failure. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "llamacpu.h"
+
+static int passed, failed;
+static unsigned long long rng = 88172645463325252ull;
+static float frand(void) { /* xorshift, uniform in [-1, 1) */
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+    return (float)((rng >> 11) * (1.0 / 9007199254740992.0)) * 2.0f - 1.0f;
+}
+static void fill(float *x, int64_t n, float scale) { for (int64_t i = 0; i < n; i++) x[i] = frand() * scale; }
+
+static void check(int ok, const char *impl, const char *what, int a, int b, double err) {
+    if (ok) { passed++; return; }
+    failed++;
+    printf("FAIL %s %s (%d, %d): error %g\n", impl, what, a, b, err);
+}
+
+static double max_rel(const float *a, const float *b, int64_t n) {
+    double m = 0, s = 1e-30;
+    for (int64_t i = 0; i < n; i++) { m = fmax(m, fabs((double)a[i] - b[i])); s = fmax(s, fabs((double)b[i])); }
+    return m / s;
+}
+
+static void test_table(const lc_kernels *k) {
+    const lc_kernels *r = &lc_kernels_scalar;
+    const int cols_list[] = {32, 64, 96, 160, 256, 544};
+    for (unsigned ci = 0; ci < sizeof cols_list / sizeof *cols_list; ci++) {
+        const int cols = cols_list[ci], nb = cols / QK;
+        for (int rows = 1; rows <= 9; rows += 4) for (int nt = 1; nt <= 7; nt += 3) {
+            float *w = malloc(sizeof(float) * rows * cols), *x = malloc(sizeof(float) * nt * cols);
+            fill(w, (int64_t)rows * cols, 1.0f); fill(x, (int64_t)nt * cols, 3.0f);
+            block_q8a *xa = malloc(sizeof(block_q8a) * nt * nb), *xb = malloc(sizeof(block_q8a) * nt * nb);
+            for (int t = 0; t < nt; t++) {
+                r->quantize_act(x + t * cols, xa + t * nb, cols);
+                k->quantize_act(x + t * cols, xb + t * nb, cols);
+            }
+            check(memcmp(xa, xb, sizeof(block_q8a) * nt * nb) == 0, k->name, "quantize_act bit-exact", cols, nt, 0);
+            float *ya = malloc(sizeof(float) * nt * rows), *yb = malloc(sizeof(float) * nt * rows);
+            void *wq = malloc((size_t)rows * nb * 34);
+            const int types[] = {LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0};
+            for (int ti = 0; ti < 3; ti++) {
+                const int64_t rb = lc_row_bytes(types[ti], cols);
+                for (int i = 0; i < rows; i++) {
+                    if (types[ti] == LC_TYPE_Q4_0) lc_quantize_row_q4_0_ref(w + i * cols, (block_q4_0 *)((char *)wq + i * rb), cols);
+                    if (types[ti] == LC_TYPE_Q4_1) lc_quantize_row_q4_1_ref(w + i * cols, (block_q4_1 *)((char *)wq + i * rb), cols);
+                    if (types[ti] == LC_TYPE_Q8_0) lc_quantize_row_q8_0_ref(w + i * cols, (block_q8_0 *)((char *)wq + i * rb), cols);
+                }
+                void (*ga)(const void *, int64_t, const block_q8a *, int, float *, int64_t, int64_t, int64_t) =
+                    ti == 0 ? r->gemm_q4_0 : ti == 1 ? r->gemm_q4_1 : r->gemm_q8_0;
+                void (*gb)(const void *, int64_t, const block_q8a *, int, float *, int64_t, int64_t, int64_t) =
+                    ti == 0 ? k->gemm_q4_0 : ti == 1 ? k->gemm_q4_1 : k->gemm_q8_0;
+                ga(wq, cols, xa, nt, ya, rows, 0, rows);
+                gb(wq, cols, xa, nt, yb, rows, 0, rows);
+                double e = max_rel(yb, ya, (int64_t)nt * rows);
+                check(e < 1e-5, k->name, types[ti] == 2 ? "gemm_q4_0" : types[ti] == 3 ? "gemm_q4_1" : "gemm_q8_0", cols, nt, e);
+                float *da = malloc(sizeof(float) * cols), *db = malloc(sizeof(float) * cols);
+                r->dequantize_row(types[ti], wq, da, cols);
+                k->dequantize_row(types[ti], wq, db, cols);
+                check(memcmp(da, db, sizeof(float) * cols) == 0, k->name, "dequantize_row", types[ti], cols, 0);
+                free(da); free(db);
+            }
+            /* float weights */
+            uint16_t *wh = malloc(sizeof(uint16_t) * rows * cols);
+            r->f32_to_f16(wh, w, (int64_t)rows * cols);
+            r->gemm_f16(wh, cols, x, nt, ya, rows, 0, rows);
+            k->gemm_f16(wh, cols, x, nt, yb, rows, 0, rows);
+            check(max_rel(yb, ya, (int64_t)nt * rows) < 1e-5, k->name, "gemm_f16", cols, nt, max_rel(yb, ya, (int64_t)nt * rows));
+            r->gemm_f32(w, cols, x, nt, ya, rows, 0, rows);
+            k->gemm_f32(w, cols, x, nt, yb, rows, 0, rows);
+            check(max_rel(yb, ya, (int64_t)nt * rows) < 1e-5, k->name, "gemm_f32", cols, nt, max_rel(yb, ya, (int64_t)nt * rows));
+            free(w); free(x); free(xa); free(xb); free(ya); free(yb); free(wq); free(wh);
+        }
+    }
+    /* element-wise kernels over odd sizes */
+    for (int n = 2; n <= 300; n += 37) {
+        float *x = malloc(sizeof(float) * n), *w = malloc(sizeof(float) * n);
+        float *a = malloc(sizeof(float) * n), *b = malloc(sizeof(float) * n);
+        fill(x, n, 4.0f); fill(w, n, 1.0f);
+        r->rmsnorm(a, x, w, n, 1e-5f); k->rmsnorm(b, x, w, n, 1e-5f);
+        check(max_rel(b, a, n) < 1e-5, k->name, "rmsnorm", n, 0, max_rel(b, a, n));
+        uint16_t *ha = malloc(2 * n), *hb = malloc(2 * n);
+        r->f32_to_f16(ha, x, n); k->f32_to_f16(hb, x, n);
+        check(memcmp(ha, hb, 2 * n) == 0, k->name, "f32_to_f16 bit-exact", n, 0, 0);
+        memcpy(a, x, sizeof(float) * n); memcpy(b, x, sizeof(float) * n);
+        r->swiglu(a, w, n); k->swiglu(b, w, n);
+        check(max_rel(b, a, n) < 1e-5, k->name, "swiglu", n, 0, max_rel(b, a, n));
+        free(x); free(w); free(a); free(b); free(ha); free(hb);
+    }
+    const int hds[] = {2, 6, 64, 128, 130};
+    for (unsigned hi = 0; hi < sizeof hds / sizeof *hds; hi++) {
+        const int hd = hds[hi], nh = 3;
+        float inv[512], *a = malloc(sizeof(float) * nh * hd), *b = malloc(sizeof(float) * nh * hd);
+        for (int i = 0; i < hd / 2; i++) inv[i] = powf(10000.0f, -2.0f * i / hd);
+        fill(a, nh * hd, 2.0f); memcpy(b, a, sizeof(float) * nh * hd);
+        r->rope(a, nh, hd, 12345, inv); k->rope(b, nh, hd, 12345, inv);
+        check(memcmp(a, b, sizeof(float) * nh * hd) == 0, k->name, "rope bit-exact", hd, 0, max_rel(b, a, nh * hd));
+        for (int n = 1; n <= 70; n += 23) {
+            float *q = malloc(sizeof(float) * hd), *kv = malloc(sizeof(float) * n * hd), *sc = malloc(sizeof(float) * n);
+            uint16_t *K = malloc(2 * n * hd), *V = malloc(2 * n * hd);
+            fill(q, hd, 2.0f);
+            fill(kv, (int64_t)n * hd, 2.0f); r->f32_to_f16(K, kv, (int64_t)n * hd);
+            fill(kv, (int64_t)n * hd, 2.0f); r->f32_to_f16(V, kv, (int64_t)n * hd);
+            r->attention(a, q, K, V, n, hd, 0.125f, sc); k->attention(b, q, K, V, n, hd, 0.125f, sc);
+            check(max_rel(b, a, hd) < 1e-5, k->name, "attention", hd, n, max_rel(b, a, hd));
+            free(q); free(kv); free(sc); free(K); free(V);
+        }
+        free(a); free(b);
+    }
+}
+
+int main(void) {
+    const char *names[] = {"scalar", "avx2", "neon", "neon-dotprod"};
+    for (int i = 0; i < 4; i++) {
+        const lc_kernels *k = lc_kernels_by_name(names[i]);
+        if (!k) { printf("kernels %s: not available here\n", names[i]); continue; }
+        printf("kernels %s\n", k->name);
+        test_table(k);
+    }
+    printf("%d passed, %d failed\n", passed, failed);
+    return failed ? 1 : 0;
+}
