@@ -70,38 +70,42 @@ static ALWAYS_INLINE __m256 exp_ps(__m256 x) {
 
 /* ------------------------------------------------ activations */
 
+/* |v| maximum of each group of 4, broadcast over the group's lanes */
+static ALWAYS_INLINE __m256 group4_absmax(__m256 v) {
+    v = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+    v = _mm256_max_ps(v, _mm256_permute_ps(v, 0xb1)); /* swap neighbours */
+    return _mm256_max_ps(v, _mm256_permute_ps(v, 0x4e)); /* swap pairs */
+}
+
 static void quantize_act(const float *x, block_q8a *y, int64_t n) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), c127 = _mm256_set1_ps(127.0f);
+    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for (int64_t i = 0; i < n / QK; i++) {
         const float *xb = x + i * QK;
-        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8);
-        __m256 v2 = _mm256_loadu_ps(xb + 16), v3 = _mm256_loadu_ps(xb + 24);
-        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
-                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
-        const float amax = hmax_ps(m);
-        const float d = amax / 127.0f;
-        const float id = d ? 1.0f / d : 0.0f;
-        const __m256 mul = _mm256_set1_ps(id);
-        const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        __m256i i0 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v0, mul), rnd));
-        __m256i i1 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v1, mul), rnd));
-        __m256i i2 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v2, mul), rnd));
-        __m256i i3 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v3, mul), rnd));
-        const int sum = hsum_epi32(_mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
-        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
-        b = _mm256_permutevar8x32_epi32(b, perm);
-        _mm256_storeu_si256((__m256i *)y[i].qs, b);
-        y[i].d = d;
-        y[i].s = d * (float)sum;
+        __m256 v[4], d[4];
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) {
+            v[k] = _mm256_loadu_ps(xb + 8 * k);
+            d[k] = _mm256_div_ps(group4_absmax(v[k]), c127);  /* amax / 127, as the scalar code */
+            const __m256 id = _mm256_andnot_ps(_mm256_cmp_ps(d[k], zero, _CMP_EQ_OQ), _mm256_div_ps(one, d[k]));
+            q[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], id), rnd));
+        }
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)y[i].qs, _mm256_permutevar8x32_epi32(b, perm));
+        /* one scale per group: lanes 0 and 4 of each d[k] -> d[0..7] in order */
+        const __m256 t01 = _mm256_shuffle_ps(d[0], d[1], 0), t23 = _mm256_shuffle_ps(d[2], d[3], 0);
+        const __m256 g = _mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(2, 0, 2, 0));
+        _mm256_storeu_ps(y[i].d, _mm256_permutevar8x32_ps(g, perm));
+        lc_q8a_set_sum(&y[i]);
     }
 }
 
 /* ------------------------------------------------ quantized matmuls
  * One weight row against a tile of TN <= 4 tokens: the row's blocks are unpacked
  * once and shared by TN accumulators. Per block and token the integer dot product
- * is maddubs (u8 x s8 -> s16 pairs) + madd (-> 8 x s32), then one FMA with the
- * product of the two scales. */
+ * is maddubs (u8 x s8 -> s16 pairs) + madd (-> 8 x s32, one lane per activation
+ * group of 4), then one FMA with the weight scale times the 8 group scales. */
 
 /* TYPE and TN are compile-time constants at every call, so the branches fold
  * away and the TN accumulators stay in registers. */
@@ -124,6 +128,7 @@ static ALWAYS_INLINE void tile_q(const int TYPE, const void *wrow, const block_q
             const block_q8_0 *w = (const block_q8_0 *)wrow + b;
             q = _mm256_loadu_si256((const __m256i *)w->qs); dw = fp16_1(w->d);
         }
+        const __m256 vdw = _mm256_set1_ps(dw);
         for (int k = 0; k < TN; k++) {
             const block_q8a *xb = x + k * nb + b;
             const __m256i y = _mm256_loadu_si256((const __m256i *)xb->qs);
@@ -132,7 +137,8 @@ static ALWAYS_INLINE void tile_q(const int TYPE, const void *wrow, const block_q
                 p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)), ones);
             else /* nibbles are already unsigned */
                 p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xb->d), acc[k]);
+            /* lane g of p is group g: scale it by dw * d[g] */
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(vdw, _mm256_loadu_ps(xb->d)), acc[k]);
             if (TYPE == LC_TYPE_Q4_0) corr[k] += dw * xb->s;      /* the -8 offset, once per block */
             else if (TYPE == LC_TYPE_Q4_1) corr[k] += mw * xb->s; /* the minimum, once per block */
         }

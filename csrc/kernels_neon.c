@@ -47,37 +47,31 @@ static ALWAYS_INLINE float32x4_t exp_f32x4(float32x4_t x) {
 static void quantize_act(const float *x, block_q8a *y, int64_t n) {
     for (int64_t i = 0; i < n / QK; i++) {
         const float *xb = x + i * QK;
-        float32x4_t v[8];
-        float32x4_t m = vdupq_n_f32(0.0f);
-        for (int j = 0; j < 8; j++) {
-            v[j] = vld1q_f32(xb + 4 * j);
-            m = vmaxq_f32(m, vabsq_f32(v[j]));
+        int32x4_t q[NG];
+        for (int g = 0; g < NG; g++) { /* one float32x4 is one group */
+            const float32x4_t v = vld1q_f32(xb + QG * g);
+            const float d = vmaxvq_f32(vabsq_f32(v)) / 127.0f;
+            const float id = d ? 1.0f / d : 0.0f;
+            q[g] = vcvtnq_s32_f32(vmulq_n_f32(v, id)); /* round half to even */
+            y[i].d[g] = d;
         }
-        const float amax = vmaxvq_f32(m);
-        const float d = amax / 127.0f;
-        const float id = d ? 1.0f / d : 0.0f;
-        int32x4_t sum = vdupq_n_s32(0);
-        for (int j = 0; j < 8; j += 2) {
-            const int32x4_t a = vcvtnq_s32_f32(vmulq_n_f32(v[j], id)); /* round half to even */
-            const int32x4_t b = vcvtnq_s32_f32(vmulq_n_f32(v[j + 1], id));
-            sum = vaddq_s32(sum, vaddq_s32(a, b));
-            const int16x8_t h = vcombine_s16(vqmovn_s32(a), vqmovn_s32(b));
-            vst1_s8(y[i].qs + 4 * j, vqmovn_s16(h));
+        for (int g = 0; g < NG; g += 2) {
+            const int16x8_t h = vcombine_s16(vqmovn_s32(q[g]), vqmovn_s32(q[g + 1]));
+            vst1_s8(y[i].qs + QG * g, vqmovn_s16(h));
         }
-        y[i].d = d;
-        y[i].s = d * (float)vaddvq_s32(sum);
+        lc_q8a_set_sum(&y[i]);
     }
 }
 
 /* ------------------------------------------------ quantized matmuls */
 
-/* sum of a0*b0 + a1*b1 over 32 int8 pairs, as 4 int32 partial sums */
-static ALWAYS_INLINE int32x4_t dot32_base(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1) {
-    int32x4_t r = vpaddlq_s16(vmull_s8(vget_low_s8(a0), vget_low_s8(b0)));
-    r = vpadalq_s16(r, vmull_s8(vget_high_s8(a0), vget_high_s8(b0)));
-    r = vpadalq_s16(r, vmull_s8(vget_low_s8(a1), vget_low_s8(b1)));
-    r = vpadalq_s16(r, vmull_s8(vget_high_s8(a1), vget_high_s8(b1)));
-    return r;
+/* 32 int8 products a.b, summed per group of 4: lanes of lo are groups 0..3
+ * (from a0, b0), lanes of hi groups 4..7 (from a1, b1). */
+static ALWAYS_INLINE void dot32_base(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1, int32x4_t *lo, int32x4_t *hi) {
+    *lo = vpaddq_s32(vpaddlq_s16(vmull_s8(vget_low_s8(a0), vget_low_s8(b0))),
+                     vpaddlq_s16(vmull_s8(vget_high_s8(a0), vget_high_s8(b0))));
+    *hi = vpaddq_s32(vpaddlq_s16(vmull_s8(vget_low_s8(a1), vget_low_s8(b1))),
+                     vpaddlq_s16(vmull_s8(vget_high_s8(a1), vget_high_s8(b1))));
 }
 
 #define DOT32 dot32_base
@@ -93,8 +87,9 @@ static ALWAYS_INLINE int32x4_t dot32_base(int8x16_t a0, int8x16_t a1, int8x16_t 
 #pragma GCC target("arch=armv8.2-a+dotprod")
 #endif
 
-static ALWAYS_INLINE int32x4_t dot32_sdot(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1) {
-    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), a0, b0), a1, b1);
+static ALWAYS_INLINE void dot32_sdot(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1, int32x4_t *lo, int32x4_t *hi) {
+    *lo = vdotq_s32(vdupq_n_s32(0), a0, b0);
+    *hi = vdotq_s32(vdupq_n_s32(0), a1, b1);
 }
 
 #define DOT32 dot32_sdot

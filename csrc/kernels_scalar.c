@@ -63,24 +63,32 @@ void lc_quantize_row_q8_0_ref(const float *x, block_q8_0 *y, int64_t n) {
 
 /* ------------------------------------------------ activations */
 
-/* Round half to even (nearbyintf in the default mode) so that SIMD
- * _mm256_round_ps / vcvtnq give identical blocks. */
+/* Per group of 4: d = amax / 127, q = round-half-to-even(x / d) (nearbyintf in
+ * the default mode), so that SIMD _mm256_round_ps / vcvtnq give identical blocks. */
 static void quantize_act(const float *x, block_q8a *y, int64_t n) {
     for (int64_t i = 0; i < n / QK; i++) {
-        const float *xb = x + i * QK;
-        float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = MAX(amax, fabsf(xb[j]));
-        const float d = amax / 127.0f;
-        const float id = d ? 1.0f / d : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < QK; j++) {
-            const int q = (int)nearbyintf(xb[j] * id);
-            y[i].qs[j] = (int8_t)q;
-            sum += q;
+        for (int g = 0; g < NG; g++) {
+            const float *xg = x + i * QK + g * QG;
+            float amax = 0.0f;
+            for (int j = 0; j < QG; j++) amax = MAX(amax, fabsf(xg[j]));
+            const float d = amax / 127.0f;
+            const float id = d ? 1.0f / d : 0.0f;
+            for (int j = 0; j < QG; j++) y[i].qs[g * QG + j] = (int8_t)nearbyintf(xg[j] * id);
+            y[i].d[g] = d;
         }
-        y[i].d = d;
-        y[i].s = d * (float)sum;
+        lc_q8a_set_sum(&y[i]);
     }
+}
+
+/* sum over groups of d[g] * (w . x in g), w given as 32 small ints */
+static inline float dot_groups(const int *w, const block_q8a *x) {
+    float sum = 0.0f;
+    for (int g = 0; g < NG; g++) {
+        int isum = 0;
+        for (int j = 0; j < QG; j++) isum += w[g * QG + j] * x->qs[g * QG + j];
+        sum += x->d[g] * (float)isum;
+    }
+    return sum;
 }
 
 /* ------------------------------------------------ matmuls */
@@ -88,19 +96,16 @@ static void quantize_act(const float *x, block_q8a *y, int64_t n) {
 /* W (rows, cols) q4_0 @ X (nt, cols) q8a -> Y[t*ldy + r] */
 static void gemm_q4_0(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     const int64_t nb = cols / QK;
+    int q[QK];
     for (int64_t r = r0; r < r1; r++) {
         const block_q4_0 *w = (const block_q4_0 *)W + r * nb;
         for (int t = 0; t < nt; t++) {
             const block_q8a *x = X + t * nb;
             float sum = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
-                int isum = 0;
-                for (int j = 0; j < QK / 2; j++) {
-                    isum += (w[b].qs[j] & 0x0f) * x[b].qs[j];
-                    isum += (w[b].qs[j] >> 4) * x[b].qs[j + QK / 2];
-                }
-                /* sum((q - 8) * y) * dw * dx = dw * (dx * sum(q * y) - 8 * s) */
-                sum += lc_fp16_to_fp32(w[b].d) * (x[b].d * (float)isum - 8.0f * x[b].s);
+                for (int j = 0; j < QK / 2; j++) { q[j] = w[b].qs[j] & 0x0f; q[j + QK / 2] = w[b].qs[j] >> 4; }
+                /* sum((q - 8) * dw * x) = dw * (sum(q * x) - 8 * s) */
+                sum += lc_fp16_to_fp32(w[b].d) * (dot_groups(q, &x[b]) - 8.0f * x[b].s);
             }
             Y[t * ldy + r] = sum;
         }
@@ -109,19 +114,16 @@ static void gemm_q4_0(const void *W, int64_t cols, const block_q8a *X, int nt, f
 
 static void gemm_q4_1(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     const int64_t nb = cols / QK;
+    int q[QK];
     for (int64_t r = r0; r < r1; r++) {
         const block_q4_1 *w = (const block_q4_1 *)W + r * nb;
         for (int t = 0; t < nt; t++) {
             const block_q8a *x = X + t * nb;
             float sum = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
-                int isum = 0;
-                for (int j = 0; j < QK / 2; j++) {
-                    isum += (w[b].qs[j] & 0x0f) * x[b].qs[j];
-                    isum += (w[b].qs[j] >> 4) * x[b].qs[j + QK / 2];
-                }
-                /* sum((q * dw + m) * y * dx) = dw * dx * sum(q * y) + m * s */
-                sum += lc_fp16_to_fp32(w[b].d) * x[b].d * (float)isum + lc_fp16_to_fp32(w[b].m) * x[b].s;
+                for (int j = 0; j < QK / 2; j++) { q[j] = w[b].qs[j] & 0x0f; q[j + QK / 2] = w[b].qs[j] >> 4; }
+                /* sum((q * dw + m) * x) = dw * sum(q * x) + m * s */
+                sum += lc_fp16_to_fp32(w[b].d) * dot_groups(q, &x[b]) + lc_fp16_to_fp32(w[b].m) * x[b].s;
             }
             Y[t * ldy + r] = sum;
         }
@@ -130,15 +132,15 @@ static void gemm_q4_1(const void *W, int64_t cols, const block_q8a *X, int nt, f
 
 static void gemm_q8_0(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     const int64_t nb = cols / QK;
+    int q[QK];
     for (int64_t r = r0; r < r1; r++) {
         const block_q8_0 *w = (const block_q8_0 *)W + r * nb;
         for (int t = 0; t < nt; t++) {
             const block_q8a *x = X + t * nb;
             float sum = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
-                int isum = 0;
-                for (int j = 0; j < QK; j++) isum += w[b].qs[j] * x[b].qs[j];
-                sum += lc_fp16_to_fp32(w[b].d) * x[b].d * (float)isum;
+                for (int j = 0; j < QK; j++) q[j] = w[b].qs[j];
+                sum += lc_fp16_to_fp32(w[b].d) * dot_groups(q, &x[b]);
             }
             Y[t * ldy + r] = sum;
         }

@@ -1,8 +1,8 @@
 /* Block layouts (GGUF-compatible) and fp16 helpers.
  *
  * Weight blocks are exactly GGUF's, so GGUF blocks import bit-exact.
- * Activations are quantized to block_q8a: like Q8_0 but with an f32 scale and
- * the precomputed d * sum(qs), which Q4_0 (offset 8) and Q4_1 (min m) need.
+ * Activations are quantized to block_q8a: 8-bit values with f32 scales per group
+ * of 4 and the precomputed scaled sum, which Q4_0 (offset 8) and Q4_1 (min m) need.
  */
 #ifndef LLAMACPU_QUANTS_H
 #define LLAMACPU_QUANTS_H
@@ -40,12 +40,32 @@ typedef struct {
 } block_q8_0;       /* x = q * d */
 static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
 
+/* Activations, internal only: 8-bit values with one f32 scale per group of 4.
+ * A group matches one int32 lane of the SIMD dot products (AVX2 madd, NEON
+ * sdot), so the fine scales cost no extra integer work; they keep a channel
+ * with a massive activation from flattening its 31 neighbours (measured on
+ * SmolLM2: see docs/ARCHITECTURE.md). */
+#define QG 4               /* elements per activation scale group */
+#define NG (QK / QG)       /* groups per block */
 typedef struct {
-    float d;        /* scale: x ~= q * d */
-    float s;        /* d * sum(qs): lets Q4_0's offset and Q4_1's minimum be applied once per block */
     int8_t qs[QK];
-} block_q8a;        /* activations, internal only */
-static_assert(sizeof(block_q8a) == 40, "block_q8a size");
+    float d[NG];    /* x[i] ~= qs[i] * d[i / QG] */
+    float s;        /* sum over groups of d[g] * sum(qs in g): applies Q4_0's offset / Q4_1's minimum once per block */
+    float pad;
+} block_q8a;
+static_assert(sizeof(block_q8a) == 72, "block_q8a size");
+
+/* s from qs and d, in one fixed order, so every quantize_act variant agrees bit for bit */
+static inline void lc_q8a_set_sum(block_q8a *b) {
+    float s = 0.0f;
+    for (int g = 0; g < NG; g++) {
+        int sum = 0;
+        for (int j = 0; j < QG; j++) sum += b->qs[g * QG + j];
+        s += b->d[g] * (float)sum;
+    }
+    b->s = s;
+    b->pad = 0.0f;
+}
 
 static inline uint32_t lc_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float lc_f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }

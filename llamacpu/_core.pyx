@@ -20,9 +20,10 @@ cdef extern from "llamacpu.h" nogil:
     int LC_OK, LC_E_CTX, LC_E_TOKEN, LC_E_ARG
 
     ctypedef struct block_q8a:
-        float d
-        float s
         signed char qs[32]
+        float d[8]
+        float s
+        float pad
 
     ctypedef struct lc_kernels:
         const char *name
@@ -81,11 +82,11 @@ cdef extern from "llamacpu.h" nogil:
 # Constants agree between C and Python (checked at import).
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
 assert (LC_TYPE_F32, LC_TYPE_F16, LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0) == (F32, F16, Q4_0, Q4_1, Q8_0)
-assert QK == 32 and sizeof(block_q8a) == 40
+assert QK == 32 and sizeof(block_q8a) == 72
 QUANTIZED = (Q4_0, Q4_1, Q8_0)
 
 #: numpy view of the C activation block (block_q8a)
-Q8A_DTYPE = np.dtype([("d", "<f4"), ("s", "<f4"), ("qs", "i1", (32,))])
+Q8A_DTYPE = np.dtype([("qs", "i1", (32,)), ("d", "<f4", (8,)), ("s", "<f4"), ("pad", "<f4")])
 
 
 cdef extern from *:
@@ -220,7 +221,7 @@ def gemm(w, int type, int64_t rows, int64_t cols, x, impl=None):
     cdef block_q8a *xq = NULL
     cdef int t
     if type in QUANTIZED:
-        XQ = np.zeros(nt * (cols // 32) * 40, dtype=np.uint8)
+        XQ = np.zeros(nt * (cols // 32) * sizeof(block_q8a), dtype=np.uint8)
         xq = <block_q8a *>XQ.data
     with nogil:
         if type == LC_TYPE_Q4_0 or type == LC_TYPE_Q4_1 or type == LC_TYPE_Q8_0:

@@ -1,0 +1,59 @@
+"""Shared fixtures: fetched assets, random HF checkpoints, converted model files.
+
+Assets are fetched with tools/fetch_assets.py when missing; a missing asset is an
+error, never a skip.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT / "tools", ROOT / "tests"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+ASSET_NAMES = ("SmolLM2-135M-Instruct.Q4_1.gguf", "llama3.2-tokenizer.json", "llama3.2-tokenizer_config.json")
+
+
+@pytest.fixture(scope="session")
+def assets():
+    import fetch_assets
+    return {name: fetch_assets.asset_path(name) for name in ASSET_NAMES}
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf(assets):
+    return assets["SmolLM2-135M-Instruct.Q4_1.gguf"]
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, assets):
+    """checkpoint(preset, shards=1) -> folder of a random-weight HF checkpoint (cached)."""
+    from make_checkpoint import write_checkpoint
+    cache = {}
+
+    def get(preset="tiny64", shards=1, seed=0):
+        key = (preset, shards, seed)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"ckpt-{preset}-{shards}-{seed}")
+            cache[key] = write_checkpoint(out, preset=preset, seed=seed, shards=shards,
+                                          tokenizer_json=assets["llama3.2-tokenizer.json"],
+                                          tokenizer_config=assets["llama3.2-tokenizer_config.json"])
+        return cache[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, checkpoint):
+    """converted(preset, type) -> path of our model file converted from checkpoint(preset) (cached)."""
+    from llamacpu.convert import convert
+    cache = {}
+
+    def get(preset="tiny64", type="f32"):
+        key = (preset, type)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"model-{preset}-{type}") / f"{preset}-{type}.bin"
+            cache[key] = convert(checkpoint(preset), out, type=type, progress=False)
+        return cache[key]
+    return get

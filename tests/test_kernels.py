@@ -1,0 +1,229 @@
+"""Every kernel against an independent NumPy reference (scalar C) and every SIMD
+table against the scalar one, property-tested over odd sizes.
+
+Tolerances (named): SIMD_REL bounds the SIMD-vs-scalar difference, which comes
+from summation order only; REF_REL bounds scalar C against float64 NumPy.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+from llamacpu import _core
+
+gguf = pytest.importorskip("gguf")  # test-only dependency, installed by .ci/run
+from gguf import GGMLQuantizationType as GT, quants  # noqa: E402
+
+SIMD_REL = 2e-5   # max |simd - scalar| / max |scalar|
+REF_REL = 2e-5    # max |scalar - numpy| / max |numpy|
+SIMD = [k for k in _core.available_kernels() if k != "scalar"]
+QTYPES = {_core.Q4_0: GT.Q4_0, _core.Q4_1: GT.Q4_1, _core.Q8_0: GT.Q8_0}
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def rel(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+
+
+@st.composite
+def matrices(draw, max_rows=9, max_blocks=9):
+    rows = draw(st.integers(1, max_rows))
+    cols = 32 * draw(st.integers(1, max_blocks))
+    seed = draw(st.integers(0, 2**32 - 1))
+    kind = draw(st.sampled_from(["normal", "uniform", "sparse", "wide"]))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    if kind == "uniform":
+        x = rng.uniform(-3, 3, (rows, cols)).astype(np.float32)
+    elif kind == "sparse":
+        x[rng.random((rows, cols)) < 0.7] = 0.0
+    elif kind == "wide":
+        x *= np.exp(rng.uniform(-8, 8, (rows, 1))).astype(np.float32)
+    return x
+
+
+def test_simd_is_available_on_this_machine():
+    import platform
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags = open("/proc/cpuinfo").read()
+        if " avx2 " in flags and " fma " in flags and " f16c " in flags:
+            assert "avx2" in _core.available_kernels()
+            assert _core.best_kernels() in ("avx2", "scalar")  # scalar only when forced by LLAMACPU_KERNELS
+
+
+@SETTINGS
+@given(matrices(), st.sampled_from(sorted(QTYPES)))
+def test_quantize_matches_gguf_reference(x, t):
+    ours = _core.quantize(x, t)
+    ref = quants.quantize(x, QTYPES[t])
+    assert ours.tobytes() == ref.tobytes()
+    np.testing.assert_array_equal(_core.dequantize(ours, t, x.shape[1]), quants.dequantize(ref, QTYPES[t]))
+
+
+def test_quantize_edge_blocks():
+    x = np.zeros((4, 64), np.float32)
+    x[1] = 1.0                   # constant block
+    x[2, :32] = -7.5             # negative constant
+    x[3] = np.linspace(-1e4, 1e4, 64, dtype=np.float32)
+    for t, gt in QTYPES.items():
+        assert _core.quantize(x, t).tobytes() == quants.quantize(x, gt).tobytes()
+
+
+@pytest.mark.parametrize("impl", SIMD)
+@SETTINGS
+@given(x=matrices())
+def test_dequantize_simd_matches_scalar(impl, x):
+    for t in QTYPES:
+        q = _core.quantize(x, t)
+        np.testing.assert_array_equal(_core.dequantize(q, t, x.shape[1], impl), _core.dequantize(q, t, x.shape[1], "scalar"))
+    h = x.astype(np.float16)
+    np.testing.assert_array_equal(_core.dequantize(h, _core.F16, x.shape[1], impl), h.astype(np.float32))
+
+
+def q8a_numpy(x):
+    """Independent model of the activation quantizer: per group of 4, f32 scale
+    amax/127, round half to even. Returns (d (n/4,), q (n/32, 32))."""
+    g = x.astype(np.float32).reshape(-1, 4)
+    d = (np.abs(g).max(axis=1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.rint(g * inv[:, None]).astype(np.int8)
+    return d, q.reshape(-1, 32)
+
+
+@SETTINGS
+@given(matrices(max_rows=1))
+def test_quantize_act_scalar_matches_numpy(x):
+    blocks = _core.quantize_act(x[0], "scalar")
+    d, q = q8a_numpy(x[0])
+    np.testing.assert_array_equal(blocks["d"].reshape(-1), d)
+    np.testing.assert_array_equal(blocks["qs"], q)
+    s = (d.astype(np.float64) * q.reshape(-1, 4).astype(np.int64).sum(axis=1)).reshape(-1, 8).sum(axis=1)
+    np.testing.assert_allclose(blocks["s"], s, rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize("impl", SIMD)
+@SETTINGS
+@given(x=matrices(max_rows=1))
+def test_quantize_act_simd_bit_exact(impl, x):
+    assert _core.quantize_act(x[0], impl).tobytes() == _core.quantize_act(x[0], "scalar").tobytes()
+
+
+@SETTINGS
+@given(w=matrices(), nt=st.integers(1, 9), seed=st.integers(0, 1000), t=st.sampled_from(sorted(QTYPES)))
+def test_gemm_scalar_matches_numpy(w, nt, seed, t):
+    rows, cols = w.shape
+    x = np.random.default_rng(seed).standard_normal((nt, cols)).astype(np.float32)
+    q = _core.quantize(w, t)
+    wd = quants.dequantize(q, QTYPES[t]).astype(np.float64)
+    xs = [q8a_numpy(row) for row in x]
+    xd = np.stack([(qq.reshape(-1, 4).astype(np.float64) * d[:, None]).reshape(-1) for d, qq in xs])
+    ref = xd @ wd.T
+    got = _core.gemm(q, t, rows, cols, x, "scalar")
+    assert rel(got, ref) < REF_REL
+
+
+@pytest.mark.parametrize("impl", SIMD)
+@SETTINGS
+@given(w=matrices(), nt=st.integers(1, 9), seed=st.integers(0, 1000))
+def test_gemm_simd_matches_scalar(impl, w, nt, seed):
+    rows, cols = w.shape
+    x = np.random.default_rng(seed).standard_normal((nt, cols)).astype(np.float32)
+    for t in QTYPES:
+        q = _core.quantize(w, t)
+        assert rel(_core.gemm(q, t, rows, cols, x, impl), _core.gemm(q, t, rows, cols, x, "scalar")) < SIMD_REL
+    for t, arr in ((_core.F16, w.astype(np.float16)), (_core.F32, w)):
+        ref = x.astype(np.float64) @ arr.astype(np.float64).T
+        assert rel(_core.gemm(arr, t, rows, cols, x, "scalar"), ref) < REF_REL
+        assert rel(_core.gemm(arr, t, rows, cols, x, impl), ref) < REF_REL
+
+
+@pytest.mark.parametrize("impl", ["scalar"] + SIMD)
+@SETTINGS
+@given(n=st.integers(1, 700), seed=st.integers(0, 1000))
+def test_float_gemm_odd_cols(impl, n, seed):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((5, n)).astype(np.float32)
+    x = rng.standard_normal((3, n)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    assert rel(_core.gemm(w, _core.F32, 5, n, x, impl), ref) < REF_REL
+
+
+@pytest.mark.parametrize("impl", ["scalar"] + SIMD)
+@SETTINGS
+@given(n=st.integers(1, 600), seed=st.integers(0, 1000))
+def test_rmsnorm(impl, n, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * 3).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    xd = x.astype(np.float64)
+    ref = xd / np.sqrt(np.mean(xd * xd) + 1e-5) * w
+    assert rel(_core.rmsnorm(x, w, 1e-5, impl), ref) < REF_REL
+
+
+def rope_numpy(x, pos, inv_freq):
+    """Adjacent pairs (2i, 2i+1) rotated by the float32 angle pos * inv_freq[i]."""
+    ang = (np.float32(pos) * inv_freq.astype(np.float32)).astype(np.float64)
+    c, s = np.cos(ang), np.sin(ang)
+    x = x.astype(np.float64)
+    out = np.empty_like(x)
+    out[:, 0::2] = x[:, 0::2] * c - x[:, 1::2] * s
+    out[:, 1::2] = x[:, 0::2] * s + x[:, 1::2] * c
+    return out
+
+
+@pytest.mark.parametrize("impl", ["scalar"] + SIMD)
+@SETTINGS
+@given(half=st.integers(1, 80), heads=st.integers(1, 5), pos=st.integers(0, 131071), seed=st.integers(0, 1000))
+def test_rope(impl, half, heads, pos, seed):
+    rng = np.random.default_rng(seed)
+    hd = 2 * half
+    x = rng.standard_normal((heads, hd)).astype(np.float32)
+    inv = (500000.0 ** (-2 * np.arange(half) / hd)).astype(np.float32)
+    got = _core.rope(x, pos, inv, impl)
+    assert np.abs(got - rope_numpy(x, pos, inv)).max() < 1e-5 * max(1.0, np.abs(x).max())
+    if impl != "scalar":
+        np.testing.assert_array_equal(got, _core.rope(x, pos, inv, "scalar"))
+
+
+@pytest.mark.parametrize("impl", ["scalar"] + SIMD)
+@SETTINGS
+@given(n=st.integers(1, 300), hd=st.sampled_from([2, 6, 64, 72, 128]), seed=st.integers(0, 1000))
+def test_attention(impl, n, hd, seed):
+    rng = np.random.default_rng(seed)
+    q = (rng.standard_normal(hd) * 2).astype(np.float32)
+    K = (rng.standard_normal((n, hd)) * 2).astype(np.float16)
+    V = rng.standard_normal((n, hd)).astype(np.float16)
+    scale = 1 / np.sqrt(hd)
+    s = K.astype(np.float64) @ q.astype(np.float64) * scale
+    p = np.exp(s - s.max())
+    ref = (p / p.sum()) @ V.astype(np.float64)
+    assert rel(_core.attention(q, K, V, scale, impl), ref) < REF_REL
+
+
+@pytest.mark.parametrize("impl", ["scalar"] + SIMD)
+@SETTINGS
+@given(n=st.integers(1, 500), seed=st.integers(0, 1000), scale=st.sampled_from([1e-6, 1.0, 1e3, 7e4]))
+def test_f32_to_f16_round_to_nearest_even(impl, n, seed, scale):
+    x = (np.random.default_rng(seed).standard_normal(n) * scale).astype(np.float32)
+    with np.errstate(over="ignore"):  # values past 65504 become inf, in both
+        ref = x.astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(_core.f32_to_f16(x, impl), ref)
+
+
+@pytest.mark.parametrize("impl", ["scalar"] + SIMD)
+@SETTINGS
+@given(n=st.integers(1, 500), seed=st.integers(0, 1000))
+def test_swiglu(impl, n, seed):
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal(n) * 4).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    ad = a.astype(np.float64)
+    ref = ad / (1 + np.exp(-ad)) * b
+    assert np.abs(_core.swiglu(a, b, impl) - ref).max() < 1e-5 * max(1.0, np.abs(ref).max())
+
+
+def test_unknown_kernels_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="not available"):
+        _core.rmsnorm(np.ones(4, np.float32), np.ones(4, np.float32), 1e-5, impl="sse9")
