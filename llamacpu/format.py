@@ -1,0 +1,607 @@
+"""The llamacpu model file (format version 1): constants, writer, validating reader.
+
+docs/FORMAT.md is the binary contract; this module is its only implementation.
+
+    offset 0    header (64 bytes)
+    offset 64   metadata: UTF-8 JSON object, padded with spaces up to dir_offset
+    dir_offset  tensor directory, 128 bytes per tensor
+    data_offset tensor data, each tensor 64-byte aligned
+
+`ModelWriter` streams tensor data straight into the final file: the space for the
+metadata and the directory is reserved up front (their sizes are known from the
+metadata and the number of tensors), so no tensor is ever held in memory whole.
+`read_model` mmaps the file read-only and validates every byte that says where
+or what something is before it returns; any malformed content raises
+`ModelFormatError` and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from .errors import ModelFormatError
+
+MAGIC = b"LLAMACPU"
+FORMAT_VERSION = 1
+HEADER_SIZE = 64
+DIR_ENTRY_SIZE = 128
+ALIGNMENT = 64
+NAME_BYTES = 64  # name field; at most 63 bytes of UTF-8 plus at least one NUL
+LAYOUT_ROW_MAJOR = 0
+
+# Tensor type ids are GGUF's.
+F32 = 0
+F16 = 1
+Q4_0 = 2
+Q4_1 = 3
+Q8_0 = 8
+
+TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0"}
+TYPE_IDS = {name: tid for tid, name in TYPE_NAMES.items()}
+QUANTIZED_TYPES = frozenset({Q4_0, Q4_1, Q8_0})
+
+QK = 32  # elements per quantization block
+# (elements per block, bytes per block)
+BLOCK_SIZES = {F32: (1, 4), F16: (1, 2), Q4_0: (QK, 18), Q4_1: (QK, 20), Q8_0: (QK, 34)}
+
+# Sanity bounds on the config (generous: Llama 3.x 405B fits comfortably).
+MAX_VOCAB = 1 << 24
+MAX_DIM = 1 << 16
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_POSITIONS = 1 << 24
+MAX_TENSOR_ELEMENTS = 1 << 40
+MAX_META_SIZE = 1 << 30
+
+_HEADER = struct.Struct("<8sIIQQQQQQ")
+_DIR_ENTRY = struct.Struct("<64sII4QQQII")
+assert _HEADER.size == HEADER_SIZE and _DIR_ENTRY.size == DIR_ENTRY_SIZE
+
+REQUIRED_META_KEYS = ("format_version", "config", "tokenizer", "chat_template",
+                      "generation", "special_tokens", "provenance")
+REQUIRED_CONFIG_KEYS = ("architecture", "vocab_size", "hidden_size", "intermediate_size",
+                        "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                        "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+                        "max_position_embeddings", "tie_word_embeddings", "rope_pairing")
+
+# Per-layer tensors: suffix -> (shape as a function of the config, is a norm).
+LAYER_TENSORS = ("attention_norm", "attention.wq", "attention.wk", "attention.wv",
+                 "attention.wo", "ffn_norm", "feed_forward.w1", "feed_forward.w2",
+                 "feed_forward.w3")
+
+
+def align(n: int, a: int = ALIGNMENT) -> int:
+    return (n + a - 1) // a * a
+
+
+def row_bytes(type: int, cols: int) -> int:
+    """Bytes of one row of `cols` elements of tensor type `type`."""
+    if type not in BLOCK_SIZES:
+        raise ModelFormatError(f"unknown tensor type {type}")
+    per_block, block_bytes = BLOCK_SIZES[type]
+    if cols % per_block:
+        raise ModelFormatError(
+            f"{TYPE_NAMES[type]} needs the innermost dimension to be a multiple of "
+            f"{per_block}, got {cols}")
+    return cols // per_block * block_bytes
+
+
+def tensor_nbytes(type: int, shape) -> int:
+    """Bytes of a whole tensor: rows (product of the outer dims) times row_bytes."""
+    shape = tuple(int(d) for d in shape)
+    if not shape:
+        raise ModelFormatError("a tensor needs at least one dimension")
+    return math.prod(shape[:-1]) * row_bytes(type, shape[-1])
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    type: int
+    shape: tuple
+    offset: int  # absolute offset in the file
+    nbytes: int
+
+    @property
+    def type_name(self) -> str:
+        return TYPE_NAMES[self.type]
+
+
+def expected_tensors(config: dict) -> dict:
+    """Internal tensor name -> shape (numpy order) that `config` requires.
+
+    `rope_freqs.weight` is optional and therefore not included.
+    """
+    vocab, dim = config["vocab_size"], config["hidden_size"]
+    hidden = config["intermediate_size"]
+    hd = config["head_dim"]
+    q_dim = config["num_attention_heads"] * hd
+    kv_dim = config["num_key_value_heads"] * hd
+    layer_shapes = {
+        "attention_norm": (dim,),
+        "attention.wq": (q_dim, dim),
+        "attention.wk": (kv_dim, dim),
+        "attention.wv": (kv_dim, dim),
+        "attention.wo": (dim, q_dim),
+        "ffn_norm": (dim,),
+        "feed_forward.w1": (hidden, dim),
+        "feed_forward.w2": (dim, hidden),
+        "feed_forward.w3": (hidden, dim),
+    }
+    out = {"tok_embeddings.weight": (vocab, dim)}
+    for i in range(config["num_hidden_layers"]):
+        for suffix in LAYER_TENSORS:
+            out[f"layers.{i}.{suffix}.weight"] = layer_shapes[suffix]
+    out["norm.weight"] = (dim,)
+    if not config["tie_word_embeddings"]:
+        out["output.weight"] = (vocab, dim)
+    return out
+
+
+def is_norm(name: str) -> bool:
+    return name.endswith("_norm.weight") or name == "norm.weight"
+
+
+def output_head_name(config: dict) -> str:
+    """The tensor that produces the logits: the embedding when tied."""
+    return "tok_embeddings.weight" if config["tie_word_embeddings"] else "output.weight"
+
+
+def max_tensor_count(config: dict) -> int:
+    return 9 * config["num_hidden_layers"] + 4  # + tok, norm, output, rope_freqs
+
+
+# ----------------------------------------------------------------------------- writer
+
+class ModelWriter:
+    """Write a model file, streaming tensor data to disk as it is added.
+
+    The file layout is fixed at construction: the metadata JSON is serialized now
+    and the directory is reserved for `n_tensors` entries (default: the most the
+    config allows), so tensor data goes straight to its final offset.
+    `close()` writes the directory and the header. Use as a context manager; on
+    an exception the partial file is left for the caller to delete.
+    """
+
+    def __init__(self, path, meta: dict, n_tensors: int | None = None):
+        self.path = os.fspath(path)
+        meta_bytes = json.dumps(meta, ensure_ascii=False, allow_nan=False,
+                                separators=(",", ":")).encode("utf-8")
+        if n_tensors is None:
+            try:
+                n_tensors = max_tensor_count(meta["config"])
+            except (KeyError, TypeError) as e:
+                raise ValueError("n_tensors not given and meta has no usable config") from e
+        self._capacity = int(n_tensors)
+        self._dir_offset = align(HEADER_SIZE + len(meta_bytes), 8)
+        # Pad the JSON with spaces up to the directory: no unexplained bytes.
+        meta_bytes += b" " * (self._dir_offset - HEADER_SIZE - len(meta_bytes))
+        self._meta_bytes = meta_bytes
+        self._data_offset = align(self._dir_offset + DIR_ENTRY_SIZE * self._capacity)
+        self._entries: list[TensorInfo] = []
+        self._names: set[str] = set()
+        self._pos = 0  # next free offset relative to data_offset
+        self._f = open(self.path, "wb")
+        self._f.seek(self._data_offset)
+        self._closed = False
+
+    def add_tensor(self, name: str, type: int, shape, data) -> TensorInfo:
+        """Append one tensor.
+
+        `data` is a bytes-like object / numpy array holding exactly the tensor's
+        bytes, or an iterable of such chunks (written as they come, so a large
+        tensor can be produced piece by piece).
+        """
+        if self._closed:
+            raise ValueError("ModelWriter is closed")
+        if len(self._entries) >= self._capacity:
+            raise ValueError(f"more than the {self._capacity} tensors reserved")
+        if name in self._names:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        raw_name = name.encode("utf-8")
+        if not raw_name or len(raw_name) >= NAME_BYTES or b"\0" in raw_name:
+            raise ValueError(f"invalid tensor name {name!r}")
+        if type not in TYPE_NAMES:
+            raise ValueError(f"unknown tensor type {type}")
+        shape = tuple(int(d) for d in shape)
+        if not 1 <= len(shape) <= 4 or any(d < 1 for d in shape):
+            raise ValueError(f"invalid shape {shape} for {name}")
+        nbytes = tensor_nbytes(type, shape)
+        start = self._pos
+        self._f.seek(self._data_offset + start)
+        written = 0
+        chunks = [data] if isinstance(data, (bytes, bytearray, memoryview, np.ndarray)) else data
+        for chunk in chunks:
+            if isinstance(chunk, np.ndarray):
+                chunk = np.ascontiguousarray(chunk)
+            mv = memoryview(chunk).cast("B")
+            written += len(mv)
+            if written > nbytes:
+                raise ValueError(f"{name}: more than {nbytes} bytes of data")
+            self._f.write(mv)
+        if written != nbytes:
+            raise ValueError(f"{name}: got {written} bytes of data, expected {nbytes}")
+        info = TensorInfo(name, type, shape, self._data_offset + start, nbytes)
+        self._entries.append(info)
+        self._names.add(name)
+        self._pos = align(start + nbytes)
+        return info
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        f = self._f
+        try:
+            file_size = self._data_offset + self._pos
+            f.truncate(file_size)  # pads the last tensor to 64 bytes with zeros
+            f.seek(HEADER_SIZE)
+            f.write(self._meta_bytes)
+            for e in self._entries:
+                dims = list(e.shape) + [1] * (4 - len(e.shape))
+                f.write(_DIR_ENTRY.pack(e.name.encode("utf-8"), e.type, len(e.shape), *dims,
+                                        e.offset - self._data_offset, e.nbytes,
+                                        LAYOUT_ROW_MAJOR, 0))
+            f.seek(0)
+            f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, HEADER_SIZE,
+                                 len(self._meta_bytes), self._dir_offset, len(self._entries),
+                                 self._data_offset, file_size))
+            f.flush()
+        finally:
+            f.close()
+
+    def abort(self) -> None:
+        """Close the file without writing the header (the caller deletes it)."""
+        self._closed = True
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_model(path, meta: dict, tensors: Iterable) -> None:
+    """Convenience: write (name, type, shape, data) tuples in one go."""
+    tensors = list(tensors)
+    with ModelWriter(path, meta, n_tensors=len(tensors)) as w:
+        for name, type, shape, data in tensors:
+            w.add_tensor(name, type, shape, data)
+
+
+# ----------------------------------------------------------------------------- reader
+
+class ModelFile:
+    """A validated model file, mmapped read-only. Arrays are views, never copies."""
+
+    def __init__(self, path, mm: mmap.mmap, meta: dict, tensors: dict, data_offset: int):
+        self.path = path
+        self._mm = mm
+        self.meta = meta
+        self.config = meta["config"]
+        self.tensors = tensors
+        self.data_offset = data_offset
+
+    @property
+    def file_size(self) -> int:
+        return len(self._mm)
+
+    def array(self, name: str) -> np.ndarray:
+        """Zero-copy view: float32 (F32), uint16 (F16), uint8 [rows, row_bytes] (quantized)."""
+        if self._mm is None:
+            raise ValueError("ModelFile is closed")
+        t = self.tensors[name]
+        if t.type == F32:
+            return np.frombuffer(self._mm, np.float32, math.prod(t.shape), t.offset).reshape(t.shape)
+        if t.type == F16:
+            return np.frombuffer(self._mm, np.uint16, math.prod(t.shape), t.offset).reshape(t.shape)
+        rows = math.prod(t.shape[:-1])
+        return np.frombuffer(self._mm, np.uint8, t.nbytes, t.offset).reshape(
+            rows, row_bytes(t.type, t.shape[-1]))
+
+    def close(self) -> None:
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:
+                pass  # arrays still point into it; it is unmapped when they go away
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return f"<ModelFile {self.path!r} {len(self.tensors)} tensors>"
+
+
+def read_model(path) -> ModelFile:
+    """Open and validate a model file. Raises ModelFormatError on any defect."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < HEADER_SIZE:
+            raise ModelFormatError(f"{path}: file is {size} bytes, shorter than the "
+                                   f"{HEADER_SIZE}-byte header")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        meta, tensors, data_offset = _validate(mm, size)
+    except ModelFormatError as e:
+        mm.close()
+        raise ModelFormatError(f"{path}: {e}") from None
+    except BaseException:
+        mm.close()
+        raise
+    return ModelFile(path, mm, meta, tensors, data_offset)
+
+
+def _validate(mm, size: int):
+    (magic, version, header_size, meta_offset, meta_size, dir_offset, n_tensors,
+     data_offset, file_size) = _HEADER.unpack_from(mm, 0)
+    if magic != MAGIC:
+        raise ModelFormatError(f"bad magic {magic!r}, not a llamacpu model file")
+    if version != FORMAT_VERSION:
+        raise ModelFormatError(f"format version {version}, this llamacpu reads version "
+                               f"{FORMAT_VERSION}")
+    if header_size != HEADER_SIZE:
+        raise ModelFormatError(f"header size {header_size}, expected {HEADER_SIZE}")
+    if file_size != size:
+        raise ModelFormatError(f"header says the file is {file_size} bytes but it is {size} "
+                               "(truncated or appended to?)")
+    if meta_offset != HEADER_SIZE:
+        raise ModelFormatError(f"meta_offset {meta_offset}, expected {HEADER_SIZE}")
+    if not 2 <= meta_size <= MAX_META_SIZE or meta_offset + meta_size > size:
+        raise ModelFormatError(f"meta_size {meta_size} out of bounds")
+    if dir_offset % 8 or dir_offset < meta_offset + meta_size or dir_offset > size:
+        raise ModelFormatError(f"dir_offset {dir_offset} invalid (must be a multiple of 8, "
+                               f">= {meta_offset + meta_size}, <= {size})")
+    if n_tensors > (size - dir_offset) // DIR_ENTRY_SIZE:
+        raise ModelFormatError(f"n_tensors {n_tensors} does not fit in the file")
+    dir_end = dir_offset + DIR_ENTRY_SIZE * n_tensors
+    if data_offset % ALIGNMENT or data_offset < dir_end or data_offset > size:
+        raise ModelFormatError(f"data_offset {data_offset} invalid (must be a multiple of "
+                               f"{ALIGNMENT}, >= {dir_end}, <= {size})")
+
+    meta = _parse_meta(mm[meta_offset:meta_offset + meta_size])
+    validate_meta(meta)
+    config = meta["config"]
+
+    tensors = {}
+    for i in range(n_tensors):
+        info = _parse_entry(mm, dir_offset + i * DIR_ENTRY_SIZE, i, data_offset, size)
+        if info.name in tensors:
+            raise ModelFormatError(f"duplicate tensor {info.name!r}")
+        tensors[info.name] = info
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values())
+    for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise ModelFormatError(f"tensors {n0!r} and {n1!r} overlap")
+    check_tensor_set(config, {n: (t.type, t.shape) for n, t in tensors.items()})
+    return meta, tensors, data_offset
+
+
+def _parse_meta(raw: bytes) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelFormatError(f"metadata is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ModelFormatError(f"metadata is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(meta, dict):
+        raise ModelFormatError(f"metadata must be a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _parse_entry(mm, pos: int, index: int, data_offset: int, size: int) -> TensorInfo:
+    raw_name, ttype, n_dims, d0, d1, d2, d3, rel, nbytes, layout, reserved = \
+        _DIR_ENTRY.unpack_from(mm, pos)
+    where = f"directory entry {index}"
+    nul = raw_name.find(b"\0")
+    if nul <= 0:
+        raise ModelFormatError(f"{where}: name is empty or not NUL-terminated")
+    if raw_name[nul:].strip(b"\0"):
+        raise ModelFormatError(f"{where}: bytes after the name's NUL are not NUL")
+    try:
+        name = raw_name[:nul].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelFormatError(f"{where}: name is not valid UTF-8") from None
+    where = f"tensor {name!r}"
+    if ttype not in TYPE_NAMES:
+        raise ModelFormatError(f"{where}: unknown type {ttype}")
+    if not 1 <= n_dims <= 2:
+        raise ModelFormatError(f"{where}: n_dims {n_dims}, must be 1 or 2")
+    dims = (d0, d1, d2, d3)
+    if any(d != 1 for d in dims[n_dims:]):
+        raise ModelFormatError(f"{where}: unused dimensions must be 1, got {dims}")
+    shape = dims[:n_dims]
+    if any(d < 1 or d > MAX_TENSOR_ELEMENTS for d in shape) or \
+            math.prod(shape) > MAX_TENSOR_ELEMENTS:
+        raise ModelFormatError(f"{where}: shape {shape} out of bounds")
+    if ttype in QUANTIZED_TYPES and shape[-1] % QK:
+        raise ModelFormatError(f"{where}: {TYPE_NAMES[ttype]} needs cols % {QK} == 0, "
+                               f"shape {shape}")
+    want = tensor_nbytes(ttype, shape)
+    if nbytes != want:
+        raise ModelFormatError(f"{where}: nbytes {nbytes}, but {TYPE_NAMES[ttype]} {shape} "
+                               f"takes {want}")
+    if layout != LAYOUT_ROW_MAJOR:
+        raise ModelFormatError(f"{where}: unknown layout {layout}")
+    if reserved != 0:
+        raise ModelFormatError(f"{where}: reserved field is {reserved}, must be 0")
+    if rel % ALIGNMENT:
+        raise ModelFormatError(f"{where}: offset {rel} not a multiple of {ALIGNMENT}")
+    if data_offset + rel + nbytes > size:
+        raise ModelFormatError(f"{where}: data [{data_offset + rel}, "
+                               f"{data_offset + rel + nbytes}) runs past the end of the file "
+                               f"({size} bytes)")
+    return TensorInfo(name, ttype, shape, data_offset + rel, nbytes)
+
+
+# ----------------------------------------------------------------------------- metadata
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    """A finite JSON number (huge ints count as finite; the range checks bound them)."""
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, int) or (isinstance(v, float) and math.isfinite(v))
+
+
+def _int(d: dict, key: str, lo: int, hi: int, where: str) -> int:
+    v = d.get(key)
+    if not _is_int(v) or not lo <= v <= hi:
+        raise ModelFormatError(f"{where}.{key} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def validate_config(config) -> None:
+    """Check a `config` dict (our schema); raise ModelFormatError naming the field."""
+    if not isinstance(config, dict):
+        raise ModelFormatError("metadata 'config' must be an object")
+    for key in REQUIRED_CONFIG_KEYS:
+        if key not in config:
+            raise ModelFormatError(f"config.{key} is missing")
+    if config["architecture"] != "llama":
+        raise ModelFormatError(f"config.architecture is {config['architecture']!r}, "
+                               "only 'llama' is supported")
+    w = "config"
+    _int(config, "vocab_size", 1, MAX_VOCAB, w)
+    _int(config, "hidden_size", 1, MAX_DIM, w)
+    _int(config, "intermediate_size", 1, MAX_DIM * 4, w)
+    _int(config, "num_hidden_layers", 1, MAX_LAYERS, w)
+    heads = _int(config, "num_attention_heads", 1, MAX_HEADS, w)
+    kv = _int(config, "num_key_value_heads", 1, heads, w)
+    if heads % kv:
+        raise ModelFormatError(f"config.num_attention_heads ({heads}) is not a multiple of "
+                               f"num_key_value_heads ({kv})")
+    hd = _int(config, "head_dim", 2, 1024, w)
+    if hd % 2:
+        raise ModelFormatError(f"config.head_dim ({hd}) must be even")
+    if heads * hd > MAX_DIM:
+        raise ModelFormatError(f"num_attention_heads * head_dim = {heads * hd} > {MAX_DIM}")
+    _int(config, "max_position_embeddings", 1, MAX_POSITIONS, w)
+    eps = config["rms_norm_eps"]
+    if not _is_num(eps) or not 0 < eps < 1:
+        raise ModelFormatError(f"config.rms_norm_eps must be a number in (0, 1), got {eps!r}")
+    theta = config["rope_theta"]
+    if not _is_num(theta) or not 1 <= theta <= 1e12:
+        raise ModelFormatError(f"config.rope_theta must be a number in [1, 1e12], got {theta!r}")
+    if not isinstance(config["tie_word_embeddings"], bool):
+        raise ModelFormatError("config.tie_word_embeddings must be true or false")
+    if config["rope_pairing"] != "adjacent":
+        raise ModelFormatError(f"config.rope_pairing is {config['rope_pairing']!r}, "
+                               "must be 'adjacent'")
+    validate_rope_scaling(config["rope_scaling"])
+
+
+def validate_rope_scaling(rs) -> None:
+    """null, or {"rope_type": "llama3", factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings}."""
+    if rs is None:
+        return
+    if not isinstance(rs, dict):
+        raise ModelFormatError("config.rope_scaling must be an object or null")
+    if rs.get("rope_type") != "llama3":
+        raise ModelFormatError(f"config.rope_scaling.rope_type {rs.get('rope_type')!r} is not "
+                               "supported (only 'llama3')")
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        v = rs.get(key)
+        if not _is_num(v) or not 0 < v <= 1e6:
+            raise ModelFormatError(f"config.rope_scaling.{key} must be a positive number, "
+                                   f"got {v!r}")
+    if not rs["high_freq_factor"] > rs["low_freq_factor"]:
+        raise ModelFormatError("config.rope_scaling.high_freq_factor must be greater than "
+                               "low_freq_factor")
+    _int(rs, "original_max_position_embeddings", 1, MAX_POSITIONS, "config.rope_scaling")
+
+
+def _token_id(v, vocab: int, where: str, nullable: bool = True):
+    if v is None and nullable:
+        return
+    if not _is_int(v) or not 0 <= v < vocab:
+        raise ModelFormatError(f"{where} must be a token id in [0, {vocab}), got {v!r}")
+
+
+def validate_meta(meta: dict) -> None:
+    """Check the whole metadata object (see docs/FORMAT.md, "Metadata")."""
+    for key in REQUIRED_META_KEYS:
+        if key not in meta:
+            raise ModelFormatError(f"metadata key {key!r} is missing")
+    if meta["format_version"] != FORMAT_VERSION or not _is_int(meta["format_version"]):
+        raise ModelFormatError(f"metadata format_version {meta['format_version']!r}, "
+                               f"expected {FORMAT_VERSION}")
+    validate_config(meta["config"])
+    vocab = meta["config"]["vocab_size"]
+    if not isinstance(meta["tokenizer"], dict) or not isinstance(meta["tokenizer"].get("model"),
+                                                                 dict):
+        raise ModelFormatError("metadata 'tokenizer' must be a tokenizer.json object "
+                               "(with a 'model')")
+    if meta["chat_template"] is not None and not isinstance(meta["chat_template"], str):
+        raise ModelFormatError("metadata 'chat_template' must be a string or null")
+    if not isinstance(meta["generation"], dict):
+        raise ModelFormatError("metadata 'generation' must be an object")
+    st = meta["special_tokens"]
+    if not isinstance(st, dict):
+        raise ModelFormatError("metadata 'special_tokens' must be an object")
+    _token_id(st.get("bos_token_id"), vocab, "special_tokens.bos_token_id")
+    _token_id(st.get("eos_token_id"), vocab, "special_tokens.eos_token_id")
+    _token_id(st.get("pad_token_id"), vocab, "special_tokens.pad_token_id")
+    eog = st.get("eog_token_ids")
+    if not isinstance(eog, list):
+        raise ModelFormatError("special_tokens.eog_token_ids must be a list")
+    for t in eog:
+        _token_id(t, vocab, "special_tokens.eog_token_ids[]", nullable=False)
+    if not isinstance(st.get("add_bos_token"), bool):
+        raise ModelFormatError("special_tokens.add_bos_token must be true or false")
+    if not isinstance(meta["provenance"], dict):
+        raise ModelFormatError("metadata 'provenance' must be an object")
+
+
+def check_tensor_set(config: dict, tensors: dict) -> None:
+    """`tensors`: name -> (type, shape). The set must match the config exactly."""
+    want = expected_tensors(config)
+    hd = config["head_dim"]
+    for name, (ttype, shape) in tensors.items():
+        if name == "rope_freqs.weight":
+            if shape != (hd // 2,) or ttype != F32:
+                raise ModelFormatError(f"rope_freqs.weight must be F32 [{hd // 2}], got "
+                                       f"{TYPE_NAMES.get(ttype, ttype)} {list(shape)}")
+            continue
+        if name not in want:
+            if name == "output.weight":
+                raise ModelFormatError("output.weight present but config.tie_word_embeddings "
+                                       "is true")
+            raise ModelFormatError(f"unknown tensor {name!r} (config has "
+                                   f"{config['num_hidden_layers']} layers)")
+        if tuple(shape) != want[name]:
+            raise ModelFormatError(f"tensor {name!r} has shape {list(shape)}, the config "
+                                   f"implies {list(want[name])}")
+        if len(shape) == 1 and ttype != F32:
+            raise ModelFormatError(f"tensor {name!r} is {TYPE_NAMES.get(ttype, ttype)}, "
+                                   "norms must be F32")
+        if ttype in QUANTIZED_TYPES and (len(shape) != 2 or shape[-1] % QK):
+            raise ModelFormatError(f"tensor {name!r}: {TYPE_NAMES[ttype]} only on 2-D "
+                                   f"weights with cols % {QK} == 0")
+    missing = [n for n in want if n not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelFormatError(f"tensor {missing[0]!r} is missing{more}")
