@@ -1,0 +1,61 @@
+"""The C kernel driver (tests/c/test_kernels.c): every SIMD table against the
+scalar reference, natively and, for NEON / NEON-dotprod, under qemu-aarch64.
+
+The aarch64 run needs Debian's gcc-aarch64-linux-gnu and qemu-user; .ci/run
+installs them and sets LLAMACPU_REQUIRE_QEMU=1, so there it fails instead of skipping.
+"""
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+DRIVER = ROOT / "tests" / "c" / "test_kernels.c"
+FLAGS = ["-O2", "-std=c11", "-ffp-contract=off", "-Wall", "-Werror", f"-I{CSRC}"]
+
+
+def build_and_run(cc, sources, out, runner=()):
+    subprocess.run([cc, *FLAGS, str(DRIVER), *map(str, sources), "-lm", "-o", str(out)], check=True,
+                   capture_output=True, text=True)
+    r = subprocess.run([*runner, str(out)], capture_output=True, text=True, timeout=600)
+    print(r.stdout)
+    return r
+
+
+def summary(stdout):
+    m = re.search(r"(\d+) passed, (\d+) failed", stdout)
+    assert m, stdout
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_native_kernels(tmp_path):
+    import platform
+    srcs = [CSRC / "kernels_scalar.c", CSRC / "dispatch.c"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        srcs.append(CSRC / "kernels_avx2.c")
+    if platform.machine() in ("aarch64", "arm64"):
+        srcs.append(CSRC / "kernels_neon.c")
+    r = build_and_run(shutil.which("cc") or "gcc", srcs, tmp_path / "tk")
+    passed, failed = summary(r.stdout)
+    assert r.returncode == 0 and failed == 0 and passed > 500
+
+
+@pytest.mark.parametrize("cpu,tables", [("max", ("neon", "neon-dotprod")), ("cortex-a53", ("neon",))])
+def test_aarch64_kernels_under_qemu(tmp_path, cpu, tables):
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not (cc and qemu):
+        if os.environ.get("LLAMACPU_REQUIRE_QEMU") == "1":
+            pytest.fail("aarch64-linux-gnu-gcc and qemu-aarch64 are required (LLAMACPU_REQUIRE_QEMU=1)")
+        pytest.skip("no aarch64 cross compiler / qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
+    srcs = [CSRC / "kernels_scalar.c", CSRC / "dispatch.c", CSRC / "kernels_neon.c"]
+    r = build_and_run(cc, srcs, tmp_path / "tk_arm", runner=(qemu, "-L", "/usr/aarch64-linux-gnu", "-cpu", cpu))
+    passed, failed = summary(r.stdout)
+    assert r.returncode == 0 and failed == 0
+    for t in tables:
+        assert f"kernels {t}\n" in r.stdout  # the table really ran
+    if "neon-dotprod" not in tables:
+        assert "kernels neon-dotprod: not available here" in r.stdout  # runtime dispatch saw no dotprod
