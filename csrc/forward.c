@@ -115,8 +115,9 @@ lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kerne
     const size_t cache = (size_t)c.n_layers * c.n_kv_heads * c.n_ctx * c.head_dim;
     const size_t wide = (size_t)(c.dim > m->q_dim ? c.dim : m->q_dim);
     size_t widest = wide > (size_t)c.hidden_dim ? wide : (size_t)c.hidden_dim;
-    m->kcache = xalloc(cache * 2);
-    m->vcache = xalloc(cache * 2);
+    /* calloc: large blocks come zeroed from the OS, untouched pages cost no RSS or time */
+    m->kcache = calloc(cache, 2);
+    m->vcache = calloc(cache, 2);
     m->x = xalloc(B * c.dim * 4);
     m->xb = xalloc(B * wide * 4);
     m->q = xalloc(B * m->q_dim * 4);
@@ -137,8 +138,6 @@ lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kerne
         lc_model_free(m);
         return NULL;
     }
-    memset(m->kcache, 0, cache * 2);
-    memset(m->vcache, 0, cache * 2);
     return m;
 }
 

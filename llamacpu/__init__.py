@@ -5,4 +5,12 @@ __version__ = "0.1.0"
 from .errors import ContextOverflowError, ModelFormatError  # noqa: E402,F401
 from .model import Model  # noqa: E402,F401
 
-__all__ = ["Model", "ModelFormatError", "ContextOverflowError", "__version__"]
+
+def __getattr__(name):  # the chat layer loads lazily (jinja2, tokenizers)
+    if name in ("Llama", "pipeline"):
+        from . import llama
+        return getattr(llama, name)
+    raise AttributeError(f"module 'llamacpu' has no attribute {name!r}")
+
+
+__all__ = ["Model", "Llama", "pipeline", "ModelFormatError", "ContextOverflowError", "__version__"]

@@ -1,5 +1,6 @@
 """The `llamacpu` command line.
 
+    llamacpu run [MODEL] [-p PROMPT] [--system TEXT] [sampling flags]
     llamacpu convert SRC OUT [--type q4_0|q4_1|q8_0|f16|f32] [--force] [--quiet]
     llamacpu info MODEL [--json]
 
@@ -141,7 +142,12 @@ def cmd_info(args) -> int:
 
 # ----------------------------------------------------------------------------- main
 
-COMMANDS = [register_convert, register_info]
+def register_run(sub) -> None:
+    from .cli_run import register_run as reg
+    reg(sub)
+
+
+COMMANDS = [register_run, register_convert, register_info]
 
 
 def build_parser() -> argparse.ArgumentParser:
