@@ -62,8 +62,8 @@ def cmd_run(args) -> int:
     llm.sampling_params(**sampling)  # validate before any output
     prompt = args.prompt
     if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
-        if not prompt.strip():
+        prompt = sys.stdin.read().strip()  # `echo question |` adds a newline nobody meant
+        if not prompt:
             raise ValueError("no prompt: stdin was empty")
     chat = Chat(llm, args.system, args.max_tokens, sampling, args.verbose)
     if prompt is not None:

@@ -1,0 +1,151 @@
+"""`llamacpu run` as a user runs it: subprocesses, piped stdin, and the REPL in a
+pseudo-terminal (a reply interrupted with Ctrl-C, then /reset)."""
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+RUN = [sys.executable, "-m", "llamacpu", "run"]
+
+
+@pytest.fixture(scope="module")
+def smol_path(tmp_path_factory, smollm_gguf):
+    from llamacpu.convert import convert
+    return str(convert(smollm_gguf, tmp_path_factory.mktemp("smol-cli") / "smol.bin", progress=False, quiet=True))
+
+
+def run(args, **kw):
+    return subprocess.run(RUN + args, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_one_shot_prompt(smol_path):
+    r = run([smol_path, "-p", "What is the capital of France?", "--temp", "0", "-n", "24"])
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+def test_piped_stdin_and_verbose(smol_path):
+    r = run([smol_path, "--temp", "0", "-n", "24", "--verbose"], input="What is the capital of France?\n")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "t/s" in r.stderr
+
+
+def test_same_seed_same_answer(smol_path):
+    a = run([smol_path, "-p", "Tell me a joke.", "--seed", "7", "-n", "20"])
+    b = run([smol_path, "-p", "Tell me a joke.", "--seed", "7", "-n", "20"])
+    assert a.returncode == 0 and a.stdout == b.stdout
+
+
+@pytest.mark.parametrize("flags,msg", [(["--temp", "-1"], "temperature"), (["--top-p", "0"], "top_p"),
+                                       (["-t", "0"], "threads"), (["-c", "0"], "ctx"),
+                                       (["-n", "-3"], "max-tokens")])
+def test_bad_flags_are_clear_errors(smol_path, flags, msg):
+    r = run([smol_path, "-p", "hi"] + flags)
+    assert r.returncode != 0
+    assert msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    r = run([str(tmp_path / "nope.bin"), "-p", "hi"])
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "nope.bin" in r.stderr
+
+
+def test_help_explains():
+    r = subprocess.run([sys.executable, "-m", "llamacpu", "run", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for word in ("--system", "--temp", "--top-k", "--ctx-size", "/reset", "Ctrl-C"):
+        assert word in r.stdout
+
+
+class Pty:
+    def __init__(self, argv, env=None):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child
+            os.execvpe(argv[0], argv, env or os.environ)
+        self.buf = b""
+
+    def read_until(self, token: bytes, timeout=120.0):
+        end = time.time() + timeout
+        while token not in self.buf:
+            left = end - time.time()
+            if left <= 0:
+                raise AssertionError(f"timed out waiting for {token!r}; screen so far:\n{self.buf.decode(errors='replace')}")
+            r, _, _ = select.select([self.fd], [], [], left)
+            if r:
+                try:
+                    data = os.read(self.fd, 4096)
+                except OSError:
+                    break
+                if not data:
+                    break
+                self.buf += data
+        i = self.buf.index(token) + len(token)
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out.decode(errors="replace")
+
+    def send(self, s: str):
+        os.write(self.fd, s.encode())
+
+    def wait(self, timeout=30):
+        end = time.time() + timeout
+        while time.time() < end:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+            try:
+                r, _, _ = select.select([self.fd], [], [], 0.2)
+                if r:
+                    os.read(self.fd, 4096)
+            except OSError:
+                pass
+        os.kill(self.pid, signal.SIGKILL)
+        raise AssertionError("REPL did not exit")
+
+
+def test_repl_interrupt_reset_exit(smol_path, tmp_path):
+    env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
+    p = Pty(RUN + [smol_path, "--temp", "0", "-n", "400"], env=env)
+    p.read_until(b"> ")
+    p.send("Write a very long story about a dragon and a knight.\r")
+    p.read_until(b" ", timeout=120)    # the reply has started streaming
+    time.sleep(0.3)
+    p.send("\x03")                     # Ctrl-C: stop the reply, keep the conversation
+    p.read_until(b"[interrupted]")
+    p.read_until(b"> ")
+    p.send("/reset\r")
+    p.read_until(b"[conversation reset]")
+    p.read_until(b"> ")
+    p.send("What is the capital of France?\r")
+    reply = p.read_until(b"> ", timeout=120)
+    assert "Paris" in reply
+    p.send("/exit\r")
+    assert p.wait() == 0
+
+
+def test_repl_ctrl_d_exits(smol_path, tmp_path):
+    env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
+    p = Pty(RUN + [smol_path], env=env)
+    p.read_until(b"> ")
+    p.send("/help\r")
+    p.read_until(b"/system")
+    p.read_until(b"> ")
+    p.send("\x04")
+    assert p.wait() == 0
+
+
+def test_default_model_is_fetched_converted_and_cached(tmp_path):
+    """The README's first command on a fresh machine: `llamacpu run -p "Hello"`."""
+    env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path))
+    r = subprocess.run(RUN + ["-p", "Hello", "-n", "8"], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "fetching the default model" in r.stderr
+    assert r.stdout.strip()
+    assert any(p.suffix == ".llamacpu" for p in tmp_path.iterdir())
+    r2 = subprocess.run(RUN + ["-p", "Hello", "-n", "4"], capture_output=True, text=True, timeout=300, env=env)
+    assert r2.returncode == 0 and "fetching" not in r2.stderr

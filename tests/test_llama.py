@@ -1,0 +1,227 @@
+"""The generation API (llamacpu.Llama) on the real SmolLM2-135M-Instruct.
+
+Greedy decoding (temperature 0) makes the outputs deterministic, so streams,
+stop strings, the prompt cache and threads can be compared exactly.
+"""
+import json
+import threading
+
+import numpy as np
+import pytest
+
+import llamacpu
+from llamacpu.llama import Llama, parse_tool_calls
+
+GREEDY = {"temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def smol_path(tmp_path_factory, smollm_gguf):
+    from llamacpu.convert import convert
+    return convert(smollm_gguf, tmp_path_factory.mktemp("smol-llama") / "smol.bin", progress=False, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def llm(smol_path):
+    with Llama(smol_path, n_ctx=1024) as m:
+        yield m
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def test_stream_equals_whole_text(llm):
+    pieces = list(llm.generate("The capital of France is", max_tokens=24, **GREEDY))
+    whole = llm.generate("The capital of France is", max_tokens=24, stream=False, **GREEDY)
+    assert "".join(pieces) == whole
+    assert len(pieces) > 1
+    assert "Paris" in whole
+
+
+def test_generate_accepts_token_ids(llm):
+    ids = llm.tokenize("The capital of France is")
+    assert llm.generate(ids, max_tokens=8, stream=False, **GREEDY) == \
+        llm.generate("The capital of France is", max_tokens=8, stream=False, **GREEDY)
+
+
+def test_chat_shape_and_usage(llm):
+    out = llm.chat(user("What is the capital of France?"), max_tokens=32, **GREEDY)
+    assert out["object"] == "chat.completion"
+    ch = out["choices"][0]
+    assert ch["message"]["role"] == "assistant" and "Paris" in ch["message"]["content"]
+    assert ch["finish_reason"] in ("stop", "length")
+    u = out["usage"]
+    prompt = llm.tokenize(llm.apply_chat_template(user("What is the capital of France?")))
+    assert u["prompt_tokens"] == len(prompt)
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def test_chat_length_finish(llm):
+    out = llm.chat(user("Write a long story about a dragon."), max_tokens=5, **GREEDY)
+    assert out["choices"][0]["finish_reason"] == "length"
+    assert out["usage"]["completion_tokens"] == 5
+
+
+def test_chat_stream_chunks_concatenate(llm):
+    msgs = user("List three fruits.")
+    whole = llm.chat(msgs, max_tokens=40, **GREEDY)
+    chunks = list(llm.chat(msgs, max_tokens=40, stream=True, **GREEDY))
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == whole["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["usage"] == whole["usage"]
+
+
+def test_stop_string_is_never_partly_emitted(llm):
+    full = llm.generate("One, two, three, four,", max_tokens=30, stream=False, **GREEDY)
+    words = full.split()
+    assert len(words) >= 4
+    stop = " " + words[3]                      # a stop string a few tokens in
+    cut = full[:full.index(stop)]
+    pieces = list(llm.generate("One, two, three, four,", max_tokens=30, stop=[stop, "zzzz"], **GREEDY))
+    assert "".join(pieces) == cut
+    for i in range(len(pieces)):               # no prefix of the stop string leaked before it was ruled out
+        assert stop not in "".join(pieces[:i + 1])
+    assert llm.last.finish_reason == "stop"
+
+
+def test_prompt_cache_second_turn_evaluates_only_new_tokens(llm):
+    llm.reset()
+    msgs = [{"role": "system", "content": "You are terse."}] + user("Name a color.")
+    first = llm.chat(msgs, max_tokens=12, **GREEDY)
+    n0 = llm.n_evaluated
+    msgs2 = msgs + [first["choices"][0]["message"], {"role": "user", "content": "Another one."}]
+    second = llm.chat(msgs2, max_tokens=12, **GREEDY)
+    evaluated = llm.n_evaluated - n0
+    prompt2 = llm.tokenize(llm.apply_chat_template(msgs2))
+    prompt1 = llm.tokenize(llm.apply_chat_template(msgs))
+    # the second turn re-evaluates at most its new part (+ the last generated token that was never fed)
+    assert evaluated - second["usage"]["completion_tokens"] <= len(prompt2) - len(prompt1) + 1
+    # and the answer is what a cold start gives
+    llm.reset()
+    cold = llm.chat(msgs2, max_tokens=12, **GREEDY)
+    assert cold["choices"][0]["message"] == second["choices"][0]["message"]
+
+
+def test_logprobs(llm):
+    out = llm.chat(user("Say yes."), max_tokens=4, logprobs=True, top_logprobs=3, **GREEDY)
+    content = out["choices"][0]["logprobs"]["content"]
+    assert len(content) >= 1
+    for c in content:
+        assert c["logprob"] <= 0 and len(c["top_logprobs"]) == 3
+        assert c["top_logprobs"][0]["logprob"] >= c["top_logprobs"][-1]["logprob"]
+        assert abs(c["top_logprobs"][0]["logprob"] - c["logprob"]) < 1e-5  # greedy picks the top one
+
+
+def test_seeded_sampling_reproducible(llm):
+    a = llm.generate("Once upon a time", max_tokens=16, stream=False, temperature=0.9, seed=42)
+    b = llm.generate("Once upon a time", max_tokens=16, stream=False, temperature=0.9, seed=42)
+    assert a == b
+
+
+def test_cancel_from_another_thread(llm):
+    it = llm.generate("Write a very long essay about the history of Rome.", max_tokens=200, **GREEDY)
+    got = [next(it)]
+    threading.Timer(0.05, llm.cancel).start()
+    got += list(it)
+    assert llm.last.finish_reason == "cancelled"
+    assert llm.last.completion_tokens < 200
+
+
+def test_threads_share_one_llama(llm):
+    prompts = ["Name a fruit.", "Name an animal.", "Name a city."]
+    expected = [llm.chat(user(p), max_tokens=10, **GREEDY)["choices"][0]["message"]["content"] for p in prompts]
+    results = [None] * 3
+
+    def work(i):
+        results[i] = llm.chat(user(prompts[i]), max_tokens=10, **GREEDY)["choices"][0]["message"]["content"]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == expected
+
+
+def test_open_generator_in_same_thread_is_a_clear_error(llm):
+    it = llm.generate("Hello", max_tokens=5, **GREEDY)
+    next(it)
+    with pytest.raises(RuntimeError, match="still open"):
+        llm.generate("Hello", max_tokens=5, stream=False)
+    it.close()
+    assert llm.generate("Hello", max_tokens=2, stream=False, **GREEDY) is not None
+
+
+def test_bad_arguments(llm):
+    with pytest.raises(ValueError):
+        llm.generate("x", max_tokens=-1, stream=False)
+    with pytest.raises(ValueError):
+        llm.generate("x", temperature=-0.5, stream=False)
+    with pytest.raises(ValueError):
+        llm.generate("x", top_p=0, stream=False)
+    with pytest.raises(TypeError):
+        llm.generate("x", temprature=0.5, stream=False)
+    with pytest.raises(ValueError, match="role"):
+        llm.chat([{"role": "robot", "content": "hi"}])
+    with pytest.raises(ValueError):
+        llm.chat([])
+    with pytest.raises(ValueError, match="context"):
+        llm.generate("word " * 2000, max_tokens=1, stream=False)
+
+
+def test_pipeline_model_card_example(smol_path):
+    pipe = llamacpu.pipeline("text-generation", model=str(smol_path), n_ctx=512)
+    messages = [
+        {"role": "system", "content": "You are a pirate chatbot who always responds in pirate speak!"},
+        {"role": "user", "content": "Who are you?"},
+    ]
+    outputs = pipe(messages, max_new_tokens=16)
+    reply = outputs[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str) and reply["content"]
+    assert outputs[0]["generated_text"][:2] == messages
+    text = pipe("The capital of France is", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("The capital of France is")
+
+
+# ------------------------------------------------------------------ tool calls
+
+def test_parse_tool_calls():
+    calls = parse_tool_calls('{"name": "get_weather", "parameters": {"city": "Paris"}}')
+    assert calls[0]["type"] == "function"
+    assert calls[0]["function"]["name"] == "get_weather"
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert parse_tool_calls('<|python_tag|>{"name": "f", "parameters": {}}')[0]["function"]["name"] == "f"
+    two = parse_tool_calls('{"name": "a", "parameters": {"x": 1}}; {"name": "b", "parameters": {}}')
+    assert [c["function"]["name"] for c in two] == ["a", "b"]
+    assert parse_tool_calls("The weather is nice.") is None
+    assert parse_tool_calls('{"not": "a call"}') is None
+    assert parse_tool_calls('{"name": "f", "parameters": ') is None
+
+
+def test_chat_returns_tool_calls(llm, monkeypatch):
+    """Script the sampler to emit a Llama 3.2 tool call; the whole chat path must parse it."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    script = llm.tokenize('{"name": "get_weather", "parameters": {"city": "Paris"}}', add_bos=False)
+    eos = min(llm.tokenizer.eog_ids)
+    from llamacpu import sampling
+
+    def fake_sample(self, logits, history=()):
+        i = getattr(self, "_i", 0)
+        self._i = i + 1
+        return script[i] if i < len(script) else eos
+    monkeypatch.setattr(sampling.Sampler, "sample", fake_sample)
+    out = llm.chat(user("Weather in Paris?"), tools=tools, max_tokens=64)
+    ch = out["choices"][0]
+    assert ch["finish_reason"] == "tool_calls"
+    assert ch["message"]["content"] is None
+    assert json.loads(ch["message"]["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+    chunks = list(llm.chat(user("Weather in Paris?"), tools=tools, max_tokens=64, stream=True))
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert any("tool_calls" in d for d in deltas)
+    assert not any(d.get("content") for d in deltas)  # the JSON is not streamed as text
