@@ -13,6 +13,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include "llamacpu.h"
+#include "kernels_tiles.h"
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -149,30 +150,6 @@ static ALWAYS_INLINE void tile_q(const int TYPE, const void *wrow, const block_q
     }
 }
 
-#define DEFINE_GEMM_Q(NAME, BLOCK, TYPE)                                                          \
-    static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, \
-                     int64_t r0, int64_t r1) {                                                     \
-        const int64_t nb = cols / QK;                                                              \
-        for (int t0 = 0; t0 < nt; t0 += 4) {                                                       \
-            const int tn = nt - t0 < 4 ? nt - t0 : 4;                                              \
-            const block_q8a *x = X + (int64_t)t0 * nb;                                             \
-            for (int64_t r = r0; r < r1; r++) {                                                    \
-                const BLOCK *w = (const BLOCK *)W + r * nb;                                        \
-                float *out = Y + (int64_t)t0 * ldy + r;                                            \
-                switch (tn) {                                                                      \
-                case 4: tile_q(TYPE, w, x, nb, 4, out, ldy); break;                                \
-                case 3: tile_q(TYPE, w, x, nb, 3, out, ldy); break;                                \
-                case 2: tile_q(TYPE, w, x, nb, 2, out, ldy); break;                                \
-                default: tile_q(TYPE, w, x, nb, 1, out, ldy); break;                               \
-                }                                                                                  \
-            }                                                                                      \
-        }                                                                                          \
-    }
-
-DEFINE_GEMM_Q(gemm_q4_0, block_q4_0, LC_TYPE_Q4_0)
-DEFINE_GEMM_Q(gemm_q4_1, block_q4_1, LC_TYPE_Q4_1)
-DEFINE_GEMM_Q(gemm_q8_0, block_q8_0, LC_TYPE_Q8_0)
-
 /* ------------------------------------------------ float matmuls */
 
 static ALWAYS_INLINE __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
@@ -195,27 +172,7 @@ static ALWAYS_INLINE void tile_f(const void *wrow, int is_f16, const float *x, i
     }
 }
 
-#define DEFINE_GEMM_F(NAME, IS_F16, ESIZE)                                                       \
-    static void NAME(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy,  \
-                     int64_t r0, int64_t r1) {                                                    \
-        for (int t0 = 0; t0 < nt; t0 += 4) {                                                      \
-            const int tn = nt - t0 < 4 ? nt - t0 : 4;                                             \
-            const float *x = X + (int64_t)t0 * cols;                                              \
-            for (int64_t r = r0; r < r1; r++) {                                                   \
-                const void *w = (const char *)W + r * cols * ESIZE;                               \
-                float *out = Y + (int64_t)t0 * ldy + r;                                           \
-                switch (tn) {                                                                     \
-                case 4: tile_f(w, IS_F16, x, cols, 4, out, ldy); break;                           \
-                case 3: tile_f(w, IS_F16, x, cols, 3, out, ldy); break;                           \
-                case 2: tile_f(w, IS_F16, x, cols, 2, out, ldy); break;                           \
-                default: tile_f(w, IS_F16, x, cols, 1, out, ldy); break;                          \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-    }
-
-DEFINE_GEMM_F(gemm_f16, 1, 2)
-DEFINE_GEMM_F(gemm_f32, 0, 4)
+LC_DEFINE_GEMMS
 
 /* ------------------------------------------------ element-wise */
 

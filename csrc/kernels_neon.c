@@ -8,6 +8,7 @@
 #include <arm_neon.h>
 #include <math.h>
 #include "llamacpu.h"
+#include "kernels_tiles.h"
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -124,27 +125,8 @@ static ALWAYS_INLINE void tile_f(const void *wrow, int is_f16, const float *x, i
     }
 }
 
-#define DEFINE_GEMM_F(NAME, IS_F16, ESIZE)                                                       \
-    static void NAME(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy,  \
-                     int64_t r0, int64_t r1) {                                                    \
-        for (int t0 = 0; t0 < nt; t0 += 4) {                                                      \
-            const int tn = nt - t0 < 4 ? nt - t0 : 4;                                             \
-            const float *x = X + (int64_t)t0 * cols;                                              \
-            for (int64_t r = r0; r < r1; r++) {                                                   \
-                const void *w = (const char *)W + r * cols * ESIZE;                               \
-                float *out = Y + (int64_t)t0 * ldy + r;                                           \
-                switch (tn) {                                                                     \
-                case 4: tile_f(w, IS_F16, x, cols, 4, out, ldy); break;                           \
-                case 3: tile_f(w, IS_F16, x, cols, 3, out, ldy); break;                           \
-                case 2: tile_f(w, IS_F16, x, cols, 2, out, ldy); break;                           \
-                default: tile_f(w, IS_F16, x, cols, 1, out, ldy); break;                          \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-    }
-
-DEFINE_GEMM_F(gemm_f16, 1, 2)
-DEFINE_GEMM_F(gemm_f32, 0, 4)
+LC_TILED_GEMM(gemm_f16, float, cols * 2, cols, LC_TILE_F16)
+LC_TILED_GEMM(gemm_f32, float, cols * 4, cols, LC_TILE_F32)
 
 /* ------------------------------------------------ element-wise */
 

@@ -1,0 +1,47 @@
+/* The row x token-tile loop shared by the SIMD kernel files.
+ *
+ * LC_TILED_GEMM(NAME, XT, ROW_BYTES, X_STRIDE, TILE) defines
+ *   static void NAME(const void *W, int64_t cols, const XT *X, int nt, float *Y,
+ *                    int64_t ldy, int64_t r0, int64_t r1)
+ * (the lc_kernels gemm signature): tokens go in tiles of up to 4, and for each
+ * tile every row [r0, r1) calls TILE(w_row, x_tile, cols, TN, out, ldy) with TN
+ * a literal, so that the tile function's loops over TN unroll and its TN
+ * accumulators stay in registers. ROW_BYTES: bytes of one weight row;
+ * X_STRIDE: elements of XT per token. */
+#ifndef LLAMACPU_KERNELS_TILES_H
+#define LLAMACPU_KERNELS_TILES_H
+
+#define LC_TILED_GEMM(NAME, XT, ROW_BYTES, X_STRIDE, TILE)                                        \
+    static void NAME(const void *W, int64_t cols, const XT *X, int nt, float *Y, int64_t ldy,     \
+                     int64_t r0, int64_t r1) {                                                    \
+        const int64_t row_bytes = (ROW_BYTES), x_stride = (X_STRIDE);                             \
+        for (int t0 = 0; t0 < nt; t0 += 4) {                                                      \
+            const int tn = nt - t0 < 4 ? nt - t0 : 4;                                             \
+            const XT *x = X + (int64_t)t0 * x_stride;                                             \
+            for (int64_t r = r0; r < r1; r++) {                                                   \
+                const void *w = (const char *)W + r * row_bytes;                                  \
+                float *out = Y + (int64_t)t0 * ldy + r;                                           \
+                switch (tn) {                                                                     \
+                case 4: TILE(w, x, cols, 4, out, ldy); break;                                     \
+                case 3: TILE(w, x, cols, 3, out, ldy); break;                                     \
+                case 2: TILE(w, x, cols, 2, out, ldy); break;                                     \
+                default: TILE(w, x, cols, 1, out, ldy); break;                                    \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+/* the five gemms of a kernel file, given its tile_q(TYPE, ...) and tile_f(w, is_f16, ...) */
+#define LC_TILE_Q4_0(w, x, cols, TN, out, ldo) tile_q(LC_TYPE_Q4_0, w, x, (cols) / QK, TN, out, ldo)
+#define LC_TILE_Q4_1(w, x, cols, TN, out, ldo) tile_q(LC_TYPE_Q4_1, w, x, (cols) / QK, TN, out, ldo)
+#define LC_TILE_Q8_0(w, x, cols, TN, out, ldo) tile_q(LC_TYPE_Q8_0, w, x, (cols) / QK, TN, out, ldo)
+#define LC_TILE_F16(w, x, cols, TN, out, ldo) tile_f(w, 1, x, cols, TN, out, ldo)
+#define LC_TILE_F32(w, x, cols, TN, out, ldo) tile_f(w, 0, x, cols, TN, out, ldo)
+#define LC_DEFINE_GEMMS                                                                          \
+    LC_TILED_GEMM(gemm_q4_0, block_q8a, lc_row_bytes(LC_TYPE_Q4_0, cols), cols / QK, LC_TILE_Q4_0) \
+    LC_TILED_GEMM(gemm_q4_1, block_q8a, lc_row_bytes(LC_TYPE_Q4_1, cols), cols / QK, LC_TILE_Q4_1) \
+    LC_TILED_GEMM(gemm_q8_0, block_q8a, lc_row_bytes(LC_TYPE_Q8_0, cols), cols / QK, LC_TILE_Q8_0) \
+    LC_TILED_GEMM(gemm_f16, float, cols * 2, cols, LC_TILE_F16)                                  \
+    LC_TILED_GEMM(gemm_f32, float, cols * 4, cols, LC_TILE_F32)
+
+#endif
