@@ -198,7 +198,7 @@ class Tokenizer:
     def from_metadata(cls, meta: dict) -> "Tokenizer":
         """From a model file's metadata (``Model.metadata`` / ``read_model(p).meta``)."""
         cfg = meta.get("config") or {}
-        return cls(meta["tokenizer"], meta.get("special_tokens") or {}, cfg.get("vocab_size"))
+        return cls(meta["tokenizer"], meta.get("special_tokens"), cfg.get("vocab_size"))
 
     def _checked(self, i: int | None, what: str) -> int | None:
         if i is not None and not 0 <= i < self.vocab_size:
@@ -234,21 +234,34 @@ class Tokenizer:
             beginning with the BOS text and special=True). ValueError when the
             tokenizer has no BOS token.
         Raises ValueError if an id would be >= vocab_size (a token of the tokenizer
-        without an embedding row, such as Llama 3.2's ``<|image|>``).
+        without an embedding row, such as Llama 3.2's ``<|image|>``), or for text
+        with lone surrogates. As in transformers, bytes for which the vocabulary has
+        no token are dropped (SmolLM2 has none for 21 byte values, e.g. ``"\\x04"``).
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         if add_bos and self.bos_id is None:
             raise ValueError("add_bos=True but this tokenizer has no BOS token")
-        if special:
-            ids = self._hf.encode(text, add_special_tokens=False).ids
-        else:
+        try:
+            # encode_special_tokens is a flag of the shared tokenizers object: every
+            # encode holds the lock, so one thread's special=False never leaks into
+            # another thread's special=True call
             with self._lock:
-                self._hf.encode_special_tokens = True
-                try:
+                if special:
                     ids = self._hf.encode(text, add_special_tokens=False).ids
-                finally:
-                    self._hf.encode_special_tokens = False
+                else:
+                    self._hf.encode_special_tokens = True
+                    try:
+                        ids = self._hf.encode(text, add_special_tokens=False).ids
+                    finally:
+                        self._hf.encode_special_tokens = False
+        except TypeError:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"text is not valid Unicode: {e.reason} at index {e.start} "
+                                 f"({text[e.start]!r})") from None
+            raise
         if ids and max(ids) >= self.vocab_size:
             bad = next(i for i in ids if i >= self.vocab_size)
             raise ValueError(f"the text contains token {self._strings.get(bad, '?')!r} (id {bad}), "

@@ -1,0 +1,279 @@
+"""Chat templates: render a conversation to the prompt text the model was trained on.
+
+A model's chat template is a Jinja template (``tokenizer_config.json``'s
+``chat_template`` or GGUF ``tokenizer.chat_template``, stored in our model file's
+metadata). :class:`ChatTemplate` renders it exactly as ``transformers``'
+``apply_chat_template(..., tokenize=False)`` does, so prompts are string-identical:
+
+* a ``jinja2.sandbox.ImmutableSandboxedEnvironment`` with ``trim_blocks=True``,
+  ``lstrip_blocks=True`` and the ``loopcontrols`` extension (``{% break %}``);
+  ``{% generation %}...{% endgeneration %}`` blocks (assistant-mask markers) are
+  accepted and render their body;
+* the ``tojson`` filter is ``json.dumps(x, ensure_ascii=False, indent=None,
+  separators=None, sort_keys=False)`` (Jinja's own escapes HTML and sorts keys);
+* globals ``raise_exception(msg)`` (raises :class:`TemplateError`),
+  ``strftime_now(fmt)`` (the current local time), ``dict`` and ``namespace``
+  (restricted as in transformers);
+* variables ``messages``, ``tools`` (None when not given), ``documents`` (None),
+  ``add_generation_prompt``, ``bos_token``, ``eos_token`` and any ``**extra``
+  (e.g. ``date_string``, ``tools_in_user_message``, ``enable_thinking``);
+* messages are copied as plain JSON data, keys whose value is None are dropped
+  (OpenAI-style ``content=None``), and a message's reasoning given as
+  ``reasoning``/``thinking``/``reasoning_content`` is visible under
+  ``thinking`` and ``reasoning_content``, as transformers does.
+
+``date_string`` is not defined unless passed: like transformers, the Llama 3.2
+template then calls ``strftime_now("%d %b %Y")`` and writes today's date
+(``"26 Jul 2024"`` is its own fallback for renderers without ``strftime_now``).
+Pass ``date_string="26 Jul 2024"`` for reproducible prompts.
+
+A model without a template (``source`` None) gets :data:`FALLBACK_TEMPLATE`,
+Llama 3 Instruct's header format::
+
+    {bos_token}<|start_header_id|>{role}<|end_header_id|>\n\n{content|trim}<|eot_id|>...
+    <|start_header_id|>assistant<|end_header_id|>\n\n      (with add_generation_prompt)
+
+Every error of the template (syntax, ``raise_exception``, an undefined value
+used in an expression, a type error) raises :class:`TemplateError` (a ValueError)
+with the template's message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from datetime import datetime
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+__all__ = ["ChatTemplate", "TemplateError", "FALLBACK_TEMPLATE"]
+
+
+class TemplateError(ValueError):
+    """A chat template failed to compile or to render (the message says why)."""
+
+
+FALLBACK_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + ('ipython' if message['role'] == 'tool' else message['role'])"
+    " + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['content'] is string %}"
+    "{{- message['content'] | trim }}"
+    "{%- elif message['content'] is defined %}"
+    "{{- message['content'] | tojson }}"
+    "{%- endif %}"
+    "{%- for call in message['tool_calls'] | default([]) %}"
+    "{{- '{\"name\": ' + call['function']['name'] | tojson + ', \"parameters\": '"
+    " + call['function']['arguments'] | tojson + '}' }}"
+    "{%- endfor %}"
+    "{{- '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
+)
+"""The template used for a model without one: Llama 3 Instruct's header format.
+
+    {bos_token}<|start_header_id|>{role}<|end_header_id|>\\n\\n{content|trim}<|eot_id|>...
+    <|start_header_id|>assistant<|end_header_id|>\\n\\n        (with add_generation_prompt)
+
+BOS first (``bos_token``, the model's BOS text), one block per message with its
+role as given (``tool`` becomes ``ipython``, Llama 3.1+'s role for tool results) and its content trimmed (non-string content as JSON), an assistant
+tool call as ``{"name": ..., "parameters": ...}`` (Llama 3.2's format), then the
+assistant header when a generation prompt is wanted. No system block is added.
+"""
+
+
+class _GenerationExtension(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` renders its body (transformers uses
+    it to find the assistant's tokens; we only need templates that use it to parse)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise TemplateError(str(message))
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt):
+    return datetime.now().strftime(fmt)
+
+
+class _TemplateDict:
+    """``dict(...)`` in templates, without attribute access to the dict type."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """``namespace(...)`` refusing underscore-prefixed attributes (as transformers)."""
+
+    def __init__(*args, **kwargs):
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise TemplateError(f"chat templates cannot store underscore-prefixed attributes on a "
+                                f"namespace, got {name!r}")
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationExtension, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    # looked up at call time so that tests can freeze the clock by patching _strftime_now
+    env.globals["strftime_now"] = lambda fmt: _strftime_now(fmt)
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    return env
+
+
+_ENV = None
+
+
+def _plain(value):
+    """Plain JSON-like data for the sandbox (transformers' _plain_template_data)."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
+        return _plain(value.item())  # numpy scalar
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _messages(messages) -> list[dict]:
+    if isinstance(messages, (str, bytes)) or not hasattr(messages, "__iter__"):
+        raise TypeError("messages must be a list of dicts")
+    out = []
+    for m in messages:
+        if dataclasses.is_dataclass(m) and not isinstance(m, type):
+            m = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
+        elif callable(getattr(m, "model_dump", None)):
+            m = m.model_dump()
+        if not isinstance(m, Mapping):
+            raise TypeError(f"chat messages must be dicts, got {m!r}")
+        m = _plain({k: v for k, v in m.items() if v is not None})
+        reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+        if reasoning is not None:
+            m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+        out.append(m)
+    return out
+
+
+class ChatTemplate:
+    """A compiled chat template.
+
+    source: the Jinja template; None (or "") uses :data:`FALLBACK_TEMPLATE`
+        (``is_fallback`` is then True).
+    bos_token, eos_token: the texts the template sees as ``bos_token``/``eos_token``
+        (the model's BOS/EOS token strings, e.g. ``"<|begin_of_text|>"``).
+    Raises TemplateError if the template does not compile.
+    """
+
+    def __init__(self, source: str | None, bos_token: str = "", eos_token: str = ""):
+        global _ENV
+        if source is not None and not isinstance(source, str):
+            raise TypeError(f"chat template must be a string or None, got {type(source).__name__}")
+        self.is_fallback: bool = not source
+        self.source: str = FALLBACK_TEMPLATE if self.is_fallback else source
+        self.bos_token = bos_token or ""
+        self.eos_token = eos_token or ""
+        if _ENV is None:
+            _ENV = _environment()
+        try:
+            self._template = _ENV.from_string(self.source)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"chat template syntax error (line {e.lineno}): {e.message}") from None
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"chat template error: {e}") from None
+
+    @classmethod
+    def from_metadata(cls, meta: dict, tokenizer=None) -> "ChatTemplate":
+        """From a model file's metadata; BOS/EOS texts from ``tokenizer`` (a
+        llamacpu Tokenizer) or looked up in the metadata's tokenizer.json."""
+        if tokenizer is None:
+            from .tokenizer import Tokenizer
+            tokenizer = Tokenizer.from_metadata(meta)
+        return cls(meta.get("chat_template"), tokenizer.bos_token or "", tokenizer.eos_token or "")
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None,
+               add_generation_prompt: bool = True, **extra) -> str:
+        """The prompt text for ``messages`` (dicts with ``role`` and ``content``;
+        ``tool_calls`` on assistant messages; role ``tool``/``ipython`` for results).
+
+        tools: JSON function definitions (``{"type": "function", "function": {...}}``)
+            or None. extra: further template variables (``date_string``, ...); they
+            override ``bos_token``/``eos_token`` when given under those names.
+        """
+        if tools is not None:
+            tools = list(tools)
+            for t in tools:
+                if not isinstance(t, Mapping):
+                    raise TypeError(f"tools must be JSON schemas (dicts), got {type(t).__name__}")
+        variables = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        variables.update(_plain(extra))
+        documents = variables.pop("documents", None)
+        messages = _messages(messages)
+        try:
+            return self._template.render(
+                messages=messages, tools=_plain(tools), documents=_plain(documents),
+                add_generation_prompt=bool(add_generation_prompt), **variables)
+        except TemplateError:
+            raise
+        except jinja2.TemplateError as e:
+            raise TemplateError(f"chat template error: {e.message or e}") from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError,
+                OverflowError, RecursionError) as e:
+            raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+
+    def __repr__(self):
+        return f"ChatTemplate({'fallback' if self.is_fallback else f'{len(self.source)} chars'})"
