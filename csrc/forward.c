@@ -154,21 +154,37 @@ static void matmul(lc_model *m, const lc_tensor *W, const float *xf, const block
     const lc_kernels *k = m->k;
     const int64_t rows = W->rows;
     const int nth = m->c.n_threads;
-    /* about 8 chunks a thread for balance, multiples of 4 rows */
+    const int x8 = W->layout == LC_LAYOUT_X8;
+    /* about 8 chunks a thread for balance; multiples of 8 rows (x8 groups) */
     int64_t chunk = (rows + (int64_t)nth * 8 - 1) / ((int64_t)nth * 8);
-    chunk = (chunk + 3) / 4 * 4;
-    if (chunk < 4) chunk = 4;
+    chunk = (chunk + 7) / 8 * 8;
+    if (chunk < 8) chunk = 8;
     const int64_t nchunks = (rows + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(nth) schedule(static) if (nth > 1)
     for (int64_t ci = 0; ci < nchunks; ci++) {
         const int64_t r0 = ci * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
         switch (W->type) {
-        case LC_TYPE_Q4_0: k->gemm_q4_0(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
-        case LC_TYPE_Q4_1: k->gemm_q4_1(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
-        case LC_TYPE_Q8_0: k->gemm_q8_0(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
+        case LC_TYPE_Q4_0: (x8 ? k->gemm_q4_0_x8 : k->gemm_q4_0)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
+        case LC_TYPE_Q4_1: (x8 ? k->gemm_q4_1_x8 : k->gemm_q4_1)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
+        case LC_TYPE_Q8_0: (x8 ? k->gemm_q8_0_x8 : k->gemm_q8_0)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
         case LC_TYPE_F16: k->gemm_f16(W->data, W->cols, xf, nt, Y, ldy, r0, r1); break;
         default: k->gemm_f32(W->data, W->cols, xf, nt, Y, ldy, r0, r1); break;
         }
+    }
+}
+
+/* Row `row` of the embedding table -> out (cols floats), in either layout. */
+static void embed_row(const lc_model *m, const lc_tensor *E, int64_t row, float *out) {
+    if (E->layout != LC_LAYOUT_X8) {
+        m->k->dequantize_row(E->type, (const char *)E->data + row * lc_row_bytes(E->type, E->cols), out, E->cols);
+        return;
+    }
+    const int64_t nb = E->cols / QK, bs = lc_block_bytes(E->type);
+    const uint8_t *group = (const uint8_t *)E->data + (row / 8) * nb * 8 * bs;
+    uint8_t blk[34];
+    for (int64_t b = 0; b < nb; b++) { /* gather the row's blocks, then the usual dequantizer */
+        lc_x8_extract(E->type, group + b * 8 * bs, (int)(row % 8), blk);
+        m->k->dequantize_row(E->type, blk, out + b * QK, QK);
     }
 }
 
@@ -209,11 +225,7 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
     const float scale = 1.0f / sqrtf((float)hd);
     const int nth = c->n_threads;
 
-    for (int t = 0; t < nt; t++) {
-        const lc_tensor *E = &m->w.tok_embeddings;
-        k->dequantize_row(E->type, (const char *)E->data + (int64_t)tokens[t] * lc_row_bytes(E->type, E->cols),
-                          m->x + (int64_t)t * dim, dim);
-    }
+    for (int t = 0; t < nt; t++) embed_row(m, &m->w.tok_embeddings, tokens[t], m->x + (int64_t)t * dim);
 
     for (int l = 0; l < c->n_layers; l++) {
         const lc_layer_weights *L = &m->w.layers[l];

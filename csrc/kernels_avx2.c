@@ -174,6 +174,68 @@ static ALWAYS_INLINE void tile_f(const void *wrow, int is_f16, const float *x, i
 
 LC_DEFINE_GEMMS
 
+/* ------------------------------------------------ quantized matmuls, x8 layout
+ * One group of 8 rows against TN <= 4 tokens. Each 32-byte load is a 4-element
+ * group of all 8 rows (two for Q4: low and high nibbles); the activation group
+ * is broadcast, so lane r of the integer dot product is row r's: no horizontal
+ * sums, and the 8 weight scales are one vector. */
+static ALWAYS_INLINE int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+static ALWAYS_INLINE void tile_x8(const int TYPE, const void *wgrp, const block_q8a *x, int64_t nb, const int TN,
+                                  float *out, int64_t ldo) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const int64_t gbytes = 8 * (int64_t)lc_block_bytes(TYPE);
+    const int hdr = lc_x8_header(TYPE);
+    __m256 acc[4];
+    for (int k = 0; k < TN; k++) acc[k] = _mm256_setzero_ps();
+    const uint8_t *g = wgrp;
+    for (int64_t b = 0; b < nb; b++, g += gbytes) {
+        __m256 accb[4];
+        for (int k = 0; k < TN; k++) accb[k] = _mm256_setzero_ps();
+        if (TYPE == LC_TYPE_Q8_0) {
+            for (int c = 0; c < 8; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(g + hdr + 32 * c));
+                const __m256i av = _mm256_sign_epi8(v, v); /* sign trick, as tile_q */
+                for (int k = 0; k < TN; k++) {
+                    const block_q8a *xb = x + k * nb + b;
+                    const __m256i y = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb->qs + 4 * c)), v);
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(av, y), ones);
+                    accb[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&xb->d[c]), accb[k]);
+                }
+            }
+        } else {
+            for (int c = 0; c < 4; c++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(g + hdr + 32 * c));
+                const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                for (int k = 0; k < TN; k++) {
+                    const block_q8a *xb = x + k * nb + b;
+                    const __m256i plo = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xb->qs + 4 * c))), ones);
+                    const __m256i phi = _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xb->qs + 16 + 4 * c))), ones);
+                    accb[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(plo), _mm256_broadcast_ss(&xb->d[c]), accb[k]);
+                    accb[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(phi), _mm256_broadcast_ss(&xb->d[c + 4]), accb[k]);
+                }
+            }
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
+        for (int k = 0; k < TN; k++) {
+            const block_q8a *xb = x + k * nb + b;
+            if (TYPE == LC_TYPE_Q4_0) { /* dw * (sum(q x) - 8 s) */
+                acc[k] = _mm256_fmadd_ps(_mm256_sub_ps(accb[k], _mm256_set1_ps(8.0f * xb->s)), dw, acc[k]);
+            } else if (TYPE == LC_TYPE_Q4_1) { /* dw * sum(q x) + m * s */
+                const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 16)));
+                acc[k] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xb->s), _mm256_fmadd_ps(accb[k], dw, acc[k]));
+            } else {
+                acc[k] = _mm256_fmadd_ps(accb[k], dw, acc[k]);
+            }
+        }
+    }
+    for (int k = 0; k < TN; k++) _mm256_storeu_ps(out + k * ldo, acc[k]);
+}
+
+LC_DEFINE_GEMMS_X8
+
 /* ------------------------------------------------ element-wise */
 
 static void dequantize_row(int type, const void *row, float *y, int64_t n) {
@@ -331,6 +393,9 @@ const lc_kernels lc_kernels_avx2 = {
     .gemm_q4_0 = gemm_q4_0,
     .gemm_q4_1 = gemm_q4_1,
     .gemm_q8_0 = gemm_q8_0,
+    .gemm_q4_0_x8 = gemm_q4_0_x8,
+    .gemm_q4_1_x8 = gemm_q4_1_x8,
+    .gemm_q8_0_x8 = gemm_q8_0_x8,
     .gemm_f16 = gemm_f16,
     .gemm_f32 = gemm_f32,
     .dequantize_row = dequantize_row,

@@ -252,7 +252,8 @@ static void swiglu(float *hb, const float *hb2, int64_t n) {
 #define NEON_TABLE(NAME, SUFFIX)                                                                          \
     {                                                                                                     \
         .name = NAME, .quantize_act = quantize_act, .gemm_q4_0 = gemm_q4_0##SUFFIX,                       \
-        .gemm_q4_1 = gemm_q4_1##SUFFIX, .gemm_q8_0 = gemm_q8_0##SUFFIX, .gemm_f16 = gemm_f16,               \
+        .gemm_q4_1 = gemm_q4_1##SUFFIX, .gemm_q8_0 = gemm_q8_0##SUFFIX, .gemm_q4_0_x8 = gemm_q4_0_x8##SUFFIX, \
+        .gemm_q4_1_x8 = gemm_q4_1_x8##SUFFIX, .gemm_q8_0_x8 = gemm_q8_0_x8##SUFFIX, .gemm_f16 = gemm_f16,     \
         .gemm_f32 = gemm_f32, .dequantize_row = dequantize_row, .rmsnorm = rmsnorm, .rope = rope,           \
         .attention = attention, .f32_to_f16 = f32_to_f16, .swiglu = swiglu,                                 \
     }

@@ -93,59 +93,61 @@ static inline float dot_groups(const int *w, const block_q8a *x) {
 
 /* ------------------------------------------------ matmuls */
 
-/* W (rows, cols) q4_0 @ X (nt, cols) q8a -> Y[t*ldy + r] */
-static void gemm_q4_0(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    const int64_t nb = cols / QK;
+/* One weight block (GGUF layout) . one activation block. */
+static float dot_block(int type, const void *blk, const block_q8a *x) {
     int q[QK];
-    for (int64_t r = r0; r < r1; r++) {
-        const block_q4_0 *w = (const block_q4_0 *)W + r * nb;
-        for (int t = 0; t < nt; t++) {
-            const block_q8a *x = X + t * nb;
-            float sum = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                for (int j = 0; j < QK / 2; j++) { q[j] = w[b].qs[j] & 0x0f; q[j + QK / 2] = w[b].qs[j] >> 4; }
-                /* sum((q - 8) * dw * x) = dw * (sum(q * x) - 8 * s) */
-                sum += lc_fp16_to_fp32(w[b].d) * (dot_groups(q, &x[b]) - 8.0f * x[b].s);
-            }
-            Y[t * ldy + r] = sum;
-        }
+    if (type == LC_TYPE_Q8_0) {
+        const block_q8_0 *w = blk;
+        for (int j = 0; j < QK; j++) q[j] = w->qs[j];
+        return lc_fp16_to_fp32(w->d) * dot_groups(q, x);
     }
+    const uint8_t *qs = type == LC_TYPE_Q4_0 ? ((const block_q4_0 *)blk)->qs : ((const block_q4_1 *)blk)->qs;
+    for (int j = 0; j < QK / 2; j++) { q[j] = qs[j] & 0x0f; q[j + QK / 2] = qs[j] >> 4; }
+    if (type == LC_TYPE_Q4_0) { /* sum((q - 8) * dw * x) = dw * (sum(q * x) - 8 * s) */
+        const block_q4_0 *w = blk;
+        return lc_fp16_to_fp32(w->d) * (dot_groups(q, x) - 8.0f * x->s);
+    }
+    const block_q4_1 *w = blk; /* sum((q * dw + m) * x) = dw * sum(q * x) + m * s */
+    return lc_fp16_to_fp32(w->d) * dot_groups(q, x) + lc_fp16_to_fp32(w->m) * x->s;
 }
 
-static void gemm_q4_1(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    const int64_t nb = cols / QK;
-    int q[QK];
-    for (int64_t r = r0; r < r1; r++) {
-        const block_q4_1 *w = (const block_q4_1 *)W + r * nb;
+/* W (rows, cols) @ X (nt, cols) q8a -> Y[t*ldy + r], row-major W */
+static void gemm_q_rows(int type, const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,
+                        int64_t r0, int64_t r1) {
+    const int64_t nb = cols / QK, bs = lc_block_bytes(type);
+    for (int64_t r = r0; r < r1; r++)
         for (int t = 0; t < nt; t++) {
-            const block_q8a *x = X + t * nb;
             float sum = 0.0f;
-            for (int64_t b = 0; b < nb; b++) {
-                for (int j = 0; j < QK / 2; j++) { q[j] = w[b].qs[j] & 0x0f; q[j + QK / 2] = w[b].qs[j] >> 4; }
-                /* sum((q * dw + m) * x) = dw * sum(q * x) + m * s */
-                sum += lc_fp16_to_fp32(w[b].d) * dot_groups(q, &x[b]) + lc_fp16_to_fp32(w[b].m) * x[b].s;
-            }
+            for (int64_t b = 0; b < nb; b++) sum += dot_block(type, (const char *)W + (r * nb + b) * bs, X + t * nb + b);
             Y[t * ldy + r] = sum;
         }
-    }
 }
 
-static void gemm_q8_0(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
-    const int64_t nb = cols / QK;
-    int q[QK];
-    for (int64_t r = r0; r < r1; r++) {
-        const block_q8_0 *w = (const block_q8_0 *)W + r * nb;
+/* the same with W in the x8 layout: each row's block is gathered from its group */
+static void gemm_q_x8(int type, const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,
+                      int64_t r0, int64_t r1) {
+    const int64_t nb = cols / QK, gbytes = 8 * (int64_t)lc_block_bytes(type);
+    uint8_t blk[34];
+    for (int64_t r = r0; r < r1; r++)
         for (int t = 0; t < nt; t++) {
-            const block_q8a *x = X + t * nb;
             float sum = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
-                for (int j = 0; j < QK; j++) q[j] = w[b].qs[j];
-                sum += lc_fp16_to_fp32(w[b].d) * dot_groups(q, &x[b]);
+                lc_x8_extract(type, (const uint8_t *)W + ((r / 8) * nb + b) * gbytes, (int)(r % 8), blk);
+                sum += dot_block(type, blk, X + t * nb + b);
             }
             Y[t * ldy + r] = sum;
         }
-    }
 }
+
+#define SCALAR_GEMM(NAME, IMPL, TYPE)                                                                      \
+    static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,       \
+                     int64_t r0, int64_t r1) { IMPL(TYPE, W, cols, X, nt, Y, ldy, r0, r1); }
+SCALAR_GEMM(gemm_q4_0, gemm_q_rows, LC_TYPE_Q4_0)
+SCALAR_GEMM(gemm_q4_1, gemm_q_rows, LC_TYPE_Q4_1)
+SCALAR_GEMM(gemm_q8_0, gemm_q_rows, LC_TYPE_Q8_0)
+SCALAR_GEMM(gemm_q4_0_x8, gemm_q_x8, LC_TYPE_Q4_0)
+SCALAR_GEMM(gemm_q4_1_x8, gemm_q_x8, LC_TYPE_Q4_1)
+SCALAR_GEMM(gemm_q8_0_x8, gemm_q_x8, LC_TYPE_Q8_0)
 
 static void gemm_f16(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
@@ -277,6 +279,9 @@ const lc_kernels lc_kernels_scalar = {
     .gemm_q4_0 = gemm_q4_0,
     .gemm_q4_1 = gemm_q4_1,
     .gemm_q8_0 = gemm_q8_0,
+    .gemm_q4_0_x8 = gemm_q4_0_x8,
+    .gemm_q4_1_x8 = gemm_q4_1_x8,
+    .gemm_q8_0_x8 = gemm_q8_0_x8,
     .gemm_f16 = gemm_f16,
     .gemm_f32 = gemm_f32,
     .dequantize_row = dequantize_row,

@@ -44,4 +44,31 @@
     LC_TILED_GEMM(gemm_f16, float, cols * 2, cols, LC_TILE_F16)                                  \
     LC_TILED_GEMM(gemm_f32, float, cols * 4, cols, LC_TILE_F32)
 
+/* x8 layout: the same loop over groups of 8 rows; TILE(TYPE, group, x_tile, nb,
+ * TN, out, ldy) writes 8 consecutive outputs per token. r0, r1: multiples of 8. */
+#define LC_TILED_GEMM_X8(NAME, TYPE, TILE)                                                        \
+    static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, \
+                     int64_t r0, int64_t r1) {                                                    \
+        const int64_t nb = cols / QK, group_bytes = 8 * lc_row_bytes(TYPE, cols);                  \
+        for (int t0 = 0; t0 < nt; t0 += 4) {                                                      \
+            const int tn = nt - t0 < 4 ? nt - t0 : 4;                                             \
+            const block_q8a *x = X + (int64_t)t0 * nb;                                            \
+            for (int64_t g = r0 / 8; g < r1 / 8; g++) {                                           \
+                const void *w = (const char *)W + g * group_bytes;                                \
+                float *out = Y + (int64_t)t0 * ldy + 8 * g;                                       \
+                switch (tn) {                                                                     \
+                case 4: TILE(TYPE, w, x, nb, 4, out, ldy); break;                                 \
+                case 3: TILE(TYPE, w, x, nb, 3, out, ldy); break;                                 \
+                case 2: TILE(TYPE, w, x, nb, 2, out, ldy); break;                                 \
+                default: TILE(TYPE, w, x, nb, 1, out, ldy); break;                                \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+
+#define LC_DEFINE_GEMMS_X8                                       \
+    LC_TILED_GEMM_X8(gemm_q4_0_x8, LC_TYPE_Q4_0, tile_x8)        \
+    LC_TILED_GEMM_X8(gemm_q4_1_x8, LC_TYPE_Q4_1, tile_x8)        \
+    LC_TILED_GEMM_X8(gemm_q8_0_x8, LC_TYPE_Q8_0, tile_x8)
+
 #endif

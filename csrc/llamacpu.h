@@ -26,6 +26,10 @@ typedef struct lc_kernels {
     void (*gemm_q4_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
     void (*gemm_q4_1)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
     void (*gemm_q8_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
+    /* The same for weights in the x8 layout (quants.h): r0, r1 multiples of 8. */
+    void (*gemm_q4_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
+    void (*gemm_q4_1_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
+    void (*gemm_q8_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
     void (*gemm_f16)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
     void (*gemm_f32)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
 
@@ -81,6 +85,7 @@ typedef struct {
     const void *data; /* into the mmap */
     int type;
     int64_t rows, cols;
+    int layout;       /* LC_LAYOUT_ROWS or LC_LAYOUT_X8 (quantized, rows % 8 == 0) */
 } lc_tensor;
 
 typedef struct {

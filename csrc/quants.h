@@ -109,6 +109,41 @@ static inline uint16_t lc_fp32_to_fp16(float f) {
     return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
 }
 
+/* ---- the x8 layout of quantized tensors (docs/FORMAT.md, layout 1) ----
+ * Rows go in groups of 8. For each block column b, the 8 rows' blocks are stored
+ * as one block group: the 8 fp16 scales d (Q4_1: then the 8 fp16 minimums m),
+ * then the quant bytes in chunks of 32: chunk c holds bytes 4c..4c+3 of each of
+ * the 8 rows' qs, row after row. A 32-byte load is then one 4-element group of 8
+ * rows (Q8_0) or two of them (Q4: low nibbles group c, high nibbles group c+4),
+ * so one SIMD lane per row accumulates without horizontal sums. It is a byte
+ * permutation of the GGUF blocks: GGUF files import bit-exact. */
+#define LC_LAYOUT_ROWS 0
+#define LC_LAYOUT_X8 1
+
+static inline int lc_block_bytes(int type) {
+    return type == LC_TYPE_Q4_0 ? 18 : type == LC_TYPE_Q4_1 ? 20 : type == LC_TYPE_Q8_0 ? 34 : -1;
+}
+static inline int lc_x8_header(int type) { return type == LC_TYPE_Q4_1 ? 32 : 16; }
+static inline int lc_qs_bytes(int type) { return type == LC_TYPE_Q8_0 ? 32 : 16; }
+
+/* row r (0..7) of the x8 block group g -> one GGUF block */
+static inline void lc_x8_extract(int type, const uint8_t *g, int r, uint8_t *blk) {
+    const int hdr = lc_x8_header(type), qb = lc_qs_bytes(type);
+    int off = 2;
+    memcpy(blk, g + 2 * r, 2);
+    if (type == LC_TYPE_Q4_1) { memcpy(blk + 2, g + 16 + 2 * r, 2); off = 4; }
+    for (int c = 0; c < qb / 4; c++) memcpy(blk + off + 4 * c, g + hdr + 32 * c + 4 * r, 4);
+}
+
+/* one GGUF block of row r (0..7) -> its place in the x8 block group g */
+static inline void lc_x8_insert(int type, uint8_t *g, int r, const uint8_t *blk) {
+    const int hdr = lc_x8_header(type), qb = lc_qs_bytes(type);
+    int off = 2;
+    memcpy(g + 2 * r, blk, 2);
+    if (type == LC_TYPE_Q4_1) { memcpy(g + 16 + 2 * r, blk + 2, 2); off = 4; }
+    for (int c = 0; c < qb / 4; c++) memcpy(g + hdr + 32 * c + 4 * r, blk + off + 4 * c, 4);
+}
+
 /* Bytes of one row of `cols` elements (cols % 32 == 0 for quantized types). */
 static inline int64_t lc_row_bytes(int type, int64_t cols) {
     switch (type) {

@@ -31,6 +31,9 @@ cdef extern from "llamacpu.h" nogil:
         void (*gemm_q4_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
         void (*gemm_q4_1)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
         void (*gemm_q8_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
+        void (*gemm_q4_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
+        void (*gemm_q4_1_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
+        void (*gemm_q8_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
         void (*gemm_f16)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
         void (*gemm_f32)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
         void (*dequantize_row)(int type, const void *row, float *y, int64_t n) noexcept nogil
@@ -51,6 +54,7 @@ cdef extern from "llamacpu.h" nogil:
         const void *data
         int type
         int64_t rows, cols
+        int layout
 
     ctypedef struct lc_layer_weights:
         const float *attention_norm
@@ -203,8 +207,9 @@ def quantize_act(x, impl=None):
     return out
 
 
-def gemm(w, int type, int64_t rows, int64_t cols, x, impl=None):
-    """Y (nt, rows) = X (nt, cols) @ W^T with W stored in `type` (raw rows as stored in a model file).
+def gemm(w, int type, int64_t rows, int64_t cols, x, impl=None, int layout=0):
+    """Y (nt, rows) = X (nt, cols) @ W^T with W stored in `type` (raw bytes as stored in a model
+    file; layout 1 = x8 block groups, rows % 8 == 0).
 
     For quantized W, X is first quantized to q8a with the same kernel table."""
     cdef const lc_kernels *k = _kernels(impl)
@@ -220,6 +225,8 @@ def gemm(w, int type, int64_t rows, int64_t cols, x, impl=None):
     cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] XQ
     cdef block_q8a *xq = NULL
     cdef int t
+    if layout not in (0, 1) or (layout == 1 and (type not in QUANTIZED or rows % 8)):
+        raise ValueError("gemm: layout 1 needs a quantized type and rows % 8 == 0")
     if type in QUANTIZED:
         XQ = np.zeros(nt * (cols // 32) * sizeof(block_q8a), dtype=np.uint8)
         xq = <block_q8a *>XQ.data
@@ -227,7 +234,13 @@ def gemm(w, int type, int64_t rows, int64_t cols, x, impl=None):
         if type == LC_TYPE_Q4_0 or type == LC_TYPE_Q4_1 or type == LC_TYPE_Q8_0:
             for t in range(nt):
                 k.quantize_act(<const float *>X.data + t * cols, xq + t * (cols // 32), cols)
-        if type == LC_TYPE_Q4_0:
+        if layout == 1 and type == LC_TYPE_Q4_0:
+            k.gemm_q4_0_x8(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
+        elif layout == 1 and type == LC_TYPE_Q4_1:
+            k.gemm_q4_1_x8(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
+        elif layout == 1:
+            k.gemm_q8_0_x8(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
+        elif type == LC_TYPE_Q4_0:
             k.gemm_q4_0(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
         elif type == LC_TYPE_Q4_1:
             k.gemm_q4_1(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
@@ -305,12 +318,15 @@ def swiglu(a, b, impl=None):
 # ------------------------------------------------------------ engine
 
 cdef lc_tensor _tensor(spec) except *:
-    """spec = (address, type, rows, cols) of a validated tensor."""
+    """spec = (address, type, rows, cols, layout) of a validated tensor."""
     cdef lc_tensor t
     t.data = <const void *><uintptr_t>spec[0]
     t.type = spec[1]
     t.rows = spec[2]
     t.cols = spec[3]
+    t.layout = spec[4] if len(spec) > 4 else 0
+    if t.layout == 1 and (t.type not in QUANTIZED or t.rows % 8):
+        raise ValueError("the x8 layout needs a quantized tensor with rows % 8 == 0")
     return t
 
 

@@ -148,6 +148,7 @@ def register_run(sub) -> None:
 
 
 COMMANDS = [register_run, register_convert, register_info]
+from .bench import register_bench; COMMANDS.append(register_bench)  # noqa: E402,E702
 
 
 def build_parser() -> argparse.ArgumentParser:

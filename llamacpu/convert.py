@@ -864,20 +864,27 @@ def _hash_files(files: list, prog: _Progress) -> tuple[str, list]:
     return hashlib.sha256(manifest.encode()).hexdigest(), entries
 
 
-def _tensor_chunks(s: SourceTensor, out_type: int, on_rows: Callable):
-    """Yield the output bytes of one tensor in row chunks."""
+def _tensor_chunks(s: SourceTensor, out_type: int, on_rows: Callable, x8: bool = False):
+    """Yield the output bytes of one tensor in row chunks (x8: repacked into 8-row
+    block groups, a byte permutation, so raw GGUF blocks stay bit-exact)."""
     rows, cols = s.rows, s.cols
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    unit = 8 if x8 else 1
     if s.permute_heads:
         head_rows = rows // s.permute_heads
-        step = max(head_rows, step // head_rows * head_rows)
+        unit = math.lcm(unit, head_rows)
+    step = max(unit, step // unit * unit)
     copy_raw = out_type == s.type and not s.permute_heads
+    rb = fmt.row_bytes(out_type, cols)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         if copy_raw:
-            yield s.raw(r0, r1)  # bit-exact: never requantize a block of the target type
+            data = s.raw(r0, r1)  # bit-exact: never requantize a block of the target type
         else:
-            yield _encode(s.f32_rows(r0, r1), out_type)
+            data = _encode(s.f32_rows(r0, r1), out_type)
+        if x8:
+            data = fmt.x8_pack(np.frombuffer(data, dtype=np.uint8).reshape(r1 - r0, rb), out_type)
+        yield data
         s.release(r0, r1)
         on_rows(r0, r1)
 
@@ -987,6 +994,8 @@ def _write(path: str, meta: dict, plan: Plan, out_types: dict, prog: _Progress) 
                 prog.update(i, base + r1 * row_b)
 
             t = out_types[s.name]
-            w.add_tensor(s.name, t, s.shape, _tensor_chunks(s, t, on_rows))
+            x8 = fmt.x8_allowed(t, s.shape)  # every quantized matrix of a real Llama
+            w.add_tensor(s.name, t, s.shape, _tensor_chunks(s, t, on_rows, x8),
+                         layout=fmt.LAYOUT_X8 if x8 else fmt.LAYOUT_ROW_MAJOR)
             done_b += s.nbytes
             prog.update(i + 1, done_b)

@@ -36,6 +36,7 @@ DIR_ENTRY_SIZE = 128
 ALIGNMENT = 64
 NAME_BYTES = 64  # name field; at most 63 bytes of UTF-8 plus at least one NUL
 LAYOUT_ROW_MAJOR = 0
+LAYOUT_X8 = 1  # quantized 2-D tensors with rows % 8 == 0: 8-row block groups (see x8_pack)
 
 # Tensor type ids are GGUF's.
 F32 = 0
@@ -109,6 +110,7 @@ class TensorInfo:
     shape: tuple
     offset: int  # absolute offset in the file
     nbytes: int
+    layout: int = LAYOUT_ROW_MAJOR
 
     @property
     def type_name(self) -> str:
@@ -193,12 +195,12 @@ class ModelWriter:
         self._f.seek(self._data_offset)
         self._closed = False
 
-    def add_tensor(self, name: str, type: int, shape, data) -> TensorInfo:
+    def add_tensor(self, name: str, type: int, shape, data, layout: int = LAYOUT_ROW_MAJOR) -> TensorInfo:
         """Append one tensor.
 
         `data` is a bytes-like object / numpy array holding exactly the tensor's
-        bytes, or an iterable of such chunks (written as they come, so a large
-        tensor can be produced piece by piece).
+        bytes (already in `layout`), or an iterable of such chunks (written as
+        they come, so a large tensor can be produced piece by piece).
         """
         if self._closed:
             raise ValueError("ModelWriter is closed")
@@ -215,6 +217,8 @@ class ModelWriter:
         if not 1 <= len(shape) <= 4 or any(d < 1 for d in shape):
             raise ValueError(f"invalid shape {shape} for {name}")
         nbytes = tensor_nbytes(type, shape)
+        if layout not in (LAYOUT_ROW_MAJOR, LAYOUT_X8) or (layout == LAYOUT_X8 and not x8_allowed(type, shape)):
+            raise ValueError(f"{name}: layout {layout} is not possible for {TYPE_NAMES[type]} {shape}")
         start = self._pos
         self._f.seek(self._data_offset + start)
         written = 0
@@ -229,7 +233,7 @@ class ModelWriter:
             self._f.write(mv)
         if written != nbytes:
             raise ValueError(f"{name}: got {written} bytes of data, expected {nbytes}")
-        info = TensorInfo(name, type, shape, self._data_offset + start, nbytes)
+        info = TensorInfo(name, type, shape, self._data_offset + start, nbytes, layout)
         self._entries.append(info)
         self._names.add(name)
         self._pos = align(start + nbytes)
@@ -249,7 +253,7 @@ class ModelWriter:
                 dims = list(e.shape) + [1] * (4 - len(e.shape))
                 f.write(_DIR_ENTRY.pack(e.name.encode("utf-8"), e.type, len(e.shape), *dims,
                                         e.offset - self._data_offset, e.nbytes,
-                                        LAYOUT_ROW_MAJOR, 0))
+                                        e.layout, 0))
             f.seek(0)
             f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, HEADER_SIZE,
                                  len(self._meta_bytes), self._dir_offset, len(self._entries),
@@ -299,7 +303,8 @@ class ModelFile:
         return len(self._mm)
 
     def array(self, name: str) -> np.ndarray:
-        """Zero-copy view: float32 (F32), uint16 (F16), uint8 [rows, row_bytes] (quantized)."""
+        """Zero-copy view: float32 (F32), uint16 (F16), uint8 [rows, row_bytes] (quantized,
+        row-major) or uint8 [rows / 8, 8 * row_bytes] (quantized, x8 layout)."""
         if self._mm is None:
             raise ValueError("ModelFile is closed")
         t = self.tensors[name]
@@ -308,8 +313,17 @@ class ModelFile:
         if t.type == F16:
             return np.frombuffer(self._mm, np.uint16, math.prod(t.shape), t.offset).reshape(t.shape)
         rows = math.prod(t.shape[:-1])
+        if t.layout == LAYOUT_X8:
+            return np.frombuffer(self._mm, np.uint8, t.nbytes, t.offset).reshape(
+                rows // 8, 8 * row_bytes(t.type, t.shape[-1]))
         return np.frombuffer(self._mm, np.uint8, t.nbytes, t.offset).reshape(
             rows, row_bytes(t.type, t.shape[-1]))
+
+    def rows_array(self, name: str) -> np.ndarray:
+        """A quantized tensor's blocks in the row-major GGUF layout (a copy when stored x8)."""
+        t = self.tensors[name]
+        a = self.array(name)
+        return x8_unpack(a, t.type, t.shape[0]) if t.layout == LAYOUT_X8 else a
 
     def close(self) -> None:
         mm, self._mm = self._mm, None
@@ -440,7 +454,10 @@ def _parse_entry(mm, pos: int, index: int, data_offset: int, size: int) -> Tenso
     if nbytes != want:
         raise ModelFormatError(f"{where}: nbytes {nbytes}, but {TYPE_NAMES[ttype]} {shape} "
                                f"takes {want}")
-    if layout != LAYOUT_ROW_MAJOR:
+    if layout == LAYOUT_X8 and not x8_allowed(ttype, shape):
+        raise ModelFormatError(f"{where}: layout 1 (x8) needs a quantized 2-D tensor with rows % 8 == 0, "
+                               f"got {TYPE_NAMES[ttype]} {shape}")
+    if layout not in (LAYOUT_ROW_MAJOR, LAYOUT_X8):
         raise ModelFormatError(f"{where}: unknown layout {layout}")
     if reserved != 0:
         raise ModelFormatError(f"{where}: reserved field is {reserved}, must be 0")
@@ -450,7 +467,48 @@ def _parse_entry(mm, pos: int, index: int, data_offset: int, size: int) -> Tenso
         raise ModelFormatError(f"{where}: data [{data_offset + rel}, "
                                f"{data_offset + rel + nbytes}) runs past the end of the file "
                                f"({size} bytes)")
-    return TensorInfo(name, ttype, shape, data_offset + rel, nbytes)
+    return TensorInfo(name, ttype, shape, data_offset + rel, nbytes, layout)
+
+
+# ----------------------------------------------------------------------------- x8 layout
+
+def x8_allowed(type: int, shape) -> bool:
+    return type in QUANTIZED_TYPES and len(shape) == 2 and shape[0] % 8 == 0
+
+
+def _x8_fields(type: int):
+    """(bytes per block, header fields (fp16 each), quant bytes per block)"""
+    bs = BLOCK_SIZES[type][1]
+    heads = 2 if type == Q4_1 else 1
+    return bs, heads, bs - 2 * heads
+
+
+def x8_pack(raw: np.ndarray, type: int) -> np.ndarray:
+    """Row-major blocks uint8 (rows, row_bytes), rows % 8 == 0 -> the x8 layout, uint8
+    (rows / 8, 8 * row_bytes). Per group of 8 rows and block column: the 8 fp16 d
+    (Q4_1: then the 8 fp16 m), then the quant bytes in chunks of 32, chunk c = bytes
+    4c..4c+3 of each row's qs, row after row (csrc/quants.h)."""
+    rows, rb = raw.shape
+    bs, heads, qb = _x8_fields(type)
+    nb, g = rb // bs, rows // 8
+    a = raw.reshape(g, 8, nb, bs)
+    parts = [a[..., 2 * h:2 * h + 2].transpose(0, 2, 1, 3).reshape(g, nb, 16) for h in range(heads)]
+    q = a[..., 2 * heads:].reshape(g, 8, nb, qb // 4, 4).transpose(0, 2, 3, 1, 4).reshape(g, nb, 8 * qb)
+    return np.concatenate(parts + [q], axis=-1).reshape(g, nb * 8 * bs)
+
+
+def x8_unpack(packed: np.ndarray, type: int, rows: int) -> np.ndarray:
+    """The inverse of x8_pack: uint8 (rows, row_bytes) in the GGUF row-major layout."""
+    bs, heads, qb = _x8_fields(type)
+    g = rows // 8
+    a = np.asarray(packed, dtype=np.uint8).reshape(g, -1, 8 * bs)
+    nb = a.shape[1]
+    out = np.empty((g, 8, nb, bs), dtype=np.uint8)
+    for h in range(heads):
+        out[..., 2 * h:2 * h + 2] = a[..., 16 * h:16 * h + 16].reshape(g, nb, 8, 2).transpose(0, 2, 1, 3)
+    q = a[..., 16 * heads:].reshape(g, nb, qb // 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(g, 8, nb, qb)
+    out[..., 2 * heads:] = q
+    return out.reshape(rows, nb * bs)
 
 
 # ----------------------------------------------------------------------------- metadata

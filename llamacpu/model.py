@@ -78,7 +78,7 @@ class Model:
         def tensor(name):
             t = f.tensors[name]
             rows = int(np.prod(t.shape[:-1]))
-            return (addr(name), t.type, rows, int(t.shape[-1]))
+            return (addr(name), t.type, rows, int(t.shape[-1]), t.layout)
 
         layers = []
         for i in range(cfg["num_hidden_layers"]):

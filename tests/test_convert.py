@@ -163,7 +163,7 @@ def test_hf_every_type(tiny, tiny_src, tmp_path, type):
                 t = weight_t
             assert info.type == t, name
             assert info.shape == x.shape
-            assert m.array(name).tobytes() == encode(x, t), name
+            assert m.rows_array(name).tobytes() == encode(x, t), name
 
 
 def test_hf_metadata(tiny, tmp_path):
@@ -242,7 +242,7 @@ def test_hf_untied_head_and_f32_source(tiny, tiny_src, tmp_path):
     with read_model(out) as m:
         assert m.tensors["tok_embeddings.weight"].type == Q4_1
         assert m.tensors["output.weight"].type == Q8_0
-        assert m.array("output.weight").tobytes() == encode(head, Q8_0)
+        assert m.rows_array("output.weight").tobytes() == encode(head, Q8_0)
     # tied + lm_head present: the head is ignored
     cfg["tie_word_embeddings"] = True
     (d / "config.json").write_text(json.dumps(cfg))
@@ -332,7 +332,7 @@ def test_gguf_blocks_bit_exact(smol, smol_reader, tmp_path):
             seen_types.add(gtype)
             assert info.type == gtype, name  # default: every type kept
             assert info.shape == tuple(int(d) for d in reversed(t.shape.tolist()))
-            assert m.array(name).tobytes() == np.asarray(t.data).tobytes(), name
+            assert m.rows_array(name).tobytes() == np.asarray(t.data).tobytes(), name
         c = m.config
         kv = {f.name: f for f in r.fields.values()}
 
@@ -365,7 +365,7 @@ def test_gguf_to_f16_dequantizes_exactly(smol, smol_reader, tmp_path):
             raw = np.asarray(t.data)[:rows]
             x = gquants.dequantize(raw, t.tensor_type).astype(np.float32)
             assert m.tensors[name].type == F16
-            assert m.array(name)[:rows].tobytes() == x.astype("<f2").tobytes(), name
+            assert m.rows_array(name)[:rows].tobytes() == x.astype("<f2").tobytes(), name
 
 
 def test_gguf_requantize_only_when_type_differs(smol, smol_reader, tmp_path):
@@ -377,9 +377,9 @@ def test_gguf_requantize_only_when_type_differs(smol, smol_reader, tmp_path):
     q = src["blk.3.ffn_down.weight"]
     with read_model(out) as m:
         if emb.tensor_type == GQ.Q8_0:
-            assert m.array("tok_embeddings.weight").tobytes() == np.asarray(emb.data).tobytes()
+            assert m.rows_array("tok_embeddings.weight").tobytes() == np.asarray(emb.data).tobytes()
         x = gquants.dequantize(np.asarray(q.data), q.tensor_type).astype(np.float32)
-        assert m.array("layers.3.feed_forward.w2.weight").tobytes() == encode(x, Q8_0)
+        assert m.rows_array("layers.3.feed_forward.w2.weight").tobytes() == encode(x, Q8_0)
 
 
 def write_gguf(path, tensor_type=GQ.Q4_K, arch="llama"):

@@ -51,6 +51,23 @@ _HF = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernor
        "feed_forward.w3": "mlp.up_proj"}
 
 
+def unpack_x8(packed, type, rows):
+    """Row-major GGUF blocks from the x8 layout, written from docs/FORMAT.md's description
+    (an index template per 8-row group), independently of llamacpu.format.x8_unpack."""
+    bs = {2: 18, 3: 20, 8: 34}[type]
+    heads = 2 if type == 3 else 1          # fp16 d (and m) first
+    tmpl = np.empty((8, bs), dtype=np.int64)  # [row in group, byte of its GGUF block] -> byte in group block
+    for r in range(8):
+        for h in range(heads):
+            tmpl[r, 2 * h:2 * h + 2] = [16 * h + 2 * r, 16 * h + 2 * r + 1]
+        for i in range(bs - 2 * heads):  # quant byte i: chunk i // 4, row r, offset i % 4
+            tmpl[r, 2 * heads + i] = 16 * heads + 32 * (i // 4) + 4 * r + i % 4
+    g = rows // 8
+    a = np.asarray(packed, dtype=np.uint8).reshape(g, -1, 8 * bs)  # (groups, blocks, group block)
+    out = a[:, :, tmpl]                                          # (groups, blocks, 8, bs)
+    return out.transpose(0, 2, 1, 3).reshape(rows, -1)
+
+
 def weights_of_file(path):
     """(config, HF-named float weights in the file's adjacent-pair order), dequantized with
     the gguf package (independent of llamacpu's kernels)."""
@@ -59,6 +76,8 @@ def weights_of_file(path):
         out = {}
         for name, t in f.tensors.items():
             raw = np.array(f.array(name))
+            if t.layout == 1:
+                raw = unpack_x8(raw, t.type, t.shape[0])
             if t.type == 0:
                 w = raw.astype(np.float32)
             elif t.type == 1:

@@ -8,6 +8,10 @@
 #include <string.h>
 #include "llamacpu.h"
 
+/* Named tolerance: SIMD and scalar sums differ in order only; max |diff| / max |ref|
+ * over a matmul output stays below this (a wrong element or block gives O(1)). */
+#define TOL 1e-4
+
 static int passed, failed;
 static unsigned long long rng = 88172645463325252ull;
 static float frand(void) { /* xorshift, uniform in [-1, 1) */
@@ -59,7 +63,7 @@ static void test_table(const lc_kernels *k) {
                 ga(wq, cols, xa, nt, ya, rows, 0, rows);
                 gb(wq, cols, xa, nt, yb, rows, 0, rows);
                 double e = max_rel(yb, ya, (int64_t)nt * rows);
-                check(e < 1e-5, k->name, types[ti] == 2 ? "gemm_q4_0" : types[ti] == 3 ? "gemm_q4_1" : "gemm_q8_0", cols, nt, e);
+                check(e < TOL, k->name, types[ti] == 2 ? "gemm_q4_0" : types[ti] == 3 ? "gemm_q4_1" : "gemm_q8_0", cols, nt, e);
                 float *da = malloc(sizeof(float) * cols), *db = malloc(sizeof(float) * cols);
                 r->dequantize_row(types[ti], wq, da, cols);
                 k->dequantize_row(types[ti], wq, db, cols);
@@ -71,11 +75,55 @@ static void test_table(const lc_kernels *k) {
             r->f32_to_f16(wh, w, (int64_t)rows * cols);
             r->gemm_f16(wh, cols, x, nt, ya, rows, 0, rows);
             k->gemm_f16(wh, cols, x, nt, yb, rows, 0, rows);
-            check(max_rel(yb, ya, (int64_t)nt * rows) < 1e-5, k->name, "gemm_f16", cols, nt, max_rel(yb, ya, (int64_t)nt * rows));
+            check(max_rel(yb, ya, (int64_t)nt * rows) < TOL, k->name, "gemm_f16", cols, nt, max_rel(yb, ya, (int64_t)nt * rows));
             r->gemm_f32(w, cols, x, nt, ya, rows, 0, rows);
             k->gemm_f32(w, cols, x, nt, yb, rows, 0, rows);
-            check(max_rel(yb, ya, (int64_t)nt * rows) < 1e-5, k->name, "gemm_f32", cols, nt, max_rel(yb, ya, (int64_t)nt * rows));
+            check(max_rel(yb, ya, (int64_t)nt * rows) < TOL, k->name, "gemm_f32", cols, nt, max_rel(yb, ya, (int64_t)nt * rows));
             free(w); free(x); free(xa); free(xb); free(ya); free(yb); free(wq); free(wh);
+        }
+    }
+    /* x8 layout: scalar and SIMD x8 gemms against the scalar row-major one */
+    for (unsigned ci = 0; ci < sizeof cols_list / sizeof *cols_list; ci++) {
+        const int cols = cols_list[ci], nb = cols / QK;
+        for (int rows = 8; rows <= 24; rows += 16) for (int nt = 1; nt <= 6; nt += 5) {
+            float *w = malloc(sizeof(float) * rows * cols), *x = malloc(sizeof(float) * nt * cols);
+            fill(w, (int64_t)rows * cols, 1.0f); fill(x, (int64_t)nt * cols, 3.0f);
+            block_q8a *xa = malloc(sizeof(block_q8a) * nt * nb);
+            for (int t = 0; t < nt; t++) r->quantize_act(x + t * cols, xa + t * nb, cols);
+            float *ya = malloc(sizeof(float) * nt * rows), *yb = malloc(sizeof(float) * nt * rows);
+            float *yc = malloc(sizeof(float) * nt * rows);
+            uint8_t *wq = malloc((size_t)rows * nb * 34), *wx = malloc((size_t)rows * nb * 34);
+            const int types[] = {LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0};
+            for (int ti = 0; ti < 3; ti++) {
+                const int type = types[ti], bs = lc_block_bytes(type);
+                const int64_t rb = lc_row_bytes(type, cols);
+                for (int i = 0; i < rows; i++) {
+                    if (type == LC_TYPE_Q4_0) lc_quantize_row_q4_0_ref(w + i * cols, (block_q4_0 *)(wq + i * rb), cols);
+                    if (type == LC_TYPE_Q4_1) lc_quantize_row_q4_1_ref(w + i * cols, (block_q4_1 *)(wq + i * rb), cols);
+                    if (type == LC_TYPE_Q8_0) lc_quantize_row_q8_0_ref(w + i * cols, (block_q8_0 *)(wq + i * rb), cols);
+                }
+                for (int i = 0; i < rows; i++)
+                    for (int b = 0; b < nb; b++) {
+                        uint8_t *g = wx + ((int64_t)(i / 8) * nb + b) * 8 * bs;
+                        lc_x8_insert(type, g, i % 8, wq + i * rb + b * bs);
+                        uint8_t back[34];
+                        lc_x8_extract(type, g, i % 8, back);
+                        if (memcmp(back, wq + i * rb + b * bs, bs) != 0) { failed++; printf("FAIL x8 round trip\n"); }
+                    }
+                typedef void (*gemm_fn)(const void *, int64_t, const block_q8a *, int, float *, int64_t, int64_t, int64_t);
+                const gemm_fn rows_ref = ti == 0 ? r->gemm_q4_0 : ti == 1 ? r->gemm_q4_1 : r->gemm_q8_0;
+                const gemm_fn x8_ref = ti == 0 ? r->gemm_q4_0_x8 : ti == 1 ? r->gemm_q4_1_x8 : r->gemm_q8_0_x8;
+                const gemm_fn x8 = ti == 0 ? k->gemm_q4_0_x8 : ti == 1 ? k->gemm_q4_1_x8 : k->gemm_q8_0_x8;
+                rows_ref(wq, cols, xa, nt, ya, rows, 0, rows);
+                x8_ref(wx, cols, xa, nt, yb, rows, 0, rows);
+                check(memcmp(ya, yb, sizeof(float) * nt * rows) == 0, k->name, "scalar gemm x8 == rows", cols, nt, 0);
+                for (int i = 0; i < nt * rows; i++) yc[i] = -1.0f;
+                x8(wx, cols, xa, nt, yc, rows, 8, rows); /* a row range, as threads split it */
+                x8(wx, cols, xa, nt, yc, rows, 0, 8);
+                double e = max_rel(yc, ya, (int64_t)nt * rows);
+                check(e < TOL, k->name, type == 2 ? "gemm_q4_0_x8" : type == 3 ? "gemm_q4_1_x8" : "gemm_q8_0_x8", cols, nt, e);
+            }
+            free(w); free(x); free(xa); free(ya); free(yb); free(yc); free(wq); free(wx);
         }
     }
     /* element-wise kernels over odd sizes */

@@ -1,0 +1,277 @@
+"""`llamacpu bench MODEL`: prompt and generation speed, measured the way llama-bench does.
+
+    llamacpu bench MODEL [-p 512] [-n 128] [-t 1,2] [-r 5] [--json]
+
+For each thread count:
+  ppP  one forward of P random prompt tokens from an empty cache (the engine chunks it
+       by its n_batch, 512); t/s = P / time of that call.
+  tgN  N tokens decoded one at a time (one forward([tok], pos=i) each) from an empty
+       cache, as llama-bench's tg test does; t/s = N / total time.
+The first token of both is BOS when the model adds one, the others are uniform random
+ids (llama-bench does the same). Each test runs once untimed (warm-up), then -r
+timed repetitions; the table shows mean ± sample standard deviation of t/s.
+
+Also reported: load time (construction of llamacpu.Model, median of --loads), and the
+peak resident set size of this process (getrusage ru_maxrss: Python, numpy, the KV
+cache, and every page of the mmapped model file that was touched; it is the peak of the
+whole process, never a per-model figure).
+
+The t/s include the Python call of each forward (argument checks, the logits array):
+that is what a user of llamacpu.Model gets.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+
+def register_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="measure prompt (ppP) and generation (tgN) speed, llama-bench style",
+        description="Measure prompt processing (ppP: one forward of P random tokens from an empty "
+                    "cache) and text generation (tgN: N tokens decoded one at a time from an empty "
+                    "cache) in tokens/s, plus load time and peak RSS. One warm-up run per test.")
+    p.add_argument("model", help="llamacpu model file")
+    p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0 = skip pp; default 512)")
+    p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0 = skip tg; default 128)")
+    p.add_argument("-t", "--threads", default=None,
+                   help="comma-separated thread counts (default: physical cores)")
+    p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
+    p.add_argument("--loads", type=int, default=3, help="model loads timed for the load time (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=cmd_bench)
+
+
+def _thread_list(s) -> list[int]:
+    if s is None:
+        from .model import physical_cores
+        return [physical_cores()]
+    out = []
+    for part in str(s).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            n = int(part)
+        except ValueError:
+            raise ValueError(f"--threads: not an integer: {part!r}") from None
+        if n < 1:
+            raise ValueError(f"--threads must be >= 1, got {n}")
+        out.append(n)
+    if not out:
+        raise ValueError("--threads: give at least one thread count")
+    return out
+
+
+def _describe(path) -> dict:
+    """Size, parameter count and the type label of a model file (llama-bench's columns)."""
+    from .format import TYPE_NAMES, read_model
+
+    with read_model(path) as f:
+        tensors = list(f.tensors.values())
+        prov = f.meta.get("provenance") or {}
+        cfg = dict(f.config)
+        st = dict(f.meta.get("special_tokens") or {})
+        file_size = f.file_size
+    n_params = sum(math.prod(t.shape) for t in tensors)
+    tensor_bytes = sum(t.nbytes for t in tensors)
+    by_type: dict[str, int] = {}
+    for t in tensors:
+        if len(t.shape) >= 2:
+            by_type[TYPE_NAMES[t.type]] = by_type.get(TYPE_NAMES[t.type], 0) + math.prod(t.shape)
+    # the label: the converter's --type if it recorded one, else the type of most matrix weights
+    label = prov.get("type")
+    if not label or label == "source":
+        label = max(by_type, key=by_type.get) if by_type else "?"
+    size = f"{n_params / 1e9:.0f}B" if n_params >= 1e9 else f"{n_params / 1e6:.0f}M"
+    return {"file_size": file_size, "tensor_bytes": tensor_bytes, "n_params": n_params,
+            "type": str(label).upper(), "model_type": f"llama {size} {str(label).upper()}",
+            "config": cfg, "special_tokens": st}
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def _peak_rss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r) if sys.platform == "darwin" else int(r) * 1024  # Linux: KiB
+
+
+def _tokens(rng, n: int, vocab: int, bos):
+    import numpy as np
+
+    t = rng.integers(0, vocab, size=n, dtype=np.int64).astype(np.int32)
+    if bos is not None and n:
+        t[0] = bos
+    return t
+
+
+def _run_pp(m, rng, n_prompt: int, vocab: int, bos) -> float:
+    toks = _tokens(rng, n_prompt, vocab, bos)
+    m.reset()
+    t0 = time.perf_counter()
+    m.forward(toks, pos=0)
+    return time.perf_counter() - t0
+
+
+def _run_tg(m, rng, n_gen: int, vocab: int, bos) -> float:
+    toks = _tokens(rng, n_gen, vocab, bos)
+    m.reset()
+    fwd = m.forward
+    t0 = time.perf_counter()
+    for i in range(n_gen):
+        fwd(toks[i:i + 1], pos=i)
+    return time.perf_counter() - t0
+
+
+def run_bench(path, n_prompt: int = 512, n_gen: int = 128, threads=(1,), repetitions: int = 5,
+              loads: int = 3, seed: int = 0) -> dict:
+    """Run the benchmark and return the JSON-able result (what --json prints)."""
+    import numpy as np
+
+    from . import __version__
+    from .model import Model
+
+    if n_prompt < 0 or n_gen < 0:
+        raise ValueError("-p and -n must be >= 0")
+    if n_prompt == 0 and n_gen == 0:
+        raise ValueError("nothing to measure: -p and -n are both 0")
+    if repetitions < 1:
+        raise ValueError("-r must be >= 1")
+    if loads < 1:
+        raise ValueError("--loads must be >= 1")
+    threads = list(threads)
+    desc = _describe(path)
+    n_ctx = max(n_prompt + n_gen, 1)  # what llama-bench gives its context: n_prompt + n_gen
+
+    load_s = []
+    m = None
+    for i in range(loads):
+        if m is not None:
+            m.close()
+            m = None
+        t0 = time.perf_counter()
+        m = Model(path, n_ctx=n_ctx, n_threads=threads[0])
+        load_s.append(time.perf_counter() - t0)
+
+    vocab = m.vocab_size
+    st = desc["special_tokens"]
+    bos = st.get("bos_token_id") if st.get("add_bos_token", True) else None
+    rng = np.random.default_rng(seed)
+    tests = []
+    if n_prompt:
+        tests.append(("pp", n_prompt))
+    if n_gen:
+        tests.append(("tg", n_gen))
+    results = []
+    try:
+        for nt in threads:
+            m.n_threads = nt
+            for kind, n in tests:
+                run = _run_pp if kind == "pp" else _run_tg
+                run(m, rng, n, vocab, bos)  # warm-up
+                secs = [run(m, rng, n, vocab, bos) for _ in range(repetitions)]
+                ts = [n / s for s in secs]
+                results.append({
+                    "test": f"{kind}{n}",
+                    "n_prompt": n if kind == "pp" else 0,
+                    "n_gen": n if kind == "tg" else 0,
+                    "n_threads": nt,
+                    "samples_ns": [int(s * 1e9) for s in secs],
+                    "samples_ts": ts,
+                    "avg_ts": statistics.fmean(ts),
+                    "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+                })
+        kernels = m.kernels
+    finally:
+        m.close()
+    return {
+        "engine": "llamacpu",
+        "version": __version__,
+        "model_filename": os.fspath(path),
+        "model_type": desc["model_type"],
+        "type": desc["type"],
+        "file_size": desc["file_size"],
+        "model_size": desc["tensor_bytes"],
+        "model_n_params": desc["n_params"],
+        "kernels": kernels,
+        "n_ctx": n_ctx,
+        "cpu": _cpu_name(),
+        "load_s": {"median": statistics.median(load_s), "samples": load_s},
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "kv_cache_bytes": _kv_bytes(desc["config"], n_ctx),
+        "results": results,
+    }
+
+
+def _kv_bytes(cfg: dict, n_ctx: int) -> int:
+    try:
+        hd = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
+        return 2 * 2 * n_ctx * int(cfg["num_hidden_layers"]) * int(cfg["num_key_value_heads"]) * hd
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return 0
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(res: dict) -> str:
+    """The llama-bench-style markdown table plus the load / RSS lines."""
+    head = ["model", "size", "params", "backend", "threads", "test", "t/s"]
+    rows = []
+    for r in res["results"]:
+        rows.append([res["model_type"], _fmt_size(res["model_size"]), _fmt_params(res["model_n_params"]),
+                     f"CPU ({res['kernels']})", str(r["n_threads"]), r["test"],
+                     f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}"])
+    right = {1, 2, 4, 5, 6}
+    w = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w[i]) if i in right else c.ljust(w[i])
+                                 for i, c in enumerate(cells)) + " |"
+    sep = "| " + " | ".join(("-" * (w[i] - 1) + ":") if i in right else "-" * w[i]
+                            for i in range(len(head))) + " |"
+    out = [line(head), sep] + [line(r) for r in rows]
+    ld = res["load_s"]
+    out.append("")
+    out.append(f"load: {ld['median'] * 1e3:.1f} ms (median of {len(ld['samples'])}); "
+               f"peak RSS of this process: {res['peak_rss_bytes'] / 1e6:,.1f} MB "
+               f"(file {res['file_size'] / 1e6:,.1f} MB, KV cache {res['kv_cache_bytes'] / 1e6:,.1f} MB "
+               f"at n_ctx {res['n_ctx']})")
+    reps = len(res["results"][0]["samples_ts"]) if res["results"] else 0
+    out.append(f"{reps} timed run(s) per test after one warm-up; {res['cpu']}; llamacpu {res['version']}")
+    return "\n".join(out)
+
+
+def cmd_bench(args) -> int:
+    threads = _thread_list(args.threads)
+    if not args.json:
+        print(f"llamacpu bench: {args.model}, threads {','.join(map(str, threads))}, "
+              f"-p {args.n_prompt} -n {args.n_gen} -r {args.repetitions} ...", file=sys.stderr, flush=True)
+    res = run_bench(args.model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads,
+                    repetitions=args.repetitions, loads=args.loads, seed=args.seed)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(format_table(res))
+    return 0

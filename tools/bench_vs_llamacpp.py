@@ -1,0 +1,789 @@
+#!/usr/bin/env python3
+"""llamacpu against llama.cpp on the same checkpoint, side by side; writes BENCHMARKS.md.
+
+    python tools/bench_vs_llamacpp.py                 # the full comparison (-r 3, pp512, tg128, t=1,2)
+    python tools/bench_vs_llamacpp.py --quick         # smoke test: -p 64 -n 16 -r 1, prints only
+    python tools/bench_vs_llamacpp.py --llama-bench /path/to/llama-bench [--llama-quantize PATH]
+    python tools/bench_vs_llamacpp.py --avx2          # also an AVX2-only build of llama.cpp
+
+Steps (each cached; the cache is ~/.cache/llamacpu, or $LLAMACPU_CACHE):
+  1. llama.cpp: the source distribution of llama-cpp-python==0.3.36 from PyPI (folder
+     vendor/llama.cpp), built with cmake (-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
+     -DLLAMA_BUILD_TESTS=OFF; targets llama-bench llama-quantize; about 10 minutes on 2
+     cores) under llama.cpp-0.3.36/. cmake comes from PyPI when the machine has none.
+     --llama-bench PATH skips the build (the source is still fetched, for the converter).
+  2. The checkpoint: tools/make_checkpoint.py --preset 1b (random weights, the exact Llama
+     3.2 1B config, Hugging Face layout, bf16).
+  3. llama.cpp's files: its own convert_hf_to_gguf.py (PYTHONPATH=vendor/llama.cpp/gguf-py)
+     to a BF16 GGUF (lossless from the bf16 checkpoint), then llama-quantize to Q4_0 and
+     Q8_0. The converter imports torch at the top and does every tensor operation in
+     torch, so it needs torch: it runs in a venv of its own (convert-venv, made with
+     --system-site-packages so it reuses numpy/transformers) with the CPU wheel
+     `pip install torch==2.13.0`; the project's environment stays torch-free.
+     --convert-python PATH uses another interpreter.
+     Ours: `python -m llamacpu convert CKPT OUT --type q4_0|q8_0`, redone whenever the
+     converter, the format or the C headers change (the file name carries their hash).
+  4. Read bandwidth: a small C program (OpenMP, AVX2 loads summing a 1 GiB buffer, 10
+     passes, best pass) for each thread count, at the start and at the end of the runs;
+     the larger figure is the one used for the bound.
+  5. Runs alternate between the engines (the order flips every run), each run a fresh
+     process: `llama-bench -m GGUF -p P -n N -t T -r 1 -o json` and
+     `python -m llamacpu bench FILE -p P -n N -t T -r 1 --json`. Both do one warm-up per
+     test. The table shows medians over the runs and the ratio ours / llama.cpp.
+  6. Decode bound: bytes read per token / bandwidth. Bytes per token = every tensor of
+     the file once (each matrix of every layer, the norms, the output head: the tied
+     embedding matrix when there is no output.weight) plus one row of the embedding
+     (the token lookup). The KV cache (at most 4 MB per token at tg128 for 1B) is left out.
+  7. BENCHMARKS.md: the generated part lies between <!-- bench:begin --> and
+     <!-- bench:end -->; the rest of the file is kept (created with an intro when missing).
+
+The machine is shared: timings are noisy, which is why runs alternate and medians are
+reported; the 1-minute load average at each run is recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+TORCH_VERSION = "2.13.0"
+CACHE = Path(os.environ.get("LLAMACPU_CACHE") or Path.home() / ".cache" / "llamacpu")
+LLAMA_DIR = CACHE / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
+LLAMA_SRC = LLAMA_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}" / "vendor" / "llama.cpp"
+BENCH_DIR = CACHE / "bench"
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+CMAKE_FLAGS = {
+    "native": ["-DGGML_NATIVE=ON"],
+    # the same ISA as llamacpu's x86 kernels: no AVX-512 even where the CPU has it
+    "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+             "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"],
+}
+COMMON_CMAKE_FLAGS = ["-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                      "-DCMAKE_BUILD_TYPE=Release"]
+
+BW_C = r"""
+/* Read bandwidth: each thread sums its slice of a buffer with 256-bit AVX2 loads.
+   usage: bw THREADS [MiB] [PASSES]; prints JSON; GB/s = 1e9 bytes/s, best pass. */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+__attribute__((target("avx2")))
+static uint64_t sum_slice(const __m256i *p, size_t n) {
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (size_t i = 0; i + 4 <= n; i += 4) {
+        a0 = _mm256_add_epi64(a0, _mm256_load_si256(p + i));
+        a1 = _mm256_add_epi64(a1, _mm256_load_si256(p + i + 1));
+        a2 = _mm256_add_epi64(a2, _mm256_load_si256(p + i + 2));
+        a3 = _mm256_add_epi64(a3, _mm256_load_si256(p + i + 3));
+    }
+    __m256i s = _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3));
+    uint64_t o[4];
+    _mm256_storeu_si256((__m256i *)o, s);
+    return o[0] + o[1] + o[2] + o[3];
+}
+
+int main(int argc, char **argv) {
+    int nt = argc > 1 ? atoi(argv[1]) : 1;
+    size_t mib = argc > 2 ? (size_t)atol(argv[2]) : 1024;
+    int passes = argc > 3 ? atoi(argv[3]) : 10;
+    size_t bytes = mib << 20, nvec = bytes / 32;
+    if (nt < 1 || passes < 1 || nvec < 4) { fprintf(stderr, "bw: bad arguments\n"); return 2; }
+    __m256i *buf = aligned_alloc(4096, bytes);
+    if (!buf) { fprintf(stderr, "bw: cannot allocate %zu MiB\n", mib); return 1; }
+    omp_set_num_threads(nt);
+    volatile uint64_t sink = 0;
+    /* first touch by the same static split that reads it */
+    #pragma omp parallel
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        size_t lo = nvec * t / n, hi = nvec * (t + 1) / n;
+        memset(buf + lo, t + 1, (hi - lo) * 32);
+    }
+    double best = 1e30, total = 0;
+    for (int k = 0; k < passes; k++) {
+        uint64_t s = 0;
+        double t0 = now();
+        #pragma omp parallel reduction(+:s)
+        {
+            int t = omp_get_thread_num(), n = omp_get_num_threads();
+            size_t lo = nvec * t / n, hi = nvec * (t + 1) / n;
+            s += sum_slice(buf + lo, hi - lo);
+        }
+        double dt = now() - t0;
+        sink += s;
+        total += dt;
+        if (dt < best) best = dt;
+    }
+    printf("{\"threads\": %d, \"mib\": %zu, \"passes\": %d, \"best_gbs\": %.3f, \"mean_gbs\": %.3f}\n",
+           nt, mib, passes, bytes / best / 1e9, bytes * (double)passes / total / 1e9);
+    free(buf);
+    return sink == 42 ? 3 : 0;
+}
+"""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sh(cmd, logfile=None, **kw) -> subprocess.CompletedProcess:
+    """Run cmd (check=True); with logfile, its output goes there and its tail is shown on failure."""
+    log("$ " + " ".join(str(c) for c in cmd) + (f"  > {logfile}" if logfile else ""))
+    if logfile is None:
+        return subprocess.run([str(c) for c in cmd], check=True, **kw)
+    with open(logfile, "wb") as f:
+        r = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, **kw)
+    if r.returncode != 0:
+        tail = Path(logfile).read_text(errors="replace")[-4000:]
+        raise SystemExit(f"bench_vs_llamacpp: command failed ({r.returncode}); end of {logfile}:\n{tail}")
+    return r
+
+
+def run_measured(cmd, env=None, cwd=None):
+    """Run cmd; return (returncode, stdout, stderr, peak RSS of the child in bytes, wall s)."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd)
+        out = p.stdout.read()
+        p.stdout.close()
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        errtext = err.read().decode(errors="replace")
+    return p.returncode, out.decode(errors="replace"), errtext, ru.ru_maxrss * 1024, wall
+
+
+def src_hash(paths) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def git_describe() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_info() -> dict:
+    info = {"model": platform.processor() or platform.machine(), "flags": set(), "family": None,
+            "model_id": None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                k, v = k.strip(), v.strip()
+                if k == "model name":
+                    info["model"] = v
+                elif k == "flags":
+                    info["flags"] = set(v.split())
+                elif k == "cpu family" and info["family"] is None:
+                    info["family"] = v
+                elif k == "model" and info["model_id"] is None:
+                    info["model_id"] = v
+                elif not line.strip() and info["flags"]:
+                    break
+    except OSError:
+        pass
+    info["cpus"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_gb"] = int(f.readline().split()[1]) / 1e6
+    except (OSError, ValueError, IndexError):
+        info["mem_gb"] = None
+    return info
+
+
+def isa_summary(flags: set) -> str:
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+              "avx_vnni", "amx_int8"]
+    have = [f for f in wanted if f in flags]
+    return ", ".join(have) if have else "none of avx2/avx512"
+
+
+# ----------------------------------------------------------------------------- llama.cpp
+
+def fetch_llama_source() -> Path:
+    if (LLAMA_SRC / "convert_hf_to_gguf.py").exists() and (LLAMA_SRC / "CMakeLists.txt").exists():
+        return LLAMA_SRC
+    LLAMA_DIR.mkdir(parents=True, exist_ok=True)
+    sdist_dir = LLAMA_DIR / "sdist"
+    name = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if not (sdist_dir / name).exists():
+        # --no-binary for this one package only: with :all: pip would also build the build
+        # backend's own dependencies (cmake, ninja, scikit-build-core) from source just to
+        # read the metadata, which takes far longer than the download.
+        sh([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+            f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", sdist_dir])
+    log(f"extracting {name}")
+    with tarfile.open(sdist_dir / name) as tf:
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(LLAMA_DIR, filter="data")
+        else:  # pragma: no cover (Python < 3.11.4)
+            tf.extractall(LLAMA_DIR)
+    if not (LLAMA_SRC / "convert_hf_to_gguf.py").exists():
+        raise SystemExit(f"bench_vs_llamacpp: {LLAMA_SRC} has no convert_hf_to_gguf.py")
+    return LLAMA_SRC
+
+
+def find_cmake() -> str:
+    c = shutil.which("cmake")
+    if c:
+        return c
+    log("no cmake on PATH: installing it from PyPI")
+    sh([sys.executable, "-m", "pip", "install", "cmake"])
+    for cand in (shutil.which("cmake"), Path(sys.executable).parent / "cmake"):
+        if cand and Path(cand).exists():
+            return str(cand)
+    raise SystemExit("bench_vs_llamacpp: cmake was installed but cannot be found")
+
+
+def build_llamacpp(variant: str) -> Path:
+    """Build llama-bench and llama-quantize (cached); return the bin folder."""
+    src = fetch_llama_source()
+    build = src / ("build" if variant == "native" else f"build-{variant}")
+    bindir = build / "bin"
+    if (bindir / "llama-bench").exists() and (bindir / "llama-quantize").exists():
+        return bindir
+    cmake = find_cmake()
+    log(f"building llama.cpp ({variant}); about 10 minutes on 2 cores")
+    blog = LLAMA_DIR / f"build-{variant}.log"
+    sh([cmake, "-S", src, "-B", build, *CMAKE_FLAGS[variant], *COMMON_CMAKE_FLAGS], logfile=blog)
+    sh([cmake, "--build", build, "--target", "llama-bench", "llama-quantize", "-j", str(os.cpu_count() or 2)],
+       logfile=LLAMA_DIR / f"build-{variant}-make.log")
+    return bindir
+
+
+def convert_python(explicit) -> str:
+    """An interpreter that can run convert_hf_to_gguf.py (it imports torch)."""
+    if explicit:
+        return explicit
+    venv = CACHE / "convert-venv"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        sh([sys.executable, "-m", "venv", "--system-site-packages", venv])
+    probe = "import torch, numpy, transformers, sentencepiece"
+    if subprocess.run([py, "-c", probe], capture_output=True).returncode != 0:
+        sh([py, "-m", "pip", "install", f"torch=={TORCH_VERSION}", "numpy", "transformers", "safetensors",
+           "sentencepiece"])  # imported before it looks for tokenizer.model
+    return str(py)
+
+
+# ----------------------------------------------------------------------------- model files
+
+def ensure_checkpoint() -> Path:
+    ck = BENCH_DIR / "ckpt-1b"
+    if (ck / "config.json").exists() and (ck / "model.safetensors").exists():
+        return ck
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    sh([sys.executable, REPO / "tools" / "fetch_assets.py"])
+    tmp = BENCH_DIR / "ckpt-1b.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    sh([sys.executable, REPO / "tools" / "make_checkpoint.py", "--preset", "1b", "--out", tmp])
+    tmp.rename(ck)
+    return ck
+
+
+def llamacpp_input(ck: Path) -> Path:
+    """The checkpoint as llama.cpp's converter will take it.
+
+    The test tokenizer (tools/fetch_assets.py) is Llama 3.2's vision tokenizer: one added
+    token more than the text models, <|image|> = 128256, which is not below vocab_size
+    128256, and convert_hf_to_gguf.py asserts max(token id) < vocab_size. This folder
+    links every file of the checkpoint except the tokenizer files, which lose the ids
+    >= vocab_size (what the text model's own tokenizer.json has). Weights are shared.
+    """
+    d = BENCH_DIR / "ckpt-1b-for-llamacpp"
+    vocab = json.loads((ck / "config.json").read_text())["vocab_size"]
+    tmp = d.with_name(d.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in ck.iterdir():
+        if f.name == "tokenizer.json":
+            tok = json.loads(f.read_text(encoding="utf-8"))
+            tok["added_tokens"] = [a for a in tok.get("added_tokens", []) if a["id"] < vocab]
+            (tmp / f.name).write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+        elif f.name == "tokenizer_config.json":
+            cfg = json.loads(f.read_text(encoding="utf-8"))
+            if isinstance(cfg.get("added_tokens_decoder"), dict):
+                cfg["added_tokens_decoder"] = {k: v for k, v in cfg["added_tokens_decoder"].items()
+                                               if int(k) < vocab}
+            (tmp / f.name).write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
+        else:
+            (tmp / f.name).symlink_to(f.resolve())
+    shutil.rmtree(d, ignore_errors=True)
+    tmp.rename(d)
+    return d
+
+
+def ensure_llamacpp_files(ck: Path, types, quantize: Path, conv_py: str) -> dict:
+    src = fetch_llama_source()
+    bf16 = BENCH_DIR / "llamacpp-1b-bf16.gguf"
+    if not bf16.exists():
+        env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
+        tmp = bf16.with_suffix(".gguf.tmp")
+        sh([conv_py, src / "convert_hf_to_gguf.py", llamacpp_input(ck), "--outtype", "bf16", "--outfile", tmp],
+           logfile=BENCH_DIR / "convert_hf_to_gguf.log", env=env)
+        tmp.rename(bf16)
+    out = {}
+    for t in types:
+        q = BENCH_DIR / f"llamacpp-1b-{t}.gguf"
+        if not q.exists():
+            tmp = q.with_suffix(".gguf.tmp")
+            sh([quantize, bf16, tmp, t.upper(), str(os.cpu_count() or 2)],
+               logfile=BENCH_DIR / f"llama-quantize-{t}.log")
+            tmp.rename(q)
+        out[t] = q
+    return out
+
+
+def ensure_our_files(ck: Path, types) -> dict:
+    deps = [REPO / "llamacpu" / n for n in ("convert.py", "format.py", "_core.pyx")]
+    deps += sorted((REPO / "csrc").glob("*.h"))
+    h = src_hash([p for p in deps if p.exists()])
+    out = {}
+    for t in types:
+        f = BENCH_DIR / f"llamacpu-1b-{t}-{h}.bin"
+        if not f.exists():
+            for old in BENCH_DIR.glob(f"llamacpu-1b-{t}-*.bin"):
+                old.unlink()
+            sh([sys.executable, "-m", "llamacpu", "convert", ck, f, "--type", t, "--quiet"], cwd=REPO,
+               env=our_env())
+        out[t] = f
+    return out
+
+
+def our_env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+
+
+def tensor_table(path: Path) -> dict:
+    """Tensor bytes by type and the decode bytes per token of a llamacpu or GGUF file."""
+    sys.path.insert(0, str(REPO))
+    if path.suffix == ".gguf":
+        from llamacpu.gguf import GGUFFile
+        with GGUFFile(path) as g:
+            ts = [(t.name, t.type_name, t.shape, t.nbytes) for t in g.tensors.values()]
+        emb, out_name = "token_embd.weight", "output.weight"
+    else:
+        from llamacpu.format import read_model
+        with read_model(path) as m:
+            ts = [(t.name, t.type_name, t.shape, t.nbytes) for t in m.tensors.values()]
+        emb, out_name = "tok_embeddings.weight", "output.weight"
+    by = {t[0]: t for t in ts}
+    total = sum(t[3] for t in ts)
+    e = by[emb]
+    row = e[3] // e[2][0]
+    tied = out_name not in by
+    per_token = total - (0 if tied else e[3]) + row
+    types: dict[str, list] = {}
+    for name, tname, shape, nb in ts:
+        s = types.setdefault(tname, [0, 0])
+        s[0] += 1
+        s[1] += nb
+    return {"file_size": path.stat().st_size, "tensor_bytes": total, "bytes_per_token": per_token,
+            "tied": tied, "embedding_type": e[1], "head_type": e[1] if tied else by[out_name][1],
+            "types": types}
+
+
+# ----------------------------------------------------------------------------- bandwidth
+
+def bandwidth(threads) -> dict:
+    exe = BENCH_DIR / "bw"
+    csrc = BENCH_DIR / "bw.c"
+    if not exe.exists() or not csrc.exists() or csrc.read_text() != BW_C:
+        BENCH_DIR.mkdir(parents=True, exist_ok=True)
+        csrc.write_text(BW_C)
+        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or "cc"
+        sh([cc, "-O2", "-fopenmp", csrc, "-o", exe])
+    res = {}
+    for t in threads:
+        r = subprocess.run([exe, str(t), "1024", "10"], capture_output=True, text=True, check=True)
+        res[t] = json.loads(r.stdout)
+        log(f"read bandwidth, {t} thread(s): best {res[t]['best_gbs']:.1f} GB/s, "
+            f"mean {res[t]['mean_gbs']:.1f}")
+    return res
+
+
+# ----------------------------------------------------------------------------- runs
+
+def run_llama(bench: Path, gguf: Path, p: int, n: int, t: int) -> dict:
+    rc, out, err, rss, wall = run_measured([bench, "-m", gguf, "-p", p, "-n", n, "-t", t, "-r", "1",
+                                            "-o", "json"])
+    if rc != 0:
+        raise SystemExit(f"llama-bench failed ({rc}):\n{err[-3000:]}")
+    rows = json.loads(out)
+    ts = {}
+    meta = {}
+    for r in rows:
+        test = f"pp{r['n_prompt']}" if r.get("n_gen", 0) == 0 else f"tg{r['n_gen']}"
+        ts[test] = float(r["avg_ts"])
+        meta = {k: r.get(k) for k in ("build_commit", "build_number", "cpu_info", "backends", "model_type",
+                                      "model_size", "model_n_params")}
+    return {"ts": ts, "rss": rss, "wall": wall, "meta": meta}
+
+
+def run_ours(model: Path, p: int, n: int, t: int) -> dict:
+    rc, out, err, rss, wall = run_measured([sys.executable, "-m", "llamacpu", "bench", model, "-p", p, "-n", n,
+                                            "-t", t, "-r", "1", "--json"], env=our_env(), cwd=REPO)
+    if rc != 0:
+        raise SystemExit(f"llamacpu bench failed ({rc}):\n{err[-3000:]}")
+    r = json.loads(out)
+    ts = {x["test"]: float(x["avg_ts"]) for x in r["results"]}
+    return {"ts": ts, "rss": rss, "wall": wall, "load_s": r["load_s"]["median"],
+            "meta": {"kernels": r["kernels"], "version": r["version"], "model_type": r["model_type"]}}
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt_mb(n) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def render(ctx: dict) -> str:
+    L = []
+    cpu = ctx["cpu"]
+    engines = ctx["engines"]           # [(key, label)], llama.cpp variants first, ours last
+    llamas = [e for e in engines if e[0] != "ours"]
+    p, n = ctx["p"], ctx["n"]
+    L.append(f"Measured {ctx['date']} by `python tools/bench_vs_llamacpp.py {ctx['argv']}`"
+             f" ({ctx['elapsed_min']:.0f} min).")
+    L.append("")
+    L.append(f"- Machine: {cpu['model']} (family {cpu['family']}, model {cpu['model_id']}), "
+             f"{cpu['cpus']} CPUs, {cpu['mem_gb']:.0f} GB RAM, Linux {platform.release()}; "
+             f"ISA flags: {isa_summary(cpu['flags'])}. Shared with other jobs: timings are noisy, so runs "
+             f"alternate between the engines (order flipped every run) and the table shows medians of "
+             f"{ctx['reps']} run(s); 1-min load average during the runs: {ctx['load_min']:.2f} to "
+             f"{ctx['load_max']:.2f}.")
+    for key, label in llamas:
+        m = ctx["llama_meta"].get(key, {})
+        L.append(f"- {label}: llama.cpp from llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} "
+                 f"(build {m.get('build_number')}, commit {m.get('build_commit')}), "
+                 f"`{ctx['llama_flags'][key]}`; backends {m.get('backends')}.")
+    om = ctx["our_meta"]
+    L.append(f"- llamacpu {om.get('version')} (git {ctx['git']}), kernels `{om.get('kernels')}`.")
+    L.append(f"- Model: random weights, exact Llama 3.2 1B config (tools/make_checkpoint.py --preset 1b, "
+             f"bf16 safetensors). llama.cpp: its convert_hf_to_gguf.py --outtype bf16, then llama-quantize; "
+             f"llamacpu: `llamacpu convert --type`.")
+    L.append(f"- Tests as llama-bench defines them: pp{p} = one batch of {p} random tokens from an empty "
+             f"cache; tg{n} = {n} tokens decoded one at a time from an empty cache. Each run is a fresh "
+             f"process with one warm-up per test (`llama-bench -r 1 -o json`, "
+             f"`llamacpu bench -r 1 --json`).")
+    L.append("")
+
+    # main table
+    head = ["type", "threads", "test"] + [f"{lab} t/s" for _, lab in llamas] + ["llamacpu t/s"]
+    head += [f"ratio vs {lab}" for _, lab in llamas]
+    head += ["bound t/s (ours / llama.cpp)", "% of bound (ours / llama.cpp)"]
+    L.append("| " + " | ".join(head) + " |")
+    L.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|")
+    for typ in ctx["types"]:
+        for t in ctx["threads"]:
+            for test in (f"pp{p}", f"tg{n}"):
+                med = {k: median(ctx["samples"][(k, typ, t, test)]) for k, _ in engines}
+                row = [typ.upper(), str(t), test] + [f"{med[k]:.2f}" for k, _ in llamas] + [f"{med['ours']:.2f}"]
+                row += [f"**{med['ours'] / med[k]:.2f}×**" for k, _ in llamas]
+                if test.startswith("tg"):
+                    bw = ctx["bw_used"][t] * 1e9
+                    b_ours = bw / ctx["files"][("ours", typ)]["bytes_per_token"]
+                    b_ll = bw / ctx["files"][(llamas[0][0], typ)]["bytes_per_token"]
+                    row += [f"{b_ours:.1f} / {b_ll:.1f}",
+                            f"{100 * med['ours'] / b_ours:.0f}% / {100 * med[llamas[0][0]] / b_ll:.0f}%"]
+                else:
+                    row += ["", ""]
+                L.append("| " + " | ".join(row) + " |")
+    L.append("")
+    L.append("Ratio = median llamacpu t/s / median llama.cpp t/s (above 1: llamacpu is faster). "
+             "The bound columns use the first llama.cpp build's file.")
+    L.append("")
+
+    # files
+    L.append("Files (the same bf16 checkpoint; sizes in 10^6 bytes):")
+    L.append("")
+    L.append("| type | engine | file | file size | tensor bytes | types (tensors, bytes) | decode bytes/token |")
+    L.append("|---|---|---|---:|---:|---|---:|")
+    for typ in ctx["types"]:
+        for key, label in [llamas[0], ("ours", "llamacpu")]:
+            f = ctx["files"][(key, typ)]
+            tys = ", ".join(f"{k} ×{v[0]} {fmt_mb(v[1])}" for k, v in
+                            sorted(f["types"].items(), key=lambda kv: -kv[1][1]))
+            L.append(f"| {typ.upper()} | {label if key == 'ours' else 'llama.cpp'} | {f['name']} | "
+                     f"{fmt_mb(f['file_size'])} | {fmt_mb(f['tensor_bytes'])} | {tys} | "
+                     f"{fmt_mb(f['bytes_per_token'])} |")
+    L.append("")
+    L.append("Output head: " + "; ".join(
+        f"{typ.upper()} llama.cpp {ctx['files'][(llamas[0][0], typ)]['head_type']}, "
+        f"llamacpu {ctx['files'][('ours', typ)]['head_type']}" for typ in ctx["types"])
+        + " (both files tie it to the embedding). llama-quantize gives the tied embedding/output Q6_K "
+          "when asked for Q4_0; llamacpu keeps it Q8_0 with q4_0.")
+    L.append("")
+    L.append("Decode bound: bound t/s = read bandwidth (threads) / bytes per token; bytes per token = "
+             "Σ nbytes of every tensor in the file (each matrix of every layer, norms, the tied "
+             "embedding read once as the output head) + one embedding row (the lookup). The KV cache "
+             "(< 4 MB per token at this length) and activations are left out, so the bound is a little "
+             "optimistic.")
+    L.append("")
+
+    # bandwidth
+    L.append("Read bandwidth (tools/bench_vs_llamacpp.py's C program: OpenMP threads sum a 1 GiB "
+             "buffer with AVX2 loads, 10 passes, best pass; GB/s = 10^9 B/s), measured before and after "
+             "the runs; the larger one is used for the bound:")
+    L.append("")
+    L.append("| threads | before | after | used |")
+    L.append("|---:|---:|---:|---:|")
+    for t in ctx["threads"]:
+        b0, b1 = ctx["bw_before"][t]["best_gbs"], ctx["bw_after"][t]["best_gbs"]
+        L.append(f"| {t} | {b0:.1f} GB/s | {b1:.1f} GB/s | {ctx['bw_used'][t]:.1f} GB/s |")
+    L.append("")
+
+    # load & RSS
+    L.append("Load and memory (medians over the runs; peak RSS = ru_maxrss of each benchmark process: "
+             "the whole process, both tests, including the touched pages of the mmapped file):")
+    L.append("")
+    L.append("| type | llamacpu load (Model()) | " + " | ".join(f"{lab} peak RSS" for _, lab in llamas)
+             + " | llamacpu peak RSS |")
+    L.append("|---|---:|" + "---:|" * (len(llamas) + 1))
+    for typ in ctx["types"]:
+        loads = [x for t in ctx["threads"] for x in ctx["loads"][(typ, t)]]
+        rss = {k: median([x for t in ctx["threads"] for x in ctx["rss"][(k, typ, t)]]) for k, _ in engines}
+        L.append(f"| {typ.upper()} | {median(loads) * 1e3:.0f} ms | "
+                 + " | ".join(fmt_mb(rss[k]) for k, _ in llamas) + f" | {fmt_mb(rss['ours'])} |")
+    L.append("")
+
+    # raw samples
+    L.append("<details><summary>All runs (t/s, in run order)</summary>")
+    L.append("")
+    L.append("| type | threads | test | " + " | ".join(lab for _, lab in engines) + " |")
+    L.append("|---|---|---|" + "---|" * len(engines))
+    for typ in ctx["types"]:
+        for t in ctx["threads"]:
+            for test in (f"pp{p}", f"tg{n}"):
+                cells = [", ".join(f"{x:.2f}" for x in ctx["samples"][(k, typ, t, test)]) for k, _ in engines]
+                L.append(f"| {typ.upper()} | {t} | {test} | " + " | ".join(cells) + " |")
+    L.append("")
+    L.append("</details>")
+    return "\n".join(L)
+
+
+INTRO = """# Benchmarks
+
+llamacpu against llama.cpp on this machine, side by side: the same random-weight checkpoint
+with the exact Llama 3.2 1B configuration, converted by each engine's own tools, Q4_0 and
+Q8_0, prompt processing (pp512) and generation (tg128) with 1 and 2 threads.
+
+## How to rerun
+
+```bash
+python tools/bench_vs_llamacpp.py            # full: builds llama.cpp once (cached in ~/.cache/llamacpu), -r 3
+python tools/bench_vs_llamacpp.py -r 5 -t 1,2,4
+python tools/bench_vs_llamacpp.py --quick    # smoke test (-p 64 -n 16 -r 1), prints the table only
+llamacpu bench MODEL -p 512 -n 128 -t 1,2 -r 5   # our engine alone, llama-bench style
+```
+
+The tool writes the section between the `bench:begin` / `bench:end` markers below and keeps
+the rest of this file.
+
+## Results
+
+"""
+
+TRIED = """
+
+## What we tried
+
+"""
+
+
+def write_benchmarks(path: Path, body: str) -> None:
+    block = f"{BEGIN}\n{body}\n{END}"
+    if path.exists():
+        text = path.read_text()
+        i, j = text.find(BEGIN), text.find(END)
+        if i >= 0 and j > i:
+            text = text[:i] + block + text[j + len(END):]
+        else:
+            text = text.rstrip("\n") + "\n\n## Results\n\n" + block + "\n"
+    else:
+        text = INTRO + block + TRIED
+    path.write_text(text)
+    log(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-p", type=int, default=512, help="prompt tokens (default 512)")
+    ap.add_argument("-n", type=int, default=128, help="generated tokens (default 128)")
+    ap.add_argument("-t", "--threads", default="1,2", help="thread counts (default 1,2)")
+    ap.add_argument("-r", "--runs", type=int, default=3, help="alternating runs per engine (default 3)")
+    ap.add_argument("--types", default="q4_0,q8_0", help="weight types (default q4_0,q8_0)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: -p 64 -n 16 -r 1; prints the table, writes no file unless --out")
+    ap.add_argument("--llama-bench", type=Path, help="use this llama-bench instead of building one")
+    ap.add_argument("--llama-quantize", type=Path,
+                    help="llama-quantize to use (default: next to llama-bench, or the build)")
+    ap.add_argument("--avx2", action="store_true",
+                    help="also build and run an AVX2-only llama.cpp (no AVX-512), the ISA of llamacpu's "
+                         "x86 kernels")
+    ap.add_argument("--convert-python", help="Python with torch for convert_hf_to_gguf.py "
+                                             "(default: a venv in the cache with torch CPU)")
+    ap.add_argument("--out", type=Path, default=None, help="file to write (default BENCHMARKS.md; "
+                                                          "none with --quick)")
+    ap.add_argument("--build-only", action="store_true", help="build/fetch everything, run nothing")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.p, args.n, args.runs = 64, 16, 1
+    out_path = args.out if args.out is not None else (None if args.quick else REPO / "BENCHMARKS.md")
+    threads = [int(x) for x in args.threads.split(",") if x.strip()]
+    types = [x.strip().lower() for x in args.types.split(",") if x.strip()]
+    if not threads or min(threads) < 1 or args.runs < 1 or args.p < 1 or args.n < 1:
+        ap.error("need threads >= 1, -r >= 1, -p >= 1, -n >= 1")
+    for t in types:
+        if t not in ("q4_0", "q8_0"):
+            ap.error(f"--types: {t} (q4_0, q8_0)")
+    t_start = time.time()
+
+    # 1. llama.cpp
+    engines = []
+    bins = {}
+    flags = {}
+    if args.llama_bench:
+        bins["llama"] = args.llama_bench.resolve()
+        flags["llama"] = f"given: {args.llama_bench}"
+        quantize = args.llama_quantize or args.llama_bench.parent / "llama-quantize"
+    else:
+        d = build_llamacpp("native")
+        bins["llama"] = d / "llama-bench"
+        flags["llama"] = " ".join(CMAKE_FLAGS["native"] + COMMON_CMAKE_FLAGS)
+        quantize = args.llama_quantize or d / "llama-quantize"
+    engines.append(("llama", "llama.cpp"))
+    if args.avx2:
+        d = build_llamacpp("avx2")
+        bins["llama_avx2"] = d / "llama-bench"
+        flags["llama_avx2"] = " ".join(CMAKE_FLAGS["avx2"] + COMMON_CMAKE_FLAGS)
+        engines.append(("llama_avx2", "llama.cpp AVX2"))
+    engines.append(("ours", "llamacpu"))
+    if not Path(quantize).exists():
+        raise SystemExit(f"bench_vs_llamacpp: no llama-quantize at {quantize} (give --llama-quantize)")
+
+    # 2-3. model files
+    ck = ensure_checkpoint()
+    conv_py = convert_python(args.convert_python)
+    ggufs = ensure_llamacpp_files(ck, types, Path(quantize), conv_py)
+    ours = ensure_our_files(ck, types)
+    files = {}
+    for typ in types:
+        for key, _ in engines:
+            path = ours[typ] if key == "ours" else ggufs[typ]
+            files[(key, typ)] = dict(tensor_table(path), name=path.name)
+    if args.build_only:
+        for k, v in files.items():
+            log(f"{k}: {v['name']} {fmt_mb(v['file_size'])}, {fmt_mb(v['bytes_per_token'])} per token")
+        return 0
+
+    # 4. bandwidth before
+    bw_before = bandwidth(threads)
+
+    # 5. runs
+    samples = {}
+    rss = {}
+    loads = {}
+    llama_meta = {}
+    our_meta = {}
+    loadavgs = []
+    i = 0
+    for rep in range(args.runs):
+        for typ in types:
+            for t in threads:
+                order = engines if i % 2 == 0 else engines[::-1]
+                i += 1
+                for key, label in order:
+                    loadavgs.append(os.getloadavg()[0])
+                    if key == "ours":
+                        r = run_ours(ours[typ], args.p, args.n, t)
+                        loads.setdefault((typ, t), []).append(r["load_s"])
+                        our_meta = r["meta"]
+                    else:
+                        r = run_llama(bins[key], ggufs[typ], args.p, args.n, t)
+                        llama_meta[key] = r["meta"]
+                    for test, v in r["ts"].items():
+                        samples.setdefault((key, typ, t, test), []).append(v)
+                    rss.setdefault((key, typ, t), []).append(r["rss"])
+                    log(f"run {rep + 1}/{args.runs} {typ} t={t} {label}: "
+                        + ", ".join(f"{k} {v:.2f} t/s" for k, v in r["ts"].items())
+                        + f" ({r['wall']:.0f} s, peak RSS {fmt_mb(r['rss'])})")
+
+    # bandwidth after
+    bw_after = bandwidth(threads)
+    bw_used = {t: max(bw_before[t]["best_gbs"], bw_after[t]["best_gbs"]) for t in threads}
+
+    ctx = {
+        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "argv": " ".join(sys.argv[1:] if argv is None else argv),
+        "elapsed_min": (time.time() - t_start) / 60,
+        "cpu": cpu_info(), "engines": engines, "types": types, "threads": threads, "p": args.p, "n": args.n,
+        "reps": args.runs, "samples": samples, "rss": rss, "loads": loads, "files": files,
+        "bw_before": bw_before, "bw_after": bw_after, "bw_used": bw_used, "llama_meta": llama_meta,
+        "our_meta": our_meta, "llama_flags": flags, "git": git_describe(),
+        "load_min": min(loadavgs), "load_max": max(loadavgs),
+    }
+    body = render(ctx)
+    print(body)
+    raw = BENCH_DIR / "last-run.json"
+    raw.write_text(json.dumps({
+        "samples": {"|".join(map(str, k)): v for k, v in samples.items()},
+        "rss": {"|".join(map(str, k)): v for k, v in rss.items()},
+        "loads": {"|".join(map(str, k)): v for k, v in loads.items()},
+        "bw_before": bw_before, "bw_after": bw_after,
+        "files": {"|".join(k): v for k, v in files.items()},
+        "llama_meta": llama_meta, "our_meta": our_meta,
+    }, indent=1, default=str))
+    log(f"raw results: {raw}")
+    if out_path is not None:
+        write_benchmarks(out_path, body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
