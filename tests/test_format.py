@@ -330,13 +330,25 @@ def test_overlapping_tensors(valid, tmp_path):
     (72, "<Q", 1 << 41, "shape"),
     (104, "<Q", 32, "multiple"),
     (112, "<Q", 17, "nbytes"),
-    (120, "<I", 1, "layout"),
+    (120, "<I", 2, "layout"),
     (124, "<I", 7, "reserved"),
 ])
 def test_bad_directory_entry(valid, tmp_path, field, fmt_, value, match):
     _, raw = valid
     expect_error(tmp_path / "x.lcpu", patched(raw, entry_offset(raw, 0) + field, fmt_, value),
                  match)
+
+
+def test_x8_layout_only_where_allowed(valid, tmp_path):
+    _, raw = valid
+    # entry 1 is layers.0.attention_norm.weight, F32 1-D: layout 1 (x8) is not possible there
+    assert raw[entry_offset(raw, 1):entry_offset(raw, 1) + 64].rstrip(b"\0") == b"layers.0.attention_norm.weight"
+    expect_error(tmp_path / "x.lcpu", patched(raw, entry_offset(raw, 1) + 120, "<I", 1), "layout 1")
+    # entry 0 (tok_embeddings, Q4_0, rows % 8 == 0) may carry it
+    ok = tmp_path / "ok.lcpu"
+    ok.write_bytes(patched(raw, entry_offset(raw, 0) + 120, "<I", 1))
+    with read_model(ok) as m:
+        assert m.tensors["tok_embeddings.weight"].layout == fmt.LAYOUT_X8
 
 
 def test_duplicate_names(valid, tmp_path):

@@ -228,3 +228,28 @@ def test_swiglu(impl, n, seed):
 def test_unknown_kernels_name_is_a_clear_error():
     with pytest.raises(ValueError, match="not available"):
         _core.rmsnorm(np.ones(4, np.float32), np.ones(4, np.float32), 1e-5, impl="sse9")
+
+
+@pytest.mark.parametrize("impl", ["scalar"] + SIMD)
+@SETTINGS
+@given(w=matrices(max_rows=3), nt=st.integers(1, 9), seed=st.integers(0, 1000))
+def test_gemm_x8_layout_matches_row_major(impl, w, nt, seed):
+    """x8 block groups (docs/FORMAT.md layout 1) give the row-major scalar results."""
+    from llamacpu.format import x8_pack, x8_unpack
+    w = np.tile(w, (8, 1))[: 8 * w.shape[0]]  # rows % 8 == 0
+    rows, cols = w.shape
+    x = np.random.default_rng(seed).standard_normal((nt, cols)).astype(np.float32)
+    for t in QTYPES:
+        q = _core.quantize(w, t)
+        p = x8_pack(q, t)
+        np.testing.assert_array_equal(x8_unpack(p, t, rows), q)
+        ref = _core.gemm(q, t, rows, cols, x, "scalar")
+        # summation order only: bounded relative to the magnitudes summed (results may cancel)
+        mag = np.abs(quants.dequantize(q, QTYPES[t])).astype(np.float64) @ np.abs(x).T.astype(np.float64)
+        assert np.all(np.abs(_core.gemm(p, t, rows, cols, x, impl, layout=1) - ref) <= SIMD_REL * mag.T + 1e-30)
+
+
+def test_x8_layout_needs_quantized_rows_multiple_of_8():
+    w = np.zeros((12, 32), np.float32)
+    with pytest.raises(ValueError, match="layout"):
+        _core.gemm(_core.quantize(w, _core.Q8_0), _core.Q8_0, 12, 32, np.zeros((1, 32), np.float32), layout=1)

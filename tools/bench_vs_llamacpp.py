@@ -166,19 +166,55 @@ def sh(cmd, logfile=None, **kw) -> subprocess.CompletedProcess:
     return r
 
 
-def run_measured(cmd, env=None, cwd=None):
-    """Run cmd; return (returncode, stdout, stderr, peak RSS of the child in bytes, wall s)."""
+def cpu_busy_seconds() -> float:
+    """CPU seconds all CPUs have spent busy (user, nice, system, irq, softirq, steal) since boot."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (v + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def run_measured(cmd, env=None, cwd=None) -> dict:
+    """Run cmd. Returns rc, out, err, rss (peak RSS of the child, bytes), wall (s), and foreign:
+    the CPU the rest of the machine used meanwhile, in cores (busy CPU time of all CPUs,
+    steal included, minus the child's own user+system time, over the wall time)."""
     with tempfile.TemporaryFile() as err:
+        b0 = cpu_busy_seconds()
         t0 = time.perf_counter()
         p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=err, env=env, cwd=cwd)
         out = p.stdout.read()
         p.stdout.close()
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
+        b1 = cpu_busy_seconds()
         p.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         errtext = err.read().decode(errors="replace")
-    return p.returncode, out.decode(errors="replace"), errtext, ru.ru_maxrss * 1024, wall
+    foreign = max(0.0, (b1 - b0) - (ru.ru_utime + ru.ru_stime)) / max(wall, 1e-9)
+    return {"rc": p.returncode, "out": out.decode(errors="replace"), "err": errtext,
+            "rss": ru.ru_maxrss * 1024, "wall": wall, "foreign": foreign}
+
+
+def wait_quiet(max_wait: float, threshold: float) -> float:
+    """Wait (at most max_wait s) until the other processes use under `threshold` cores over
+    one second; return the last figure."""
+    t_end = time.time() + max_wait
+    said = False
+    while True:
+        b0, t0 = cpu_busy_seconds(), time.perf_counter()
+        time.sleep(1.0)
+        busy = (cpu_busy_seconds() - b0) / (time.perf_counter() - t0)
+        if busy < threshold or time.time() >= t_end:
+            if said:
+                log(f"  machine {'quiet' if busy < threshold else 'still busy'}: {busy:.2f} cores in use")
+            return busy
+        if not said:
+            log(f"  other jobs use {busy:.2f} cores: waiting (at most {max_wait:.0f} s) for a quiet machine")
+            said = True
+        time.sleep(4.0)
 
 
 def src_hash(paths) -> str:
@@ -443,11 +479,10 @@ def bandwidth(threads) -> dict:
 # ----------------------------------------------------------------------------- runs
 
 def run_llama(bench: Path, gguf: Path, p: int, n: int, t: int) -> dict:
-    rc, out, err, rss, wall = run_measured([bench, "-m", gguf, "-p", p, "-n", n, "-t", t, "-r", "1",
-                                            "-o", "json"])
-    if rc != 0:
-        raise SystemExit(f"llama-bench failed ({rc}):\n{err[-3000:]}")
-    rows = json.loads(out)
+    m = run_measured([bench, "-m", gguf, "-p", p, "-n", n, "-t", t, "-r", "1", "-o", "json"])
+    if m["rc"] != 0:
+        raise SystemExit(f"llama-bench failed ({m['rc']}):\n{m['err'][-3000:]}")
+    rows = json.loads(m["out"])
     ts = {}
     meta = {}
     for r in rows:
@@ -455,17 +490,17 @@ def run_llama(bench: Path, gguf: Path, p: int, n: int, t: int) -> dict:
         ts[test] = float(r["avg_ts"])
         meta = {k: r.get(k) for k in ("build_commit", "build_number", "cpu_info", "backends", "model_type",
                                       "model_size", "model_n_params")}
-    return {"ts": ts, "rss": rss, "wall": wall, "meta": meta}
+    return {"ts": ts, "rss": m["rss"], "wall": m["wall"], "foreign": m["foreign"], "meta": meta}
 
 
 def run_ours(model: Path, p: int, n: int, t: int) -> dict:
-    rc, out, err, rss, wall = run_measured([sys.executable, "-m", "llamacpu", "bench", model, "-p", p, "-n", n,
-                                            "-t", t, "-r", "1", "--json"], env=our_env(), cwd=REPO)
-    if rc != 0:
-        raise SystemExit(f"llamacpu bench failed ({rc}):\n{err[-3000:]}")
-    r = json.loads(out)
+    m = run_measured([sys.executable, "-m", "llamacpu", "bench", model, "-p", p, "-n", n, "-t", t, "-r", "1",
+                      "--json"], env=our_env(), cwd=REPO)
+    if m["rc"] != 0:
+        raise SystemExit(f"llamacpu bench failed ({m['rc']}):\n{m['err'][-3000:]}")
+    r = json.loads(m["out"])
     ts = {x["test"]: float(x["avg_ts"]) for x in r["results"]}
-    return {"ts": ts, "rss": rss, "wall": wall, "load_s": r["load_s"]["median"],
+    return {"ts": ts, "rss": m["rss"], "wall": m["wall"], "foreign": m["foreign"], "load_s": r["load_s"]["median"],
             "meta": {"kernels": r["kernels"], "version": r["version"], "model_type": r["model_type"]}}
 
 
@@ -490,10 +525,16 @@ def render(ctx: dict) -> str:
     L.append("")
     L.append(f"- Machine: {cpu['model']} (family {cpu['family']}, model {cpu['model_id']}), "
              f"{cpu['cpus']} CPUs, {cpu['mem_gb']:.0f} GB RAM, Linux {platform.release()}; "
-             f"ISA flags: {isa_summary(cpu['flags'])}. Shared with other jobs: timings are noisy, so runs "
-             f"alternate between the engines (order flipped every run) and the table shows medians of "
-             f"{ctx['reps']} run(s); 1-min load average during the runs: {ctx['load_min']:.2f} to "
-             f"{ctx['load_max']:.2f}.")
+             f"ISA flags: {isa_summary(cpu['flags'])}.")
+    allf = [x for v in ctx["foreign"].values() for x in v]
+    L.append(f"- The machine is shared with other jobs, so timings are noisy: runs alternate between the "
+             f"engines (order flipped every run) and the table shows medians of {ctx['reps']} run(s) each. "
+             f"Before each run the tool waits for the other jobs to use under {ctx['busy_threshold']} cores; "
+             f"a run during which they used more is run again (at most {ctx['redo_max']} times, the least "
+             f"disturbed attempt kept; {len(ctx['redone'])} repeat(s) this time). CPU used by other jobs "
+             f"during the kept runs: median {median(allf):.2f}, max {max(allf):.2f} cores (per run in the "
+             f"details below). Two threads on two cores suffer most: a thread that loses its core stalls "
+             f"the other at every barrier.")
     for key, label in llamas:
         m = ctx["llama_meta"].get(key, {})
         L.append(f"- {label}: llama.cpp from llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} "
@@ -590,14 +631,17 @@ def render(ctx: dict) -> str:
     L.append("")
 
     # raw samples
-    L.append("<details><summary>All runs (t/s, in run order)</summary>")
+    L.append("<details><summary>All runs: t/s (cores used by other jobs during the run), in run order"
+             "</summary>")
     L.append("")
     L.append("| type | threads | test | " + " | ".join(lab for _, lab in engines) + " |")
     L.append("|---|---|---|" + "---|" * len(engines))
     for typ in ctx["types"]:
         for t in ctx["threads"]:
             for test in (f"pp{p}", f"tg{n}"):
-                cells = [", ".join(f"{x:.2f}" for x in ctx["samples"][(k, typ, t, test)]) for k, _ in engines]
+                cells = [", ".join(f"{x:.2f} ({f:.2f})" for x, f in zip(ctx["samples"][(k, typ, t, test)],
+                                                                        ctx["foreign"][(k, typ, t, test)]))
+                         for k, _ in engines]
                 L.append(f"| {typ.upper()} | {t} | {test} | " + " | ".join(cells) + " |")
     L.append("")
     L.append("</details>")
@@ -670,10 +714,19 @@ def main(argv=None) -> int:
                                              "(default: a venv in the cache with torch CPU)")
     ap.add_argument("--out", type=Path, default=None, help="file to write (default BENCHMARKS.md; "
                                                           "none with --quick)")
+    ap.add_argument("--quiet-wait", type=float, default=300,
+                    help="before each run, wait at most this many seconds for other jobs to use under "
+                         "--busy-threshold cores (0: do not wait; default 300)")
+    ap.add_argument("--busy-threshold", type=float, default=0.25,
+                    help="cores used by other jobs that count as a disturbance (default 0.25)")
+    ap.add_argument("--redo", type=int, default=2,
+                    help="run again a run that other jobs disturbed, at most this many times; the least "
+                         "disturbed attempt is kept (default 2)")
     ap.add_argument("--build-only", action="store_true", help="build/fetch everything, run nothing")
     args = ap.parse_args(argv)
     if args.quick:
         args.p, args.n, args.runs = 64, 16, 1
+        args.quiet_wait, args.redo = min(args.quiet_wait, 10), 0
     out_path = args.out if args.out is not None else (None if args.quick else REPO / "BENCHMARKS.md")
     threads = [int(x) for x in args.threads.split(",") if x.strip()]
     types = [x.strip().lower() for x in args.types.split(",") if x.strip()]
@@ -727,11 +780,12 @@ def main(argv=None) -> int:
 
     # 5. runs
     samples = {}
+    foreign = {}
     rss = {}
     loads = {}
     llama_meta = {}
     our_meta = {}
-    loadavgs = []
+    redone = []
     i = 0
     for rep in range(args.runs):
         for typ in types:
@@ -739,20 +793,35 @@ def main(argv=None) -> int:
                 order = engines if i % 2 == 0 else engines[::-1]
                 i += 1
                 for key, label in order:
-                    loadavgs.append(os.getloadavg()[0])
+                    best = None
+                    for attempt in range(args.redo + 1):
+                        if args.quiet_wait > 0:
+                            wait_quiet(args.quiet_wait, args.busy_threshold)
+                        if key == "ours":
+                            r = run_ours(ours[typ], args.p, args.n, t)
+                        else:
+                            r = run_llama(bins[key], ggufs[typ], args.p, args.n, t)
+                        log(f"run {rep + 1}/{args.runs} {typ} t={t} {label}: "
+                            + ", ".join(f"{k} {v:.2f} t/s" for k, v in r["ts"].items())
+                            + f" ({r['wall']:.0f} s, peak RSS {fmt_mb(r['rss'])}, "
+                              f"other jobs {r['foreign']:.2f} cores)")
+                        if best is None or r["foreign"] < best["foreign"]:
+                            best = r
+                        if r["foreign"] < args.busy_threshold:
+                            break
+                        if attempt < args.redo:
+                            log(f"  disturbed by other jobs ({r['foreign']:.2f} cores): running it again")
+                            redone.append((key, typ, t, r["foreign"]))
+                    r = best
                     if key == "ours":
-                        r = run_ours(ours[typ], args.p, args.n, t)
                         loads.setdefault((typ, t), []).append(r["load_s"])
                         our_meta = r["meta"]
                     else:
-                        r = run_llama(bins[key], ggufs[typ], args.p, args.n, t)
                         llama_meta[key] = r["meta"]
                     for test, v in r["ts"].items():
                         samples.setdefault((key, typ, t, test), []).append(v)
+                        foreign.setdefault((key, typ, t, test), []).append(r["foreign"])
                     rss.setdefault((key, typ, t), []).append(r["rss"])
-                    log(f"run {rep + 1}/{args.runs} {typ} t={t} {label}: "
-                        + ", ".join(f"{k} {v:.2f} t/s" for k, v in r["ts"].items())
-                        + f" ({r['wall']:.0f} s, peak RSS {fmt_mb(r['rss'])})")
 
     # bandwidth after
     bw_after = bandwidth(threads)
@@ -766,13 +835,15 @@ def main(argv=None) -> int:
         "reps": args.runs, "samples": samples, "rss": rss, "loads": loads, "files": files,
         "bw_before": bw_before, "bw_after": bw_after, "bw_used": bw_used, "llama_meta": llama_meta,
         "our_meta": our_meta, "llama_flags": flags, "git": git_describe(),
-        "load_min": min(loadavgs), "load_max": max(loadavgs),
+        "foreign": foreign, "redone": redone, "busy_threshold": args.busy_threshold, "redo_max": args.redo,
     }
     body = render(ctx)
     print(body)
     raw = BENCH_DIR / "last-run.json"
     raw.write_text(json.dumps({
         "samples": {"|".join(map(str, k)): v for k, v in samples.items()},
+        "foreign_cores": {"|".join(map(str, k)): v for k, v in foreign.items()},
+        "redone": redone,
         "rss": {"|".join(map(str, k)): v for k, v in rss.items()},
         "loads": {"|".join(map(str, k)): v for k, v in loads.items()},
         "bw_before": bw_before, "bw_after": bw_after,
