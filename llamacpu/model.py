@@ -51,6 +51,10 @@ class Model:
         if isinstance(n_batch, bool) or not isinstance(n_batch, (int, np.integer)) or not 1 <= n_batch <= 65536:
             raise ValueError(f"n_batch must be an integer in [1, 65536], got {n_batch!r}")
         n_threads = physical_cores() if n_threads is None else _check_threads(n_threads)
+        env = os.environ.get("LLAMACPU_KERNELS")
+        if kernels is None and env and env not in _core.available_kernels():
+            raise ValueError(f"LLAMACPU_KERNELS={env!r} is not available on this CPU/build "
+                             f"(available: {', '.join(_core.available_kernels())})")
         self._file = read_model(path)
         try:
             cfg = self._file.config

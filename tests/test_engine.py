@@ -306,3 +306,16 @@ def test_smollm2_greedy_matches_reference(smollm):
             agree += ours == theirs
             print(f"\n{text[:24]!r}: {'same' if ours == theirs else 'differs'}")
     assert agree >= 4
+
+
+def test_kernels_environment_variable(converted):
+    """LLAMACPU_KERNELS=scalar forces the scalar tables; an unknown name is a clear error."""
+    import subprocess
+    import sys
+    path = str(converted("tiny64", "q4_0"))
+    code = "import sys, llamacpu; print(llamacpu.Model(sys.argv[1], n_ctx=16).kernels)"
+    run = lambda env: subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                                     env=dict(__import__("os").environ, **env))
+    assert run({"LLAMACPU_KERNELS": "scalar"}).stdout.strip() == "scalar"
+    r = run({"LLAMACPU_KERNELS": "avx9000"})
+    assert r.returncode != 0 and "LLAMACPU_KERNELS" in r.stderr and "available" in r.stderr

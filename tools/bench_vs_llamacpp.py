@@ -459,7 +459,7 @@ def tensor_table(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- bandwidth
 
-def bandwidth(threads) -> dict:
+def bandwidth(threads, quiet_wait: float = 0, busy_threshold: float = 0.25) -> dict:
     exe = BENCH_DIR / "bw"
     csrc = BENCH_DIR / "bw.c"
     if not exe.exists() or not csrc.exists() or csrc.read_text() != BW_C:
@@ -469,6 +469,8 @@ def bandwidth(threads) -> dict:
         sh([cc, "-O2", "-fopenmp", csrc, "-o", exe])
     res = {}
     for t in threads:
+        if quiet_wait > 0:
+            wait_quiet(quiet_wait, busy_threshold)
         r = subprocess.run([exe, str(t), "1024", "10"], capture_output=True, text=True, check=True)
         res[t] = json.loads(r.stdout)
         log(f"read bandwidth, {t} thread(s): best {res[t]['best_gbs']:.1f} GB/s, "
@@ -554,7 +556,8 @@ def render(ctx: dict) -> str:
     # main table
     head = ["type", "threads", "test"] + [f"{lab} t/s" for _, lab in llamas] + ["llamacpu t/s"]
     head += [f"ratio vs {lab}" for _, lab in llamas]
-    head += ["bound t/s (ours / llama.cpp)", "% of bound (ours / llama.cpp)"]
+    head += ["decode bound t/s (llamacpu / llama.cpp file)", "llamacpu % of bound"]
+    head += [f"{lab} % of bound" for _, lab in llamas]
     L.append("| " + " | ".join(head) + " |")
     L.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|")
     for typ in ctx["types"]:
@@ -567,14 +570,14 @@ def render(ctx: dict) -> str:
                     bw = ctx["bw_used"][t] * 1e9
                     b_ours = bw / ctx["files"][("ours", typ)]["bytes_per_token"]
                     b_ll = bw / ctx["files"][(llamas[0][0], typ)]["bytes_per_token"]
-                    row += [f"{b_ours:.1f} / {b_ll:.1f}",
-                            f"{100 * med['ours'] / b_ours:.0f}% / {100 * med[llamas[0][0]] / b_ll:.0f}%"]
+                    row += [f"{b_ours:.1f} / {b_ll:.1f}", f"{100 * med['ours'] / b_ours:.0f}%"]
+                    row += [f"{100 * med[k] / b_ll:.0f}%" for k, _ in llamas]
                 else:
-                    row += ["", ""]
+                    row += [""] * (2 + len(llamas))
                 L.append("| " + " | ".join(row) + " |")
     L.append("")
     L.append("Ratio = median llamacpu t/s / median llama.cpp t/s (above 1: llamacpu is faster). "
-             "The bound columns use the first llama.cpp build's file.")
+             "The llama.cpp builds share one GGUF file per type.")
     L.append("")
 
     # files
@@ -658,6 +661,7 @@ Q8_0, prompt processing (pp512) and generation (tg128) with 1 and 2 threads.
 
 ```bash
 python tools/bench_vs_llamacpp.py            # full: builds llama.cpp once (cached in ~/.cache/llamacpu), -r 3
+python tools/bench_vs_llamacpp.py --avx2     # also an AVX2-only llama.cpp build (llamacpu's x86 ISA)
 python tools/bench_vs_llamacpp.py -r 5 -t 1,2,4
 python tools/bench_vs_llamacpp.py --quick    # smoke test (-p 64 -n 16 -r 1), prints the table only
 llamacpu bench MODEL -p 512 -n 128 -t 1,2 -r 5   # our engine alone, llama-bench style
@@ -776,7 +780,7 @@ def main(argv=None) -> int:
         return 0
 
     # 4. bandwidth before
-    bw_before = bandwidth(threads)
+    bw_before = bandwidth(threads, args.quiet_wait, args.busy_threshold)
 
     # 5. runs
     samples = {}
@@ -786,45 +790,43 @@ def main(argv=None) -> int:
     llama_meta = {}
     our_meta = {}
     redone = []
-    i = 0
     for rep in range(args.runs):
-        for typ in types:
-            for t in threads:
-                order = engines if i % 2 == 0 else engines[::-1]
-                i += 1
-                for key, label in order:
-                    best = None
-                    for attempt in range(args.redo + 1):
-                        if args.quiet_wait > 0:
-                            wait_quiet(args.quiet_wait, args.busy_threshold)
-                        if key == "ours":
-                            r = run_ours(ours[typ], args.p, args.n, t)
-                        else:
-                            r = run_llama(bins[key], ggufs[typ], args.p, args.n, t)
-                        log(f"run {rep + 1}/{args.runs} {typ} t={t} {label}: "
-                            + ", ".join(f"{k} {v:.2f} t/s" for k, v in r["ts"].items())
-                            + f" ({r['wall']:.0f} s, peak RSS {fmt_mb(r['rss'])}, "
-                              f"other jobs {r['foreign']:.2f} cores)")
-                        if best is None or r["foreign"] < best["foreign"]:
-                            best = r
-                        if r["foreign"] < args.busy_threshold:
-                            break
-                        if attempt < args.redo:
-                            log(f"  disturbed by other jobs ({r['foreign']:.2f} cores): running it again")
-                            redone.append((key, typ, t, r["foreign"]))
-                    r = best
+        for cfg, (typ, t) in enumerate((typ, t) for typ in types for t in threads):
+            # the order flips from one configuration to the next and from one run to the next
+            order = engines if (rep + cfg) % 2 == 0 else engines[::-1]
+            for key, label in order:
+                best = None
+                for attempt in range(args.redo + 1):
+                    if args.quiet_wait > 0:
+                        wait_quiet(args.quiet_wait, args.busy_threshold)
                     if key == "ours":
-                        loads.setdefault((typ, t), []).append(r["load_s"])
-                        our_meta = r["meta"]
+                        r = run_ours(ours[typ], args.p, args.n, t)
                     else:
-                        llama_meta[key] = r["meta"]
-                    for test, v in r["ts"].items():
-                        samples.setdefault((key, typ, t, test), []).append(v)
-                        foreign.setdefault((key, typ, t, test), []).append(r["foreign"])
-                    rss.setdefault((key, typ, t), []).append(r["rss"])
+                        r = run_llama(bins[key], ggufs[typ], args.p, args.n, t)
+                    log(f"run {rep + 1}/{args.runs} {typ} t={t} {label}: "
+                        + ", ".join(f"{k} {v:.2f} t/s" for k, v in r["ts"].items())
+                        + f" ({r['wall']:.0f} s, peak RSS {fmt_mb(r['rss'])}, "
+                          f"other jobs {r['foreign']:.2f} cores)")
+                    if best is None or r["foreign"] < best["foreign"]:
+                        best = r
+                    if r["foreign"] < args.busy_threshold:
+                        break
+                    if attempt < args.redo:
+                        log(f"  disturbed by other jobs ({r['foreign']:.2f} cores): running it again")
+                        redone.append((key, typ, t, r["foreign"]))
+                r = best
+                if key == "ours":
+                    loads.setdefault((typ, t), []).append(r["load_s"])
+                    our_meta = r["meta"]
+                else:
+                    llama_meta[key] = r["meta"]
+                for test, v in r["ts"].items():
+                    samples.setdefault((key, typ, t, test), []).append(v)
+                    foreign.setdefault((key, typ, t, test), []).append(r["foreign"])
+                rss.setdefault((key, typ, t), []).append(r["rss"])
 
     # bandwidth after
-    bw_after = bandwidth(threads)
+    bw_after = bandwidth(threads, args.quiet_wait, args.busy_threshold)
     bw_used = {t: max(bw_before[t]["best_gbs"], bw_after[t]["best_gbs"]) for t in threads}
 
     ctx = {
