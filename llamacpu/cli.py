@@ -72,7 +72,8 @@ def model_summary(m, top: int = 5) -> dict:
     n_params = sum(_prod(t.shape) for t in m.tensors.values())
     prov = dict(m.meta["provenance"])
     prov.pop("tensor_types", None)  # the same as the tensor list; too long to print
-    tok = m.meta["tokenizer"]
+    from .format import tokenizer_dict
+    tok = tokenizer_dict(m.meta)
     return {
         "path": str(m.path),
         "file_size": m.file_size,

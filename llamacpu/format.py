@@ -470,6 +470,21 @@ def _parse_entry(mm, pos: int, index: int, data_offset: int, size: int) -> Tenso
     return TensorInfo(name, ttype, shape, data_offset + rel, nbytes, layout)
 
 
+def tokenizer_dict(meta: dict) -> dict:
+    """The tokenizer.json object of a model file's metadata (stored as its text since
+    the converter writes it so; parsed here, on first use)."""
+    tok = meta["tokenizer"]
+    if isinstance(tok, dict):
+        return tok
+    try:
+        obj = json.loads(tok)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ModelFormatError(f"metadata 'tokenizer' is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
+        raise ModelFormatError("metadata 'tokenizer' must be a tokenizer.json object (with a 'model')")
+    return obj
+
+
 # ----------------------------------------------------------------------------- x8 layout
 
 def x8_allowed(type: int, shape) -> bool:
@@ -609,10 +624,16 @@ def validate_meta(meta: dict) -> None:
                                f"expected {FORMAT_VERSION}")
     validate_config(meta["config"])
     vocab = meta["config"]["vocab_size"]
-    if not isinstance(meta["tokenizer"], dict) or not isinstance(meta["tokenizer"].get("model"),
-                                                                 dict):
+    tok = meta["tokenizer"]
+    if isinstance(tok, str):
+        # the tokenizer.json text: parsed when the tokenizer is first used (tokenizer_dict),
+        # which keeps loading a model for logits at a few milliseconds
+        if not tok.lstrip().startswith("{") or '"model"' not in tok:
+            raise ModelFormatError("metadata 'tokenizer' must hold tokenizer.json text (a JSON object "
+                                   "with a 'model')")
+    elif not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
         raise ModelFormatError("metadata 'tokenizer' must be a tokenizer.json object "
-                               "(with a 'model')")
+                               "(with a 'model') or its text")
     if meta["chat_template"] is not None and not isinstance(meta["chat_template"], str):
         raise ModelFormatError("metadata 'chat_template' must be a string or null")
     if not isinstance(meta["generation"], dict):

@@ -20,6 +20,7 @@ from llamacpu.chat_template import FALLBACK_TEMPLATE, ChatTemplate, TemplateErro
 from llamacpu.convert import convert
 from llamacpu.format import read_model
 from llamacpu.tokenizer import Tokenizer
+from llamacpu.format import tokenizer_dict  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 hf_ct = pytest.importorskip("transformers.utils.chat_template_utils")
@@ -141,7 +142,7 @@ def smol_meta(tmp_path_factory, smollm_gguf):
 @pytest.fixture(scope="module")
 def hf_smol(smol_meta, tmp_path_factory):
     path = tmp_path_factory.mktemp("smol-ct-hf") / "tokenizer.json"
-    path.write_text(json.dumps(smol_meta["tokenizer"]), encoding="utf-8")
+    path.write_text(json.dumps(tokenizer_dict(smol_meta)), encoding="utf-8")
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|im_start|>",
                                                 eos_token="<|im_end|>")
 

@@ -24,6 +24,7 @@ from llamacpu.format import F16, F32, Q4_0, Q4_1, Q8_0, TYPE_NAMES, read_model
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as GQ  # noqa: E402
 from gguf import quants as gquants  # noqa: E402
+from llamacpu.format import tokenizer_dict  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -186,8 +187,8 @@ def test_hf_metadata(tiny, tmp_path):
         assert {128001, 128008, 128009} <= set(st["eog_token_ids"])
         assert isinstance(st["add_bos_token"], bool)
         # <|image|> (128256) has no embedding row: dropped
-        assert all(t["id"] < 128256 for t in m.meta["tokenizer"]["added_tokens"])
-        assert len(m.meta["tokenizer"]["added_tokens"]) == 256
+        assert all(t["id"] < 128256 for t in tokenizer_dict(m.meta)["added_tokens"])
+        assert len(tokenizer_dict(m.meta)["added_tokens"]) == 256
         prov = m.meta["provenance"]
         assert prov["source_format"] == "hf" and prov["source"] == tiny.resolve().name
         assert prov["converter"].startswith("llamacpu ")
@@ -203,7 +204,7 @@ def test_hf_metadata(tiny, tmp_path):
     # the rebuilt tokenizer loads and agrees with the source tokenizer.json
     from tokenizers import Tokenizer
     with read_model(out) as m:
-        tok = Tokenizer.from_str(json.dumps(m.meta["tokenizer"]))
+        tok = Tokenizer.from_str(json.dumps(tokenizer_dict(m.meta)))
     ref = Tokenizer.from_file(str(tiny / "tokenizer.json"))
     text = "Hello, llamacpu! <|eot_id|> 12345"
     assert tok.encode(text).ids == ref.encode(text).ids

@@ -18,6 +18,7 @@ from reference import ReferenceLlama, load_hf_checkpoint, weights_from_gguf
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as GT, quants  # noqa: E402
+from llamacpu.format import tokenizer_dict  # noqa: E402
 
 F32_REL = 1e-3
 F16_REL = 2e-3
@@ -270,7 +271,7 @@ def smollm(tmp_path_factory, smollm_gguf):
 def chat_ids(model, text):
     from tokenizers import Tokenizer
     import json
-    tok = Tokenizer.from_str(json.dumps(model.metadata["tokenizer"]))
+    tok = Tokenizer.from_str(json.dumps(tokenizer_dict(model.metadata)))
     s = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
          f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
     return tok.encode(s, add_special_tokens=False).ids

@@ -4,6 +4,7 @@ Every corruption must raise ModelFormatError (and nothing else).
 """
 
 import copy
+import json
 import struct
 
 import numpy as np
@@ -266,7 +267,7 @@ def _mutated(path, value):
 
 @pytest.mark.parametrize("path,value", [
     ("format_version", 2), ("format_version", True), ("config", KeyError),
-    ("tokenizer", KeyError), ("tokenizer", "{}"), ("tokenizer", {"no": "model"}),
+    ("tokenizer", KeyError), ("tokenizer", "{}"), ("tokenizer", {"no": "model"}), ("tokenizer", "[1, 2]"),
     ("chat_template", 3), ("generation", []), ("special_tokens", None),
     ("provenance", "x"), ("special_tokens.bos_token_id", 96),
     ("special_tokens.eos_token_id", -1), ("special_tokens.eog_token_ids", 2),
@@ -514,3 +515,13 @@ def test_fuzz_header_meta_directory(tmp_path, data):
             a = m.array(name)
             assert a.nbytes == info.nbytes
             assert info.offset + info.nbytes <= m.file_size
+
+
+def test_tokenizer_text_is_parsed_on_first_use():
+    """The converter stores tokenizer.json as text; it is parsed (and checked) when used."""
+    good = {"tokenizer": json.dumps(META["tokenizer"])}
+    assert fmt.tokenizer_dict(good) == META["tokenizer"]
+    assert fmt.tokenizer_dict({"tokenizer": META["tokenizer"]}) is META["tokenizer"]
+    for bad in ('{"model": ', '{"model": 1}', '{"x": "model"}'):
+        with pytest.raises(ModelFormatError, match="tokenizer"):
+            fmt.tokenizer_dict({"tokenizer": bad})

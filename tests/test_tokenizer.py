@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from llamacpu.convert import convert
 from llamacpu.format import read_model
 from llamacpu.tokenizer import StreamDecoder, Tokenizer
+from llamacpu.format import tokenizer_dict  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,7 +81,7 @@ def smol(smol_meta):
 @pytest.fixture(scope="module")
 def hf_smol(smol_meta, tmp_path_factory):
     path = tmp_path_factory.mktemp("smol-hf") / "tokenizer.json"
-    path.write_text(json.dumps(smol_meta["tokenizer"]), encoding="utf-8")
+    path.write_text(json.dumps(tokenizer_dict(smol_meta)), encoding="utf-8")
     return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
 
 
@@ -342,7 +343,7 @@ def test_stream_is_linear(llama):
 
 def test_constructor_inputs(smol_meta, tmp_path):
     # (SmolLM2's tokenizer.json: a third the size of Llama's, quicker to build)
-    text = json.dumps(smol_meta["tokenizer"])
+    text = json.dumps(tokenizer_dict(smol_meta))
     path = tmp_path / "tokenizer.json"
     path.write_text(text, encoding="utf-8")
     st_ids = smol_meta["special_tokens"]
