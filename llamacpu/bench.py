@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -105,6 +104,10 @@ def _fmt_params(n: int) -> str:
 
 
 def _peak_rss_bytes() -> int:
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return 0
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) if sys.platform == "darwin" else int(r) * 1024  # Linux: KiB
 

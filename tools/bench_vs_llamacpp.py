@@ -24,8 +24,8 @@ Steps (each cached; the cache is ~/.cache/llamacpu, or $LLAMACPU_CACHE):
      Ours: `python -m llamacpu convert CKPT OUT --type q4_0|q8_0`, redone whenever the
      converter, the format or the C headers change (the file name carries their hash).
   4. Read bandwidth: a small C program (OpenMP, AVX2 loads summing a 1 GiB buffer, 10
-     passes, best pass) for each thread count, at the start and at the end of the runs;
-     the larger figure is the one used for the bound.
+     passes, best pass) for each thread count, before every round of runs and after the
+     last; the largest figure is the one used for the bound.
   5. Runs alternate between the engines (the order flips every run), each run a fresh
      process: `llama-bench -m GGUF -p P -n N -t T -r 1 -o json` and
      `python -m llamacpu bench FILE -p P -n N -t T -r 1 --json`. Both do one warm-up per
@@ -223,6 +223,12 @@ def src_hash(paths) -> str:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:10]
+
+
+def engine_fingerprint() -> str:
+    """Hash of the built llamacpu extension(s), to notice a rebuild during the runs."""
+    libs = sorted((REPO / "llamacpu").glob("_core*.so")) + sorted((REPO / "llamacpu").glob("_core*.pyd"))
+    return src_hash(libs) if libs else "none"
 
 
 def git_describe() -> str:
@@ -543,7 +549,9 @@ def render(ctx: dict) -> str:
                  f"(build {m.get('build_number')}, commit {m.get('build_commit')}), "
                  f"`{ctx['llama_flags'][key]}`; backends {m.get('backends')}.")
     om = ctx["our_meta"]
-    L.append(f"- llamacpu {om.get('version')} (git {ctx['git']}), kernels `{om.get('kernels')}`.")
+    L.append(f"- llamacpu {om.get('version')} (git {ctx['git']}), kernels `{om.get('kernels')}`."
+             + (" **Warning: the llamacpu extension was rebuilt during the runs; the llamacpu column mixes "
+                "two builds. Run again.**" if ctx["engine_changed"] else ""))
     L.append(f"- Model: random weights, exact Llama 3.2 1B config (tools/make_checkpoint.py --preset 1b, "
              f"bf16 safetensors). llama.cpp: its convert_hf_to_gguf.py --outtype bf16, then llama-quantize; "
              f"llamacpu: `llamacpu convert --type`.")
@@ -609,14 +617,15 @@ def render(ctx: dict) -> str:
 
     # bandwidth
     L.append("Read bandwidth (tools/bench_vs_llamacpp.py's C program: OpenMP threads sum a 1 GiB "
-             "buffer with AVX2 loads, 10 passes, best pass; GB/s = 10^9 B/s), measured before and after "
-             "the runs; the larger one is used for the bound:")
+             "buffer with AVX2 loads, 10 passes, best pass; GB/s = 10^9 B/s), measured before each round of "
+             "runs and after the last; the largest is used for the bound. The machine is a VM: its memory "
+             "bandwidth moves with the host's other tenants, which the busy-core check cannot see.")
     L.append("")
-    L.append("| threads | before | after | used |")
-    L.append("|---:|---:|---:|---:|")
+    L.append("| threads | " + " | ".join(f"#{i + 1}" for i in range(len(ctx["bw_samples"]))) + " | used |")
+    L.append("|---:|" + "---:|" * (len(ctx["bw_samples"]) + 1))
     for t in ctx["threads"]:
-        b0, b1 = ctx["bw_before"][t]["best_gbs"], ctx["bw_after"][t]["best_gbs"]
-        L.append(f"| {t} | {b0:.1f} GB/s | {b1:.1f} GB/s | {ctx['bw_used'][t]:.1f} GB/s |")
+        L.append(f"| {t} | " + " | ".join(f"{b[t]['best_gbs']:.1f}" for b in ctx["bw_samples"])
+                 + f" | {ctx['bw_used'][t]:.1f} GB/s |")
     L.append("")
 
     # load & RSS
@@ -779,8 +788,10 @@ def main(argv=None) -> int:
             log(f"{k}: {v['name']} {fmt_mb(v['file_size'])}, {fmt_mb(v['bytes_per_token'])} per token")
         return 0
 
-    # 4. bandwidth before
-    bw_before = bandwidth(threads, args.quiet_wait, args.busy_threshold)
+    engine_before = engine_fingerprint()
+
+    # 4. bandwidth: before every round of runs and after the last
+    bw_samples = []
 
     # 5. runs
     samples = {}
@@ -791,6 +802,7 @@ def main(argv=None) -> int:
     our_meta = {}
     redone = []
     for rep in range(args.runs):
+        bw_samples.append(bandwidth(threads, args.quiet_wait, args.busy_threshold))
         for cfg, (typ, t) in enumerate((typ, t) for typ in types for t in threads):
             # the order flips from one configuration to the next and from one run to the next
             order = engines if (rep + cfg) % 2 == 0 else engines[::-1]
@@ -826,8 +838,8 @@ def main(argv=None) -> int:
                 rss.setdefault((key, typ, t), []).append(r["rss"])
 
     # bandwidth after
-    bw_after = bandwidth(threads, args.quiet_wait, args.busy_threshold)
-    bw_used = {t: max(bw_before[t]["best_gbs"], bw_after[t]["best_gbs"]) for t in threads}
+    bw_samples.append(bandwidth(threads, args.quiet_wait, args.busy_threshold))
+    bw_used = {t: max(b[t]["best_gbs"] for b in bw_samples) for t in threads}
 
     ctx = {
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -835,20 +847,21 @@ def main(argv=None) -> int:
         "elapsed_min": (time.time() - t_start) / 60,
         "cpu": cpu_info(), "engines": engines, "types": types, "threads": threads, "p": args.p, "n": args.n,
         "reps": args.runs, "samples": samples, "rss": rss, "loads": loads, "files": files,
-        "bw_before": bw_before, "bw_after": bw_after, "bw_used": bw_used, "llama_meta": llama_meta,
+        "bw_samples": bw_samples, "bw_used": bw_used, "llama_meta": llama_meta,
         "our_meta": our_meta, "llama_flags": flags, "git": git_describe(),
+        "engine_changed": engine_fingerprint() != engine_before,
         "foreign": foreign, "redone": redone, "busy_threshold": args.busy_threshold, "redo_max": args.redo,
     }
     body = render(ctx)
     print(body)
-    raw = BENCH_DIR / "last-run.json"
+    raw = BENCH_DIR / ("last-run-quick.json" if args.quick else "last-run.json")
     raw.write_text(json.dumps({
         "samples": {"|".join(map(str, k)): v for k, v in samples.items()},
         "foreign_cores": {"|".join(map(str, k)): v for k, v in foreign.items()},
         "redone": redone,
         "rss": {"|".join(map(str, k)): v for k, v in rss.items()},
         "loads": {"|".join(map(str, k)): v for k, v in loads.items()},
-        "bw_before": bw_before, "bw_after": bw_after,
+        "bw_samples": bw_samples,
         "files": {"|".join(k): v for k, v in files.items()},
         "llama_meta": llama_meta, "our_meta": our_meta,
     }, indent=1, default=str))
