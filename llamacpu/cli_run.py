@@ -1,9 +1,7 @@
 """`llamacpu run [MODEL]`: interactive chat, or one answer with -p / piped stdin."""
 from __future__ import annotations
 
-import os
 import sys
-import time
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)

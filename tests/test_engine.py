@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import llamacpu
-from llamacpu import _core
 from llamacpu.format import read_model
 from reference import ReferenceLlama, load_hf_checkpoint, weights_from_gguf
 

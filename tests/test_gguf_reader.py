@@ -26,22 +26,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _asset(name: str) -> pathlib.Path:
-    """Path of a test asset, running tools/fetch_assets.py when it is missing."""
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        from fetch_assets import FetchError, asset_path
-    finally:
-        sys.path.pop(0)
-    try:
-        return asset_path(name)
-    except FetchError as e:  # pragma: no cover - only without network
-        pytest.fail(f"test asset {name} unavailable: {e}")
-
-
 @pytest.fixture(scope="module")
-def smol_path() -> pathlib.Path:
-    return _asset(SMOL)
+def smol_path(assets) -> pathlib.Path:
+    return assets[SMOL]  # conftest fetches it
 
 
 # --------------------------------------------------------------------------------------

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,6 @@ from llamacpu.errors import ModelFormatError
 from llamacpu.gguf import GGUFFile
 from llamacpu.gguf_tokenizer import LLAMA3_SPLIT_REGEX, tokenizer_from_gguf
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 CORPUS = [
     "Hello, world!",
@@ -41,18 +38,6 @@ CORPUS = [
     "!!!???...,,,;;;",
     "   \n   \n",
 ]
-
-
-def _asset(name: str) -> pathlib.Path:
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        from fetch_assets import FetchError, asset_path
-    finally:
-        sys.path.pop(0)
-    try:
-        return asset_path(name)
-    except FetchError as e:  # pragma: no cover - only without network
-        pytest.fail(f"test asset {name} unavailable: {e}")
 
 
 def _bytes_to_unicode() -> dict[str, int]:
@@ -85,8 +70,8 @@ def _token_text(tok: str) -> str | None:
 # SmolLM2 (the real GGUF)
 
 @pytest.fixture(scope="module")
-def smol():
-    with GGUFFile(_asset("SmolLM2-135M-Instruct.Q4_1.gguf")) as g:
+def smol(assets):
+    with GGUFFile(assets["SmolLM2-135M-Instruct.Q4_1.gguf"]) as g:
         kv = g.kv
     info = tokenizer_from_gguf(kv)
     return kv, info, Tokenizer.from_str(info["tokenizer_json"])
@@ -164,8 +149,8 @@ def test_smol_every_word_piece_encodes_to_itself(smol):
 # Llama 3.2: GGUF keys as llama.cpp's converter writes them, made from the HF tokenizer.json
 
 @pytest.fixture(scope="module")
-def llama():
-    raw = _asset("llama3.2-tokenizer.json").read_text(encoding="utf-8")
+def llama(assets):
+    raw = assets["llama3.2-tokenizer.json"].read_text(encoding="utf-8")
     j = json.loads(raw)
     n = 128256  # the text models' vocabulary; the file's extra <|image|> (128256) is dropped
     tokens = [None] * n

@@ -6,7 +6,6 @@ stop strings, the prompt cache and threads can be compared exactly.
 import json
 import threading
 
-import numpy as np
 import pytest
 
 import llamacpu
