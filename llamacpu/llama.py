@@ -230,7 +230,7 @@ class Llama:
                 if hit is not None:
                     gen.finish_reason = "stop"
                     break
-                if len(history) >= self.n_ctx:
+                if len(history) > self.n_ctx:  # tok would need position n_ctx: the cache is full
                     gen.finish_reason = "length"
                     break
                 logits = self.model.forward([tok], pos=len(history) - 1)

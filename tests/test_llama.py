@@ -105,6 +105,15 @@ def test_prompt_cache_second_turn_evaluates_only_new_tokens(llm):
     assert cold["choices"][0]["message"] == second["choices"][0]["message"]
 
 
+def test_generation_fills_the_context_and_stops(smol_path):
+    with Llama(smol_path, n_ctx=48) as small:
+        prompt = small.tokenize(small.apply_chat_template(user("Write a very long essay about the sea.")))
+        out = small.chat(user("Write a very long essay about the sea."), max_tokens=None, temperature=0.0)
+        assert out["choices"][0]["finish_reason"] == "length"
+        # every position of the cache was used; the last sampled token could not be fed
+        assert out["usage"]["completion_tokens"] == 48 - len(prompt) + 1
+
+
 def test_logprobs(llm):
     out = llm.chat(user("Say yes."), max_tokens=4, logprobs=True, top_logprobs=3, **GREEDY)
     content = out["choices"][0]["logprobs"]["content"]
