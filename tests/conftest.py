@@ -33,6 +33,13 @@ def smollm_gguf(assets):
 
 
 @pytest.fixture(scope="session")
+def smollm_model(tmp_path_factory, smollm_gguf):
+    """The SmolLM2 GGUF converted once (types kept, blocks bit-exact), for every test module."""
+    from llamacpu.convert import convert
+    return convert(smollm_gguf, tmp_path_factory.mktemp("smollm2") / "smollm2.bin", progress=False, quiet=True)
+
+
+@pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, assets):
     """checkpoint(preset, shards=1) -> folder of a random-weight HF checkpoint (cached)."""
     from make_checkpoint import write_checkpoint

@@ -17,7 +17,6 @@ import pytest
 
 import llamacpu.chat_template as ct_mod
 from llamacpu.chat_template import FALLBACK_TEMPLATE, ChatTemplate, TemplateError
-from llamacpu.convert import convert
 from llamacpu.format import read_model
 from llamacpu.tokenizer import Tokenizer
 from llamacpu.format import tokenizer_dict  # noqa: E402
@@ -134,9 +133,9 @@ def hf_llama(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def smol_meta(tmp_path_factory, smollm_gguf):
-    out = tmp_path_factory.mktemp("smol-ct") / "smollm2.bin"
-    return read_model(convert(smollm_gguf, out, progress=False)).meta
+def smol_meta(smollm_model):
+    with read_model(smollm_model) as f:
+        return f.meta
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,8 @@ RUN = [sys.executable, "-m", "llamacpu", "run"]
 
 
 @pytest.fixture(scope="module")
-def smol_path(tmp_path_factory, smollm_gguf):
-    from llamacpu.convert import convert
-    return str(convert(smollm_gguf, tmp_path_factory.mktemp("smol-cli") / "smol.bin", progress=False, quiet=True))
+def smol_path(smollm_model):
+    return str(smollm_model)
 
 
 @pytest.fixture(scope="module")

@@ -32,17 +32,6 @@ SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # `checkpoint(preset, shards)` (tools/make_checkpoint.py, helper-2's HF writer).
 
 
-@pytest.fixture(autouse=True)
-def _core_or_shim(monkeypatch):
-    """The converter quantizes with llamacpu._core; while it is not built, use the
-    gguf package's reference quantizers instead (bit-identical to ggml's)."""
-    try:
-        import llamacpu._core  # noqa: F401
-    except ImportError:
-        monkeypatch.setattr(conv, "_quantize", lambda x, t: np.ascontiguousarray(
-            gquants.quantize(np.ascontiguousarray(x, np.float32), GQ(t)).reshape(x.shape[0], -1)))
-
-
 # ----------------------------------------------------------------------------- helpers
 
 def read_safetensors(folder: Path) -> dict:

@@ -260,11 +260,9 @@ CHAT_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def smollm(tmp_path_factory, smollm_gguf):
-    from llamacpu.convert import convert
-    out = convert(smollm_gguf, tmp_path_factory.mktemp("smol") / "smollm2.bin", progress=False)
+def smollm(smollm_model, smollm_gguf):
     cfg, w, div = weights_from_gguf(smollm_gguf)
-    return out, ReferenceLlama(cfg, w, rope_pairing="adjacent", rope_freq_divisors=div)
+    return smollm_model, ReferenceLlama(cfg, w, rope_pairing="adjacent", rope_freq_divisors=div)
 
 
 def chat_ids(model, text):

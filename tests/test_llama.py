@@ -15,9 +15,8 @@ GREEDY = {"temperature": 0.0}
 
 
 @pytest.fixture(scope="module")
-def smol_path(tmp_path_factory, smollm_gguf):
-    from llamacpu.convert import convert
-    return convert(smollm_gguf, tmp_path_factory.mktemp("smol-llama") / "smol.bin", progress=False, quiet=True)
+def smol_path(smollm_model):
+    return smollm_model
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llamacpu.convert import convert
 from llamacpu.format import read_model
 from llamacpu.tokenizer import StreamDecoder, Tokenizer
 from llamacpu.format import tokenizer_dict  # noqa: E402
@@ -68,9 +67,9 @@ def hf_llama(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def smol_meta(tmp_path_factory, smollm_gguf):
-    out = tmp_path_factory.mktemp("smol-tok") / "smollm2.bin"
-    return read_model(convert(smollm_gguf, out, progress=False)).meta
+def smol_meta(smollm_model):
+    with read_model(smollm_model) as f:
+        return f.meta
 
 
 @pytest.fixture(scope="module")
