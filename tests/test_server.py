@@ -1,0 +1,509 @@
+"""`llamacpu serve`: the real server in a subprocess on a free loopback port, driven by
+the official `openai` client, raw HTTP and headless Chromium.
+
+Replies are compared with the in-process Llama.chat / generate on the same request
+(temperature 0 or a fixed seed), never with what the model knows. Two servers:
+`server` (defaults) and `locked` (--api-key, --queue-size 0: one request at a time).
+Server and reference each use one thread: two OpenMP teams on two cores wait on each
+other's spinning barriers (measured: a 16-token reply took 7.6 s instead of 0.4 s).
+
+Chromium and chromedriver (Debian's chromium, chromium-driver) are needed for the chat
+page test; .ci/run installs them and sets LLAMACPU_REQUIRE_CHROMIUM=1, so there it fails
+instead of skipping.
+"""
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from llamacpu.llama import Llama
+
+ROOT = Path(__file__).resolve().parents[1]
+N_CTX = 1024
+KEY = "sk-test-key"
+
+
+class Server:
+    """`python -m llamacpu serve MODEL --port 0 ...` with its output in a log file."""
+
+    def __init__(self, model, log: Path, *args):
+        self.log = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "llamacpu", "serve", str(model), "--port", "0",
+                                          "-c", str(N_CTX), "-t", "1", *args],
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while True:
+            m = re.search(r"at (http://127\.0\.0\.1:\d+)", self.output())
+            if m:
+                self.url = m.group(1)
+                break
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"the server did not start:\n{self.output()}")
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=10).json()
+
+    def wait_idle(self, timeout=10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            h = self.health()
+            if h["queue"]["running"] == 0 and h["queue"]["waiting"] == 0:
+                return h
+            assert time.monotonic() < deadline, f"the server is still busy: {h}"
+            time.sleep(0.02)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(smollm_model, tmp_path_factory):
+    s = Server(smollm_model, tmp_path_factory.mktemp("serve") / "server.log")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def locked(smollm_model, tmp_path_factory):
+    s = Server(smollm_model, tmp_path_factory.mktemp("serve-locked") / "server.log",
+               "--api-key", KEY, "--queue-size", "0", "--alias", "smol")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def llm(smollm_model):
+    return Llama(smollm_model, n_ctx=N_CTX, n_threads=1)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+# ----------------------------------------------------------------------------- the openai client
+
+def test_models_health_and_help(server, client, model_id, capsys):
+    models = client.models.list().data
+    assert [m.id for m in models] == [model_id] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert client.models.retrieve(model_id).id == model_id
+    h = server.health()
+    assert h["status"] == "ok" and h["n_ctx"] == N_CTX and h["queue"]["max_waiting"] == 16
+    from llamacpu.cli import build_parser
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    out = capsys.readouterr().out
+    for opt in ("--host", "--port", "--api-key", "--queue-size", "127.0.0.1", "8080"):
+        assert opt in out
+
+
+def test_chat_matches_in_process(client, llm, model_id):
+    msgs = [{"role": "system", "content": "You are brief."}, *user("What is the capital of France?")]
+    r = client.chat.completions.create(model=model_id, messages=msgs, temperature=0, max_tokens=16)
+    ref = llm.chat(msgs, temperature=0, max_tokens=16)
+    assert r.object == "chat.completion" and r.model == model_id and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref["choices"][0]["message"]["content"] != ""
+    assert r.choices[0].finish_reason == ref["choices"][0]["finish_reason"]
+    assert r.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}) == ref["usage"]
+
+
+def test_chat_stream_and_usage(server, client, llm, model_id):
+    msgs = user("Tell me about the sea.")
+    chunks = list(client.chat.completions.create(model=model_id, messages=msgs, temperature=0,
+                                                 max_completion_tokens=12, stream=True,
+                                                 stream_options={"include_usage": True}))
+    ref = llm.chat(msgs, temperature=0, max_tokens=12)
+    assert all(c.object == "chat.completion.chunk" and c.model == model_id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ref["choices"][0]["message"]["content"]
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1   # really streamed
+    assert chunks[-2].choices[0].finish_reason == ref["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == ref["usage"]["prompt_tokens"]
+    # the wire format: `data: {...}` events and a final `data: [DONE]`; no usage unless asked
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                      json={"messages": msgs, "temperature": 0, "max_tokens": 3, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert not any("usage" in json.loads(e[6:]) for e in events[:-1])
+
+
+def test_logprobs_stop_and_seed(client, llm, model_id):
+    msgs = user("Write a sentence about cats.")
+    r = client.chat.completions.create(model=model_id, messages=msgs, temperature=0, max_tokens=5,
+                                       logprobs=True, top_logprobs=3)
+    ref = llm.chat(msgs, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3)
+    got, want = r.choices[0].logprobs.content, ref["choices"][0]["logprobs"]["content"]
+    assert [t.token for t in got] == [t["token"] for t in want] and len(got) == 5
+    for g, w in zip(got, want):
+        assert g.logprob == pytest.approx(w["logprob"], abs=1e-4)
+        assert [t.token for t in g.top_logprobs] == [t["token"] for t in w["top_logprobs"]]
+        assert len(g.top_logprobs) == 3
+    # sampled with a seed and cut at a stop string: the same text as in process
+    kw = dict(temperature=0.9, seed=1234, stop=[".", "\n"], max_tokens=24)
+    r = client.chat.completions.create(model=model_id, messages=msgs, **kw)
+    ref = llm.chat(msgs, **kw)
+    assert r.choices[0].message.content == ref["choices"][0]["message"]["content"]
+    assert "." not in r.choices[0].message.content
+    assert r.choices[0].finish_reason == ref["choices"][0]["finish_reason"]
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+
+
+def test_tool_call_round_trip(client, llm, model_id):
+    msgs = user("Copy this JSON exactly, with nothing else:\n" + CALL)
+    r = client.chat.completions.create(model=model_id, messages=msgs, tools=WEATHER, tool_choice="auto",
+                                       temperature=0, max_tokens=32)
+    ref = llm.chat(msgs, tools=WEATHER, temperature=0, max_tokens=32)["choices"][0]
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" == ref["finish_reason"]
+    call = choice.message.tool_calls[0]
+    assert choice.message.content is None and call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    # the client sends the call back with its result, as OpenAI's docs do it
+    msgs = msgs + [choice.message, {"role": "tool", "tool_call_id": call.id,
+                                    "content": '{"temperature": 21, "sky": "clear"}'}]
+    r = client.chat.completions.create(model=model_id, messages=msgs, tools=WEATHER, temperature=0, max_tokens=16)
+    # SmolLM2's template knows no tool_calls: the server shows the model its call in Llama 3.2's format
+    ref = llm.chat(msgs[:1] + [{"role": "assistant", "content": CALL}, msgs[2]], tools=WEATHER,
+                   temperature=0, max_tokens=16)["choices"][0]
+    assert r.choices[0].finish_reason == ref["finish_reason"]
+    assert r.choices[0].message.content == ref["message"]["content"]
+    # streamed, the call comes as one tool_calls delta and the JSON is not streamed as text
+    chunks = list(client.chat.completions.create(model=model_id, messages=msgs[:1], tools=WEATHER,
+                                                 temperature=0, max_tokens=32, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    calls = [d.tool_calls for d in deltas if d.tool_calls]
+    assert len(calls) == 1 and calls[0][0].function.name == "get_weather" and calls[0][0].index == 0
+    assert not any(d.content for d in deltas)
+
+
+def test_completions(client, llm, model_id):
+    r = client.completions.create(model=model_id, prompt="1, 2, 3,", max_tokens=6, temperature=0)
+    ref = llm.generate("1, 2, 3,", max_tokens=6, stream=False, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text == ref
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (llm.last.prompt_tokens, 6)
+    chunks = list(client.completions.create(model=model_id, prompt="1, 2, 3,", max_tokens=6, temperature=0,
+                                            echo=True, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "1, 2, 3," + ref
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-2].choices[0].finish_reason == "length"
+    ids = llm.tokenize("1, 2, 3,")
+    r = client.completions.create(model=model_id, prompt=ids, max_tokens=6, temperature=0)
+    assert r.choices[0].text == ref
+
+
+def test_prompt_cache_is_reused(server, client, model_id):
+    system = {"role": "system", "content": "You are a helpful assistant who answers in one short sentence. " * 8}
+    server.wait_idle()
+    e0 = server.health()["tokens"]["evaluated"]
+    r1 = client.chat.completions.create(model=model_id, messages=[system, *user("Hi!")], temperature=0,
+                                        max_tokens=4)
+    e1 = server.health()["tokens"]["evaluated"]
+    msgs = [system, *user("Hi!"), {"role": "assistant", "content": r1.choices[0].message.content},
+            *user("Tell me a fact.")]
+    r2 = client.chat.completions.create(model=model_id, messages=msgs, temperature=0, max_tokens=4)
+    e2 = server.health()["tokens"]["evaluated"]
+    assert e1 - e0 <= r1.usage.prompt_tokens + r1.usage.completion_tokens
+    # the second request evaluated only what follows the shared prefix
+    new_prompt = (e2 - e1) - r2.usage.completion_tokens
+    assert 0 < new_prompt < r2.usage.prompt_tokens // 2, (new_prompt, r2.usage)
+
+
+def test_sixteen_concurrent_streams(server, llm, model_id):
+    prompts = ["Hi", "What is 2+2?", "Name a color.", "Say something nice."]
+    refs = {p: llm.chat(user(p), temperature=0, max_tokens=8)["choices"][0]["message"]["content"] for p in prompts}
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def one(i):
+        p = prompts[i % len(prompts)]
+        chunks = list(c.chat.completions.create(model=model_id, messages=user(p), temperature=0, max_tokens=8,
+                                                stream=True, stream_options={"include_usage": True}))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        return p, text, chunks[-2].choices[0].finish_reason, chunks[-1].usage
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    for p, text, finish, usage in results:
+        assert text == refs[p]
+        assert finish in ("stop", "length") and 1 <= usage.completion_tokens <= 8
+    assert server.wait_idle()["requests"]["rejected"] == 0
+
+
+# ----------------------------------------------------------------------------- raw HTTP: bad input
+
+LONG = "hello " * (N_CTX + 100)
+BAD = [
+    ("chat", b'{"messages": [', None, "not valid JSON"),
+    ("chat", b'[1, 2]', None, "must be a JSON object"),
+    ("chat", {}, "messages", "'messages'"),
+    ("chat", {"messages": "hi"}, "messages", "non-empty array"),
+    ("chat", {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "robot"),
+    ("chat", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string"),
+    ("chat", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content", "only text parts"),
+    ("chat", {"messages": [{"role": "user"}]}, "messages[0].content", "required"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature", "number"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, "temperature", "[0, 2]"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens", "[1, 1024]"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": N_CTX + 1}, "max_tokens", "1024"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}, "max_tokens", "integer"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3},
+     "max_completion_tokens", "[1, 1024]"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream", "boolean"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}},
+     "stream_options", "only allowed when 'stream' is true"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs", "logprobs"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "n=1"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", "4"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "seed": "x"}, "seed", "integer"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     "response_format", "constrained decoding"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}],
+              "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
+     "response_format", "constrained decoding"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": WEATHER, "tool_choice": "required"},
+     "tool_choice", "constrained decoding"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools[0]",
+     "function"),
+    ("chat", {"messages": [{"role": "user", "content": LONG}]}, "messages", "maximum context length is 1024"),
+    ("completions", {"prompt": 5}, "prompt", "string"),
+    ("completions", {"prompt": LONG}, "prompt", "maximum context length is 1024"),
+    ("completions", {"prompt": [10 ** 9]}, "prompt", "outside the vocabulary"),
+    ("completions", {"prompt": "hi", "logprobs": 2}, "logprobs", "not supported"),
+]
+
+
+def test_bad_requests_get_clear_400s(server, client, model_id):
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        for path, body, param, words in BAD:
+            kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+            r = http.post(f"/v1/{path.replace('chat', 'chat/completions')}", **kw)
+            assert r.status_code == 400, (body, r.text)
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+            assert err["param"] == param and words in err["message"], (body, err)
+            if "maximum context length" in words:
+                assert err["code"] == "context_length_exceeded"
+        r = http.post("/v1/nowhere", json={})
+        assert r.status_code == 404 and r.json()["error"]["message"] == "Invalid URL (POST /v1/nowhere)"
+        r = http.get("/v1/chat/completions")
+        assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
+        r = http.get("/v1/models/gpt-4")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    # the openai client sees the same errors as exceptions; the server keeps serving
+    with pytest.raises(openai.BadRequestError, match="constrained decoding"):
+        client.chat.completions.create(model=model_id, messages=user("hi"), response_format={"type": "json_object"})
+    r = client.chat.completions.create(model=model_id, messages=user("hi"), temperature=0, max_tokens=2)
+    assert r.usage.completion_tokens >= 1
+    assert server.health()["requests"]["failed"] == 0
+
+
+# ----------------------------------------------------------------------------- queue and disconnects
+
+def _raw_request(url: str, path: str, body: dict, key: str | None = None) -> socket.socket:
+    """Send a POST on a fresh socket and return it unread (the client side of a waiting request)."""
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=30)
+    data = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    if key:
+        head += f"Authorization: Bearer {key}\r\n"
+    s.sendall(head.encode() + b"\r\n" + data)
+    return s
+
+
+def _read_all(s: socket.socket) -> bytes:
+    out = b""
+    while b"\r\n\r\n" not in out or len(out.split(b"\r\n\r\n", 1)[1]) < int(
+            re.search(rb"content-length: (\d+)", out.lower()).group(1)):
+        piece = s.recv(65536)
+        assert piece, out
+        out += piece
+    return out
+
+
+def _wait_for(server, pred, timeout=10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        h = server.health()
+        if pred(h):
+            return h
+        assert time.monotonic() < deadline, h
+        time.sleep(0.02)
+
+
+LONG_RUN = {"prompt": "1, 2, 3,", "max_tokens": 900, "temperature": 0, "stream": True}
+
+
+def test_waiting_requests_fifo_and_disconnect(server):
+    """While one request streams: a waiting client that leaves is dropped from the queue, the
+    others are served in arrival order."""
+    h0 = server.wait_idle()
+    with httpx.stream("POST", server.url + "/v1/completions", json=LONG_RUN, timeout=60) as first:
+        lines = first.iter_lines()
+        assert next(lines).startswith("data: ")
+        gone = _raw_request(server.url, "/v1/completions", {"prompt": "a", "max_tokens": 2})
+        _wait_for(server, lambda h: h["queue"]["waiting"] == 1)
+        gone.close()
+        _wait_for(server, lambda h: h["queue"]["waiting"] == 0)
+        a = _raw_request(server.url, "/v1/completions", {"prompt": "1, 2,", "max_tokens": 2, "temperature": 0})
+        _wait_for(server, lambda h: h["queue"]["waiting"] == 1)
+        b = _raw_request(server.url, "/v1/completions", {"prompt": "3, 4,", "max_tokens": 2, "temperature": 0})
+        _wait_for(server, lambda h: h["queue"]["waiting"] == 2)
+    # the first stream was closed: its generation stops, then a runs, then b
+    rb = _read_all(b)
+    assert select.select([a], [], [], 0)[0], "b was answered before a"
+    ra = _read_all(a)
+    a.close(), b.close()
+    assert b" 200 " in ra.split(b"\r\n")[0] and b" 200 " in rb.split(b"\r\n")[0]
+    h = server.wait_idle()
+    assert h["requests"]["cancelled"] - h0["requests"]["cancelled"] == 2   # the long stream and `gone`
+    assert h["requests"]["completed"] - h0["requests"]["completed"] == 2
+    assert h["tokens"]["completion"] - h0["tokens"]["completion"] < 300   # not the 900 asked for
+
+
+def test_auth(locked):
+    with httpx.Client(base_url=locked.url, timeout=30) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = http.get("/v1/models", headers=headers)
+            assert r.status_code == 401
+            assert r.json() == {"error": {"message": r.json()["error"]["message"], "type": "invalid_request_error",
+                                          "param": None, "code": "invalid_api_key"}}
+        r = http.post("/v1/chat/completions", json={"messages": user("hi")})
+        assert r.status_code == 401
+        assert http.get("/health").status_code == 200 and http.get("/").status_code == 200
+        r = http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and r.json()["data"][0]["id"] == "smol"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=locked.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=locked.url + "/v1", api_key=KEY, max_retries=0)
+    r = good.chat.completions.create(model="smol", messages=user("hi"), temperature=0, max_tokens=2)
+    assert r.model == "smol" and r.usage.completion_tokens >= 1
+
+
+def test_queue_full_and_disconnect_stops_generation(locked):
+    """--queue-size 0: while one request generates, another gets 503 with Retry-After; a
+    client that disconnects mid-stream stops its generation within a moment."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    h0 = locked.wait_idle()
+    with httpx.Client(base_url=locked.url, headers=auth, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json=LONG_RUN) as stream:
+            lines = stream.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert all(line.startswith("data: ") or line == "" for line in got)
+            r = http.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2})
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+            err = r.json()["error"]
+            assert err["code"] == "queue_full" and err["type"] == "server_error" and "busy" in err["message"]
+            assert locked.health()["queue"]["running"] == 1
+            t_close = time.monotonic()
+        # leaving the block closed the connection mid-stream
+        h = _wait_for(locked, lambda h: h["queue"]["running"] == 0, timeout=5)
+        stopped_after = time.monotonic() - t_close
+        r = http.post("/v1/chat/completions", json={"messages": user("hi"), "max_tokens": 2, "temperature": 0})
+        assert r.status_code == 200
+    assert stopped_after < 2.0
+    assert h["requests"]["cancelled"] - h0["requests"]["cancelled"] == 1
+    assert h["requests"]["rejected"] - h0["requests"]["rejected"] == 1
+    assert h["tokens"]["completion"] - h0["tokens"]["completion"] < 150   # of 900
+
+
+def test_ctrl_c_shuts_down_cleanly(locked):
+    """SIGINT while a reply streams: the stream ends with [DONE], the process exits 0."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", locked.url + "/v1/completions", json=LONG_RUN, headers=auth, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        t0 = time.monotonic()
+        locked.proc.send_signal(signal.SIGINT)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert locked.proc.wait(15) == 0
+    assert time.monotonic() - t0 < 10
+    assert "llamacpu serve: stopped" in locked.output()
+
+
+# ----------------------------------------------------------------------------- the chat page
+
+def test_chat_page_round_trip(server, llm, model_id):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("LLAMACPU_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium and chromedriver are required (LLAMACPU_REQUIRE_CHROMIUM=1)")
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = Options()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(a)
+    browser = webdriver.Chrome(service=Service(driver), options=opts)
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_element(By.ID, "model").text == model_id)
+        browser.find_element(By.ID, "temperature").send_keys("0")
+        n = browser.find_element(By.ID, "max-tokens")
+        n.clear()
+        n.send_keys("12")
+        box = browser.find_element(By.ID, "input")
+        box.send_keys("What is the capital of France?")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.assistant .stats"))
+        reply = browser.execute_script("return document.querySelector('.msg.assistant .content').textContent")
+        chunks = int(browser.find_element(By.CSS_SELECTOR, ".msg.assistant").get_attribute("data-chunks"))
+        user_text = browser.execute_script("return document.querySelector('.msg.user .content').textContent")
+        errors = browser.find_elements(By.CSS_SELECTOR, ".msg.error")
+    finally:
+        browser.quit()
+    ref = llm.chat(user("What is the capital of France?"), temperature=0, max_tokens=12)
+    assert not errors
+    assert user_text == "What is the capital of France?"
+    assert reply == ref["choices"][0]["message"]["content"] != ""
+    assert chunks > 1   # the reply arrived in pieces and was shown as they came
