@@ -9,8 +9,9 @@
 Steps (each cached; the cache is ~/.cache/llamacpu, or $LLAMACPU_CACHE):
   1. llama.cpp: the source distribution of llama-cpp-python==0.3.36 from PyPI (folder
      vendor/llama.cpp), built with cmake (-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
-     -DLLAMA_BUILD_TESTS=OFF; targets llama-bench llama-quantize; about 10 minutes on 2
-     cores) under llama.cpp-0.3.36/. cmake comes from PyPI when the machine has none.
+     -DLLAMA_BUILD_TESTS=OFF; targets llama-bench llama-quantize, and llama-perplexity
+     llama-tokenize for tools/quality_vs_llamacpp.py; about 10 minutes on 2 cores, a
+     missing target is added by an incremental build) under llama.cpp-0.3.36/. cmake comes from PyPI when the machine has none.
      --llama-bench PATH skips the build (the source is still fetched, for the converter).
   2. The checkpoint: tools/make_checkpoint.py --preset 1b (random weights, the exact Llama
      3.2 1B config, Hugging Face layout, bf16).
@@ -72,6 +73,8 @@ CMAKE_FLAGS = {
     "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
              "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"],
 }
+# what build_llamacpp builds; llama-perplexity and llama-tokenize serve tools/quality_vs_llamacpp.py
+LLAMA_TARGETS = ["llama-bench", "llama-quantize", "llama-perplexity", "llama-tokenize"]
 COMMON_CMAKE_FLAGS = ["-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                       "-DCMAKE_BUILD_TYPE=Release"]
 
@@ -316,17 +319,17 @@ def find_cmake() -> str:
 
 
 def build_llamacpp(variant: str) -> Path:
-    """Build llama-bench and llama-quantize (cached); return the bin folder."""
+    """Build LLAMA_TARGETS (cached; a missing one is built incrementally); return the bin folder."""
     src = fetch_llama_source()
     build = src / ("build" if variant == "native" else f"build-{variant}")
     bindir = build / "bin"
-    if (bindir / "llama-bench").exists() and (bindir / "llama-quantize").exists():
+    if all((bindir / t).exists() for t in LLAMA_TARGETS):
         return bindir
     cmake = find_cmake()
     log(f"building llama.cpp ({variant}); about 10 minutes on 2 cores")
     blog = LLAMA_DIR / f"build-{variant}.log"
     sh([cmake, "-S", src, "-B", build, *CMAKE_FLAGS[variant], *COMMON_CMAKE_FLAGS], logfile=blog)
-    sh([cmake, "--build", build, "--target", "llama-bench", "llama-quantize", "-j", str(os.cpu_count() or 2)],
+    sh([cmake, "--build", build, "--target", *LLAMA_TARGETS, "-j", str(os.cpu_count() or 2)],
        logfile=LLAMA_DIR / f"build-{variant}-make.log")
     return bindir
 
