@@ -2,7 +2,10 @@
 
 Environment switches:
   DEBUG=1                    -O0 -g
-  LLAMACPU_SANITIZE=address,undefined   build with those sanitizers
+  LLAMACPU_SANITIZE=address,undefined   build with those sanitizers (any -fsanitize= list);
+                             every report is fatal (-fno-sanitize-recover=all). Running it
+                             needs the ASan runtime first: LD_PRELOAD=$(cc -print-file-name=libasan.so)
+                             ASAN_OPTIONS=detect_leaks=0 (README.md, "Sanitizers")
   LLAMACPU_NO_OPENMP=1       build single-threaded
 """
 import os
@@ -58,7 +61,10 @@ else:
     cflags += ["-O3"]
 san = os.environ.get("LLAMACPU_SANITIZE")
 if san:
-    cflags += [f"-fsanitize={san}", "-fno-omit-frame-pointer", "-g"]
+    if not all(part and part.replace("-", "").isalnum() for part in san.split(",")):
+        sys.exit(f"LLAMACPU_SANITIZE={san!r}: give a comma-separated list such as address,undefined")
+    # -fno-sanitize-recover: a UBSan report aborts (exit status != 0) instead of printing and going on
+    cflags += [f"-fsanitize={san}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
     ldflags += [f"-fsanitize={san}"]
 
 if os.environ.get("LLAMACPU_NO_OPENMP") == "1":

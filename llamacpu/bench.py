@@ -49,8 +49,9 @@ def register_bench(sub) -> None:
 
 
 def _thread_list(s) -> list[int]:
+    from .model import MAX_THREADS, physical_cores
+
     if s is None:
-        from .model import physical_cores
         return [physical_cores()]
     out = []
     for part in str(s).split(","):
@@ -61,12 +62,32 @@ def _thread_list(s) -> list[int]:
             n = int(part)
         except ValueError:
             raise ValueError(f"--threads: not an integer: {part!r}") from None
-        if n < 1:
-            raise ValueError(f"--threads must be >= 1, got {n}")
+        if not 1 <= n <= MAX_THREADS:
+            raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {n}")
         out.append(n)
     if not out:
         raise ValueError("--threads: give at least one thread count")
     return out
+
+
+def _check_counts(n_prompt: int, n_gen: int, repetitions: int, loads: int) -> None:
+    if n_prompt < 0:
+        raise ValueError(f"-p/--n-prompt must be >= 0, got {n_prompt}")
+    if n_gen < 0:
+        raise ValueError(f"-n/--n-gen must be >= 0, got {n_gen}")
+    if n_prompt == 0 and n_gen == 0:
+        raise ValueError("nothing to measure: -p and -n are both 0")
+    if repetitions < 1:
+        raise ValueError(f"-r/--repetitions must be >= 1, got {repetitions}")
+    if loads < 1:
+        raise ValueError(f"--loads must be >= 1, got {loads}")
+
+
+def _check_context(desc: dict, n: int) -> None:
+    """The context given to the model is -p + -n (as llama-bench does): it must fit."""
+    max_pos = desc["config"]["max_position_embeddings"]
+    if n > max_pos:
+        raise ValueError(f"-p + -n = {n} tokens do not fit the model's context of {max_pos}")
 
 
 def _describe(path) -> dict:
@@ -147,16 +168,10 @@ def run_bench(path, n_prompt: int = 512, n_gen: int = 128, threads=(1,), repetit
     from . import __version__
     from .model import Model
 
-    if n_prompt < 0 or n_gen < 0:
-        raise ValueError("-p and -n must be >= 0")
-    if n_prompt == 0 and n_gen == 0:
-        raise ValueError("nothing to measure: -p and -n are both 0")
-    if repetitions < 1:
-        raise ValueError("-r must be >= 1")
-    if loads < 1:
-        raise ValueError("--loads must be >= 1")
+    _check_counts(n_prompt, n_gen, repetitions, loads)
     threads = list(threads)
     desc = _describe(path)
+    _check_context(desc, n_prompt + n_gen)
     n_ctx = max(n_prompt + n_gen, 1)  # what llama-bench gives its context: n_prompt + n_gen
 
     load_s = []
@@ -268,6 +283,8 @@ def format_table(res: dict) -> str:
 
 def cmd_bench(args) -> int:
     threads = _thread_list(args.threads)
+    _check_counts(args.n_prompt, args.n_gen, args.repetitions, args.loads)  # before any output
+    _check_context(_describe(args.model), args.n_prompt + args.n_gen)
     if not args.json:
         print(f"llamacpu bench: {args.model}, threads {','.join(map(str, threads))}, "
               f"-p {args.n_prompt} -n {args.n_gen} -r {args.repetitions} ...", file=sys.stderr, flush=True)

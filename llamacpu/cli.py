@@ -150,6 +150,8 @@ def register_run(sub) -> None:
 
 COMMANDS = [register_run, register_convert, register_info]
 from .bench import register_bench; COMMANDS.append(register_bench)  # noqa: E402,E702
+from .server import register_serve; COMMANDS.append(register_serve)  # noqa: E402,E702
+from .perplexity import register_perplexity; COMMANDS.append(register_perplexity)  # noqa: E402,E702
 
 
 def build_parser() -> argparse.ArgumentParser:

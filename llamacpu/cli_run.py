@@ -36,28 +36,48 @@ def register_run(sub) -> None:
     p.set_defaults(func=cmd_run)
 
 
+# SamplingParams field -> the flag that sets it (for error messages)
+FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+         "repeat_penalty": "--repeat-penalty", "seed": "--seed"}
+
+
 def _sampling(args) -> dict:
     s = {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
          "repeat_penalty": args.repeat_penalty, "seed": args.seed}
     return {k: v for k, v in s.items() if v is not None}
 
 
+def _check_sampling(sampling: dict) -> None:
+    """Validate the sampling flags before a model is loaded (or fetched), naming the flag."""
+    from .sampling import SamplingParams
+
+    try:
+        SamplingParams(**sampling)
+    except ValueError as e:
+        msg = str(e)
+        for name, flag in FLAGS.items():
+            msg = msg.replace(f"SamplingParams.{name} ", f"{flag} ({name}) ")
+        raise ValueError(msg) from None
+
+
 def cmd_run(args) -> int:
     from .llama import Llama
+    from .model import MAX_THREADS
 
     if args.max_tokens is not None and args.max_tokens < 0:
         raise ValueError("--max-tokens must be >= 0")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError("--threads must be >= 1")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.ctx_size < 1:
         raise ValueError("--ctx-size must be >= 1")
+    sampling = _sampling(args)
+    _check_sampling(sampling)
     path = args.model
     if path is None:
         from .default_model import default_model_path
         path = default_model_path()
     llm = Llama(path, n_ctx=args.ctx_size, n_threads=args.threads)
-    sampling = _sampling(args)
-    llm.sampling_params(**sampling)  # validate before any output
+    llm.sampling_params(**sampling)  # with the model's defaults, before any output
     prompt = args.prompt
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()  # `echo question |` adds a newline nobody meant

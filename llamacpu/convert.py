@@ -3,9 +3,11 @@
     convert(src, out, type=None) -> Path
 
 The converter streams: one tensor at a time, big matrices in row chunks, straight
-into a temporary file beside OUT that is renamed over OUT only when everything
-succeeded. The type policy (which tensor gets which type) and the reasons for it
-are in docs/FORMAT.md, "Type policy".
+into a temporary file beside OUT (.OUT.tmp-PID-XXXXXXXX) that is renamed over OUT
+only when everything succeeded: an interrupted conversion never leaves a partial OUT
+(Ctrl-C deletes the temporary file; one left by a killed process is deleted by the
+next conversion to the same OUT). The type policy (which tensor gets which type)
+and the reasons for it are in docs/FORMAT.md, "Type policy".
 
 Name maps are declarative (below); the HF -> adjacent-pair RoPE permutation of
 q_proj/k_proj sits right beside them in `hf_rope_permute`.
@@ -606,7 +608,7 @@ _K_QUANTS = {10, 11, 12, 13, 14, 15}  # Q2_K .. Q8_K
 def _gguf_config(g, where: str) -> dict:
     kv = g.kv
     arch = kv.get("general.architecture")
-    if arch != "llama":
+    if not isinstance(arch, str) or arch != "llama":  # (an array value would make != ambiguous)
         raise ModelFormatError(f"{where}: general.architecture is {arch!r}; only 'llama' GGUF "
                                "files are supported")
 
@@ -644,7 +646,7 @@ def _gguf_config(g, where: str) -> dict:
         raise ModelFormatError(f"{where}: partial rotary embeddings (rope.dimension_count "
                                f"{rot} != head_dim {head_dim}) are not supported")
     scaling = kv.get("llama.rope.scaling.type")
-    if scaling not in (None, "none"):
+    if scaling is not None and (not isinstance(scaling, str) or scaling != "none"):
         raise ModelFormatError(f"{where}: llama.rope.scaling.type {scaling!r} is not supported")
     config = {
         "architecture": "llama",
@@ -686,6 +688,7 @@ def _plan_gguf(src: Path) -> Plan:
                     f"{GGML_TYPE_NAMES.get(t.type, t.type)}, which is not supported; use a "
                     "Q4_0/Q4_1/Q8_0/F16 GGUF")
         config = _gguf_config(g, where)
+        _check_tokenizer_kv_types(g.kv, where)
         tk = tokenizer_from_gguf(g.kv)
         try:
             tokenizer = json.loads(tk["tokenizer_json"])
@@ -726,6 +729,17 @@ def _plan_gguf(src: Path) -> Plan:
         plan.close()
         raise
     return plan
+
+
+def _check_tokenizer_kv_types(kv: dict, where: str) -> None:
+    """Types that tokenizer_from_gguf takes for granted (found by tools/fuzz_loader.py: an
+    array for the model name made `!=` ambiguous; float token types with inf overflowed int())."""
+    model = kv.get("tokenizer.ggml.model")
+    if model is not None and not isinstance(model, str):
+        raise ModelFormatError(f"{where}: tokenizer.ggml.model must be a string")
+    types = kv.get("tokenizer.ggml.token_type")
+    if types is not None and not (isinstance(types, np.ndarray) and types.dtype.kind in "iu"):
+        raise ModelFormatError(f"{where}: tokenizer.ggml.token_type must be an array of integers")
 
 
 def _gguf_source(t, name: str) -> SourceTensor:
@@ -951,17 +965,23 @@ def convert(src, out, type: str | None = None, progress=True, overwrite: bool = 
             },
         }
         fmt.validate_meta(meta)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give OUT the usual mode
+        _remove_stale_temps(out, prog)
+        tmp = None
         try:
+            # OUT appears only complete: written beside it, then renamed over it. Ctrl-C
+            # (KeyboardInterrupt) deletes the temporary file; after SIGKILL it stays, named
+            # .OUT.tmp-PID-XXXXXXXX, and the next conversion to OUT removes it.
+            fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(out)}{os.getpid()}-", dir=out.parent)
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give OUT the usual mode
             _write(tmp, meta, plan, out_types, prog)
             os.replace(tmp, out)
         except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
             raise
     finally:
         plan.close()
@@ -974,6 +994,43 @@ def convert(src, out, type: str | None = None, progress=True, overwrite: bool = 
     prog.message(f"converted {src} -> {out}: {len(out_types)} tensors ({by_type}), "
                  f"{_fmt_bytes(size)} in {time.monotonic() - t_start:.1f} s")
     return out
+
+
+def _temp_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-"
+
+
+def _remove_stale_temps(out: Path, prog: _Progress) -> None:
+    """Delete the temporary files that killed conversions to OUT left behind: those whose
+    process (the PID in the name) no longer exists. A live conversion's file is kept."""
+    prefix = _temp_prefix(out)
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            os.unlink(out.parent / name)
+            prog.message(f"removed {out.parent / name}, left by an interrupted conversion")
+        except OSError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process of its own: keep the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it exists, someone else's
+        return True
+    return True
 
 
 def _umask() -> int:

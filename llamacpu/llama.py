@@ -170,11 +170,7 @@ class Llama:
     def _steps(self, ids: list[int], max_tokens, params: SamplingParams, stop: list[str],
                logprobs: int | None, gen: Generation) -> Iterator[Step]:
         """The generation loop. Caller holds the lock."""
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.n_ctx:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
-                             "(load with a larger n_ctx or shorten the prompt)")
+        self._check_prompt(ids)
         gen.prompt_tokens = len(ids)
         sampler = Sampler(params)
         dec = self.tokenizer.stream_decoder()
@@ -247,6 +243,14 @@ class Llama:
         finally:
             gen.generation_seconds = time.perf_counter() - t1
 
+    def _check_prompt(self, ids) -> None:
+        """Refuse a prompt that leaves no room to generate (never truncate it silently)."""
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.n_ctx:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
+                             "(load with a larger n_ctx or shorten the prompt)")
+
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenize(prompt, special=True)
@@ -266,6 +270,7 @@ class Llama:
         params = self.sampling_params(**sampling)
         stops = _stops(stop)
         ids = self._prompt_ids(prompt)
+        self._check_prompt(ids)  # now, not at the first next() of a stream
         if stream:
             return self._stream_text(ids, max_tokens, params, stops)
         gen = Generation()
@@ -302,6 +307,7 @@ class Llama:
             raise ValueError("top_logprobs must be an integer in [0, 20]")
         text = self.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
         ids = self.tokenize(text, special=True)
+        self._check_prompt(ids)  # now, not at the first next() of a stream
         lp = top_logprobs if (logprobs or top_logprobs) else None
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())

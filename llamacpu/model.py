@@ -11,6 +11,7 @@ from .rope import inv_freq
 
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 512  # tokens per internal prefill chunk (sizes the scratch buffers)
+MAX_THREADS = 1024     # sanity bound (the engine keeps an attention scratch row per thread)
 
 
 def physical_cores() -> int:
@@ -31,8 +32,8 @@ def physical_cores() -> int:
 
 
 def _check_threads(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n_threads must be a positive integer, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"n_threads must be an integer in [1, {MAX_THREADS}], got {n!r}")
     return int(n)
 
 
