@@ -49,7 +49,8 @@ is_arm64 = machine in ("aarch64", "arm64")
 
 sources = ["llamacpu/_core.pyx", "csrc/kernels_scalar.c", "csrc/dispatch.c", "csrc/forward.c"]
 if is_x86:
-    sources.append("csrc/kernels_avx2.c")  # compiled with in-file target pragmas, chosen at run time
+    # compiled with in-file target pragmas, chosen at run time
+    sources += ["csrc/kernels_avx2.c", "csrc/kernels_avx512vnni.c"]
 if is_arm64:
     sources.append("csrc/kernels_neon.c")
 

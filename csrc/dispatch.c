@@ -1,5 +1,5 @@
 /* Runtime choice of the kernel table: cpuid on x86-64, hwcaps on aarch64.
- * LLAMACPU_KERNELS=scalar (or avx2, neon, neon-dotprod) overrides. */
+ * LLAMACPU_KERNELS=scalar (or avx2, avx512vnni, neon, neon-dotprod) overrides. */
 #include <stdlib.h>
 #include <string.h>
 #include "llamacpu.h"
@@ -18,6 +18,17 @@ static int cpu_has_avx2_fma_f16c(void) {
     if (__get_cpuid_max(0, NULL) < 7) return 0;
     __cpuid_count(7, 0, a, b, c, d);
     return (b >> 5) & 1;
+}
+
+/* AVX-512 F, BW, VL and VNNI, with the OS saving the opmask and ZMM state (XCR0 bits 5-7) */
+static int cpu_has_avx512vnni(void) {
+    if (!cpu_has_avx2_fma_f16c()) return 0;
+    unsigned a, b, c, d, xlo, xhi;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    if ((xlo & 0xe6) != 0xe6) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    const int f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1, vnni = (c >> 11) & 1;
+    return f && bw && vl && vnni;
 }
 #endif
 
@@ -46,6 +57,7 @@ const lc_kernels *lc_kernels_by_name(const char *name) {
     if (strcmp(name, "scalar") == 0) return &lc_kernels_scalar;
 #if defined(__x86_64__) || defined(_M_X64)
     if (strcmp(name, "avx2") == 0) return cpu_has_avx2_fma_f16c() ? &lc_kernels_avx2 : NULL;
+    if (strcmp(name, "avx512vnni") == 0) return cpu_has_avx512vnni() ? &lc_kernels_avx512vnni : NULL;
 #endif
 #if defined(__aarch64__)
     if (strcmp(name, "neon") == 0) return &lc_kernels_neon;
@@ -61,6 +73,7 @@ const lc_kernels *lc_kernels_best(void) {
         return k ? k : &lc_kernels_scalar;
     }
 #if defined(__x86_64__) || defined(_M_X64)
+    if (cpu_has_avx512vnni()) return &lc_kernels_avx512vnni;
     if (cpu_has_avx2_fma_f16c()) return &lc_kernels_avx2;
 #endif
 #if defined(__aarch64__)

@@ -1,13 +1,28 @@
 /* AVX2 + FMA + F16C kernels. Compiled with in-file target options so that the
  * package builds for baseline x86-64; dispatch.c only hands this table out when
- * cpuid says the CPU has all three. Same signatures as kernels_scalar.c. */
+ * cpuid says the CPU has all three. Same signatures as kernels_scalar.c.
+ *
+ * kernels_avx512vnni.c includes this file again with LC_X86_VNNI defined: the
+ * same kernels, compiled for AVX-512 VL + VNNI, with each 8-bit dot product one
+ * vpdpbusd (EVEX on 256-bit registers) instead of maddubs + madd. The integer
+ * results are identical (no saturation can occur in either; see dot_u8s8), so
+ * both tables give bit-identical output. */
 #if defined(__x86_64__) || defined(_M_X64)
 
+#if defined(LC_X86_VNNI)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#endif
+#else
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
 #elif defined(__GNUC__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#endif
 #endif
 
 #include <immintrin.h>
@@ -49,6 +64,25 @@ static ALWAYS_INLINE __m256i unpack_nibbles(const uint8_t *qs) {
 }
 
 static ALWAYS_INLINE float fp16_1(uint16_t h) { return _cvtsh_ss(h); }
+
+/* 8 x s32: lane i = sum of the 4 products u[4i+j] * s[4i+j], u unsigned, s signed.
+ * maddubs' s16 pair sums cannot saturate here: |u| <= 128 (Q8_0's sign trick
+ * gives |w| <= 128; nibbles are <= 15) and |s| <= 127, so a pair is <= 32512. */
+#if defined(LC_X86_VNNI)
+#define LC_X86_NREGS 32    /* EVEX encoding: ymm0-31 */
+#define LC_X86_Q8_OFFSET 1 /* x8 Q8_0 weights offset by 128 (tile_x8) */
+#else
+#define LC_X86_NREGS 16
+#define LC_X86_Q8_OFFSET 0
+#endif
+
+static ALWAYS_INLINE __m256i dot_u8s8(__m256i u, __m256i s) {
+#if defined(LC_X86_VNNI)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
 
 /* exp(x) for a vector, Cephes-style range reduction and polynomial (~2 ulp). */
 static ALWAYS_INLINE __m256 exp_ps(__m256 x) {
@@ -112,7 +146,6 @@ static void quantize_act(const float *x, block_q8a *y, int64_t n) {
  * away and the TN accumulators stay in registers. */
 static ALWAYS_INLINE void tile_q(const int TYPE, const void *wrow, const block_q8a *x, int64_t nb, const int TN,
                                  float *out, int64_t ldo) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4];
     float corr[4];
     for (int k = 0; k < TN; k++) { acc[k] = _mm256_setzero_ps(); corr[k] = 0.0f; }
@@ -135,9 +168,9 @@ static ALWAYS_INLINE void tile_q(const int TYPE, const void *wrow, const block_q
             const __m256i y = _mm256_loadu_si256((const __m256i *)xb->qs);
             __m256i p;
             if (TYPE == LC_TYPE_Q8_0) /* sign trick: |w| (unsigned) times y carrying w's sign */
-                p = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q)), ones);
+                p = dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
             else /* nibbles are already unsigned */
-                p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, y), ones);
+                p = dot_u8s8(q, y);
             /* lane g of p is group g: scale it by dw * d[g] */
             acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(vdw, _mm256_loadu_ps(xb->d)), acc[k]);
             if (TYPE == LC_TYPE_Q4_0) corr[k] += dw * xb->s;      /* the -8 offset, once per block */
@@ -183,24 +216,44 @@ static ALWAYS_INLINE int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p
 
 static ALWAYS_INLINE void tile_x8(const int TYPE, const void *wgrp, const block_q8a *x, int64_t nb, const int TN,
                                   float *out, int64_t ldo) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
     const int64_t gbytes = 8 * (int64_t)lc_block_bytes(TYPE);
     const int hdr = lc_x8_header(TYPE);
     __m256 acc[4];
     for (int k = 0; k < TN; k++) acc[k] = _mm256_setzero_ps();
     const uint8_t *g = wgrp;
     for (int64_t b = 0; b < nb; b++, g += gbytes) {
-        __m256 accb[4];
-        for (int k = 0; k < TN; k++) accb[k] = _mm256_setzero_ps();
+        /* Two accumulators per token (low / high nibbles; even / odd chunks of Q8_0)
+         * make two independent FMA chains, so that one token (decode) does not wait
+         * on FMA latency. With 16 registers (AVX2) and 3-4 tokens they would spill:
+         * there the chains of the tokens already overlap, and accb2 aliases accb. */
+        const int split = TN <= 2 || LC_X86_NREGS >= 32;
+        __m256 accb[4], accb2_[4];
+        __m256 *accb2 = split ? accb2_ : accb;
+        for (int k = 0; k < TN; k++) { accb[k] = _mm256_setzero_ps(); accb2_[k] = _mm256_setzero_ps(); }
         if (TYPE == LC_TYPE_Q8_0) {
             for (int c = 0; c < 8; c++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(g + hdr + 32 * c));
+#if defined(LC_X86_VNNI)
+                /* w + 128 is unsigned: one xor per chunk instead of a sign per token;
+                 * the 128 * sum(x) it adds is taken off per block with xb->s. (AVX2's
+                 * maddubs would saturate on 255 * 127 pairs: it keeps the sign trick.) */
+                const __m256i av = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
+#else
                 const __m256i av = _mm256_sign_epi8(v, v); /* sign trick, as tile_q */
+#endif
                 for (int k = 0; k < TN; k++) {
                     const block_q8a *xb = x + k * nb + b;
+#if defined(LC_X86_VNNI)
+                    const __m256i y = _mm256_set1_epi32(load_i32(xb->qs + 4 * c));
+#else
                     const __m256i y = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb->qs + 4 * c)), v);
-                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(av, y), ones);
-                    accb[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&xb->d[c]), accb[k]);
+#endif
+                    const __m256i p = dot_u8s8(av, y);
+                    if (c & 1)
+                        accb2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&xb->d[c]), accb2[k]);
+                    else
+                        accb[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&xb->d[c]), accb[k]);
                 }
             }
         } else {
@@ -209,15 +262,15 @@ static ALWAYS_INLINE void tile_x8(const int TYPE, const void *wgrp, const block_
                 const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
                 for (int k = 0; k < TN; k++) {
                     const block_q8a *xb = x + k * nb + b;
-                    const __m256i plo = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(xb->qs + 4 * c))), ones);
-                    const __m256i phi = _mm256_madd_epi16(
-                        _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(xb->qs + 16 + 4 * c))), ones);
+                    const __m256i plo = dot_u8s8(lo, _mm256_set1_epi32(load_i32(xb->qs + 4 * c)));
+                    const __m256i phi = dot_u8s8(hi, _mm256_set1_epi32(load_i32(xb->qs + 16 + 4 * c)));
                     accb[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(plo), _mm256_broadcast_ss(&xb->d[c]), accb[k]);
-                    accb[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(phi), _mm256_broadcast_ss(&xb->d[c + 4]), accb[k]);
+                    accb2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(phi), _mm256_broadcast_ss(&xb->d[c + 4]), accb2[k]);
                 }
             }
         }
+        if (split)
+            for (int k = 0; k < TN; k++) accb[k] = _mm256_add_ps(accb[k], accb2[k]);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
         for (int k = 0; k < TN; k++) {
             const block_q8a *xb = x + k * nb + b;
@@ -226,6 +279,8 @@ static ALWAYS_INLINE void tile_x8(const int TYPE, const void *wgrp, const block_
             } else if (TYPE == LC_TYPE_Q4_1) { /* dw * sum(q x) + m * s */
                 const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 16)));
                 acc[k] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xb->s), _mm256_fmadd_ps(accb[k], dw, acc[k]));
+            } else if (LC_X86_Q8_OFFSET) { /* dw * (sum((w + 128) x) - 128 s) */
+                acc[k] = _mm256_fmadd_ps(_mm256_sub_ps(accb[k], _mm256_set1_ps(128.0f * xb->s)), dw, acc[k]);
             } else {
                 acc[k] = _mm256_fmadd_ps(accb[k], dw, acc[k]);
             }
@@ -387,7 +442,11 @@ static void swiglu(float *hb, const float *hb2, int64_t n) {
     for (; i < n; i++) hb[i] = hb[i] / (1.0f + expf(-hb[i])) * hb2[i];
 }
 
+#if defined(LC_X86_VNNI)
+const lc_kernels lc_kernels_avx512vnni = LC_KERNEL_TABLE("avx512vnni", );
+#else
 const lc_kernels lc_kernels_avx2 = LC_KERNEL_TABLE("avx2", );
+#endif
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -67,13 +67,14 @@ void lc_rope_angles(float *cos_out, float *sin_out, int half, int pos, const flo
 extern const lc_kernels lc_kernels_scalar;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const lc_kernels lc_kernels_avx2;
+extern const lc_kernels lc_kernels_avx512vnni;
 #endif
 #if defined(__aarch64__)
 extern const lc_kernels lc_kernels_neon;
 extern const lc_kernels lc_kernels_neon_dotprod;
 #endif
 
-/* Best kernel table for this CPU; LLAMACPU_KERNELS=scalar|avx2|neon|neon-dotprod
+/* Best kernel table for this CPU; LLAMACPU_KERNELS=scalar|avx2|avx512vnni|neon|neon-dotprod
  * overrides (an unsupported request falls back to scalar). */
 const lc_kernels *lc_kernels_best(void);
 /* Table by name, or NULL when it is not compiled in or the CPU lacks it. */

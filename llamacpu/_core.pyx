@@ -136,7 +136,7 @@ cdef const lc_kernels *_kernels(impl) except NULL:
 
 def available_kernels():
     """Names of the kernel tables this CPU can run, best last."""
-    return [n for n in ("scalar", "avx2", "neon", "neon-dotprod") if lc_kernels_by_name(n.encode()) != NULL]
+    return [n for n in ("scalar", "avx2", "avx512vnni", "neon", "neon-dotprod") if lc_kernels_by_name(n.encode()) != NULL]
 
 
 def best_kernels():

@@ -125,7 +125,7 @@ class Model:
 
     @property
     def kernels(self) -> str:
-        """Name of the kernel table in use: scalar, avx2, neon or neon-dotprod."""
+        """Name of the kernel table in use: scalar, avx2, avx512vnni, neon or neon-dotprod."""
         return self._engine.kernels
 
     @property

@@ -36,7 +36,7 @@ def test_native_kernels(tmp_path):
     import platform
     srcs = [CSRC / "kernels_scalar.c", CSRC / "dispatch.c"]
     if platform.machine() in ("x86_64", "AMD64"):
-        srcs.append(CSRC / "kernels_avx2.c")
+        srcs += [CSRC / "kernels_avx2.c", CSRC / "kernels_avx512vnni.c"]
     if platform.machine() in ("aarch64", "arm64"):
         srcs.append(CSRC / "kernels_neon.c")
     r = build_and_run(shutil.which("cc") or "gcc", srcs, tmp_path / "tk")

@@ -49,7 +49,10 @@ def test_simd_is_available_on_this_machine():
         flags = open("/proc/cpuinfo").read()
         if " avx2 " in flags and " fma " in flags and " f16c " in flags:
             assert "avx2" in _core.available_kernels()
-            assert _core.best_kernels() in ("avx2", "scalar")  # scalar only when forced by LLAMACPU_KERNELS
+            vnni = all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
+            assert ("avx512vnni" in _core.available_kernels()) == vnni
+            best = "avx512vnni" if vnni else "avx2"
+            assert _core.best_kernels() in (best, "scalar")  # scalar only when forced by LLAMACPU_KERNELS
 
 
 @SETTINGS

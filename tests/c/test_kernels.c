@@ -164,8 +164,8 @@ static void test_table(const lc_kernels *k) {
 }
 
 int main(void) {
-    const char *names[] = {"scalar", "avx2", "neon", "neon-dotprod"};
-    for (int i = 0; i < 4; i++) {
+    const char *names[] = {"scalar", "avx2", "avx512vnni", "neon", "neon-dotprod"};
+    for (int i = 0; i < (int)(sizeof names / sizeof names[0]); i++) {
         const lc_kernels *k = lc_kernels_by_name(names[i]);
         if (!k) { printf("kernels %s: not available here\n", names[i]); continue; }
         printf("kernels %s\n", k->name);
