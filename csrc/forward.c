@@ -12,6 +12,7 @@
  * Matmuls with quantized weights take activations quantized once per row
  * (block_q8a); several tokens share each weight load (kernels' gemm tiles).
  * Threads: OpenMP over weight rows (matmuls) and over (token, head) pairs. */
+#define _POSIX_C_SOURCE 200112L /* posix_memalign under -std=c11 */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -148,29 +149,56 @@ void lc_model_set_threads(lc_model *m, int n_threads) {
     if (alloc_att(m, n_threads) == 0) m->c.n_threads = n_threads;
 }
 
-/* Y (nt, W.rows) [row stride ldy] = X W^T. X given as float (xf) and, for
- * quantized W, as q8a blocks (xq). Rows are split among threads. */
-static void matmul(lc_model *m, const lc_tensor *W, const float *xf, const block_q8a *xq, int nt, float *Y, int64_t ldy) {
+/* One matmul of a group: Y (nt, W.rows) [row stride ldy] = X W^T, X given as
+ * float (xf) and, for quantized W, as q8a blocks (xq). */
+typedef struct {
+    const lc_tensor *W;
+    const float *xf;
+    const block_q8a *xq;
+    float *Y;
+    int64_t ldy;
+} lc_mm;
+
+/* Up to 4 independent matmuls over the same tokens in one OpenMP region: their
+ * rows are cut into chunks (multiples of 8 rows, the x8 groups; about 8 a thread
+ * for balance) and the threads share out all chunks of all of them, so q/k/v and
+ * w1/w3 cost one fork and one barrier instead of three and two. */
+static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
     const lc_kernels *k = m->k;
-    const int64_t rows = W->rows;
     const int nth = m->c.n_threads;
-    const int x8 = W->layout == LC_LAYOUT_X8;
-    /* about 8 chunks a thread for balance; multiples of 8 rows (x8 groups) */
-    int64_t chunk = (rows + (int64_t)nth * 8 - 1) / ((int64_t)nth * 8);
-    chunk = (chunk + 7) / 8 * 8;
-    if (chunk < 8) chunk = 8;
-    const int64_t nchunks = (rows + chunk - 1) / chunk;
+    int64_t chunk[4], first[5];
+    first[0] = 0;
+    for (int i = 0; i < n; i++) {
+        const int64_t rows = mm[i].W->rows;
+        int64_t c = (rows + (int64_t)nth * 8 - 1) / ((int64_t)nth * 8);
+        c = (c + 7) / 8 * 8;
+        chunk[i] = c < 8 ? 8 : c;
+        first[i + 1] = first[i] + (rows + chunk[i] - 1) / chunk[i];
+    }
+    const int64_t total = first[n];
 #pragma omp parallel for num_threads(nth) schedule(static) if (nth > 1)
-    for (int64_t ci = 0; ci < nchunks; ci++) {
-        const int64_t r0 = ci * chunk, r1 = r0 + chunk < rows ? r0 + chunk : rows;
+    for (int64_t ci = 0; ci < total; ci++) {
+        int i = 0;
+        while (ci >= first[i + 1]) i++;
+        const lc_tensor *W = mm[i].W;
+        const block_q8a *xq = mm[i].xq;
+        float *Y = mm[i].Y;
+        const int64_t ldy = mm[i].ldy, rows = W->rows;
+        const int64_t r0 = (ci - first[i]) * chunk[i], r1 = r0 + chunk[i] < rows ? r0 + chunk[i] : rows;
+        const int x8 = W->layout == LC_LAYOUT_X8;
         switch (W->type) {
         case LC_TYPE_Q4_0: (x8 ? k->gemm_q4_0_x8 : k->gemm_q4_0)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
         case LC_TYPE_Q4_1: (x8 ? k->gemm_q4_1_x8 : k->gemm_q4_1)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
         case LC_TYPE_Q8_0: (x8 ? k->gemm_q8_0_x8 : k->gemm_q8_0)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
-        case LC_TYPE_F16: k->gemm_f16(W->data, W->cols, xf, nt, Y, ldy, r0, r1); break;
-        default: k->gemm_f32(W->data, W->cols, xf, nt, Y, ldy, r0, r1); break;
+        case LC_TYPE_F16: k->gemm_f16(W->data, W->cols, mm[i].xf, nt, Y, ldy, r0, r1); break;
+        default: k->gemm_f32(W->data, W->cols, mm[i].xf, nt, Y, ldy, r0, r1); break;
         }
     }
+}
+
+static void matmul(lc_model *m, const lc_tensor *W, const float *xf, const block_q8a *xq, int nt, float *Y, int64_t ldy) {
+    const lc_mm mm = {W, xf, xq, Y, ldy};
+    matmuls(m, &mm, 1, nt);
 }
 
 /* Row `row` of the embedding table -> out (cols floats), in either layout. */
@@ -200,8 +228,9 @@ static void quantize_rows(lc_model *m, const float *x, int nt, int cols, int nee
  * sees x to about 16 bits. Measured on SmolLM2-135M (tests/test_engine.py): the
  * values of the attention-sink token are small and every later position reads
  * them, so an 8-bit V costs more accuracy than all other matmuls together,
- * while wv is under 2% of the weights of Llama 3.2 1B. */
-static void value_residual(lc_model *m, const lc_tensor *wv, int nt) {
+ * while wv is under 2% of the weights of Llama 3.2 1B. This quantizes that
+ * rounding error (xq2); the second wv pass runs in the q/k/v matmul group. */
+static void value_residual_input(lc_model *m, int nt) {
     const int dim = m->c.dim;
     const int64_t nb = dim / QK;
     for (int t = 0; t < nt; t++) {
@@ -213,8 +242,6 @@ static void value_residual(lc_model *m, const lc_tensor *wv, int nt) {
         }
         m->k->quantize_act(r, m->xq2 + t * nb, dim);
     }
-    matmul(m, wv, NULL, m->xq2, nt, m->vb2, m->kv_dim);
-    for (int64_t i = 0; i < (int64_t)nt * m->kv_dim; i++) m->vb[i] += m->vb2[i];
 }
 
 static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, float *logits, int all_logits, int want_last) {
@@ -236,10 +263,13 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
         for (int t = 0; t < nt; t++)
             k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, L->attention_norm, dim, c->norm_eps);
         quantize_rows(m, m->xb, nt, dim, is_quantized(L->wq.type) || is_quantized(L->wk.type) || is_quantized(L->wv.type));
-        matmul(m, &L->wq, m->xb, m->xq, nt, m->q, qd);
-        matmul(m, &L->wk, m->xb, m->xq, nt, m->kb, kvd);
-        matmul(m, &L->wv, m->xb, m->xq, nt, m->vb, kvd);
-        if (is_quantized(L->wv.type)) value_residual(m, &L->wv, nt);
+        const int vres = is_quantized(L->wv.type);
+        if (vres) value_residual_input(m, nt);
+        const lc_mm qkv[4] = {{&L->wq, m->xb, m->xq, m->q, qd}, {&L->wk, m->xb, m->xq, m->kb, kvd},
+                              {&L->wv, m->xb, m->xq, m->vb, kvd}, {&L->wv, NULL, m->xq2, m->vb2, kvd}};
+        matmuls(m, qkv, vres ? 4 : 3, nt);
+        if (vres)
+            for (int64_t i = 0; i < (int64_t)nt * kvd; i++) m->vb[i] += m->vb2[i];
         for (int t = 0; t < nt; t++) {
             k->rope(m->q + (int64_t)t * qd, c->n_heads, hd, pos + t, m->w.inv_freq);
             k->rope(m->kb + (int64_t)t * kvd, c->n_kv_heads, hd, pos + t, m->w.inv_freq);
@@ -265,8 +295,8 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
         for (int t = 0; t < nt; t++)
             k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, L->ffn_norm, dim, c->norm_eps);
         quantize_rows(m, m->xb, nt, dim, is_quantized(L->w1.type) || is_quantized(L->w3.type));
-        matmul(m, &L->w1, m->xb, m->xq, nt, m->hb, hid);
-        matmul(m, &L->w3, m->xb, m->xq, nt, m->hb2, hid);
+        const lc_mm up[2] = {{&L->w1, m->xb, m->xq, m->hb, hid}, {&L->w3, m->xb, m->xq, m->hb2, hid}};
+        matmuls(m, up, 2, nt);
         k->swiglu(m->hb, m->hb2, (int64_t)nt * hid);
         quantize_rows(m, m->hb, nt, hid, is_quantized(L->w2.type));
         matmul(m, &L->w2, m->hb, m->xq, nt, m->proj, dim);
