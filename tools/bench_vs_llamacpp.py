@@ -693,18 +693,25 @@ TRIED = """
 """
 
 
-def write_benchmarks(path: Path, body: str) -> None:
-    block = f"{BEGIN}\n{body}\n{END}"
+def write_marked(path: Path, begin: str, end: str, body: str, new_file) -> None:
+    """Put `body` between the begin/end marker lines of the file at `path`, keeping the
+    rest; without markers, append them under "## Results"; a missing file becomes
+    new_file(block). Shared with tools/quality_vs_llamacpp.py."""
+    block = f"{begin}\n{body}\n{end}"
     if path.exists():
         text = path.read_text()
-        i, j = text.find(BEGIN), text.find(END)
+        i, j = text.find(begin), text.find(end)
         if i >= 0 and j > i:
-            text = text[:i] + block + text[j + len(END):]
+            text = text[:i] + block + text[j + len(end):]
         else:
             text = text.rstrip("\n") + "\n\n## Results\n\n" + block + "\n"
     else:
-        text = INTRO + block + TRIED
+        text = new_file(block)
     path.write_text(text)
+
+
+def write_benchmarks(path: Path, body: str) -> None:
+    write_marked(path, BEGIN, END, body, lambda block: INTRO + block + TRIED)
     log(f"wrote {path}")
 
 

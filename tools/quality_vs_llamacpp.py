@@ -299,17 +299,7 @@ INTRO = """# Quality: perplexity against llama.cpp
 
 
 def write_doc(path: Path, body: str) -> None:
-    block = f"{BEGIN}\n{body}\n{END}"
-    if path.exists():
-        text = path.read_text()
-        i, j = text.find(BEGIN), text.find(END)
-        if i >= 0 and j > i:
-            text = text[:i] + block + text[j + len(END):]
-        else:
-            text = text.rstrip("\n") + "\n\n## Results\n\n" + block + "\n"
-    else:
-        text = INTRO + block + "\n"
-    path.write_text(text)
+    bv.write_marked(path, BEGIN, END, body, lambda block: INTRO + block + "\n")
     log(f"wrote {path}")
 
 
