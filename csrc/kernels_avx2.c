@@ -384,9 +384,37 @@ static void rope(float *x, int n_heads, int head_dim, int pos, const float *inv_
     }
 }
 
+/* sums of a, b, c, d in lanes 0..3 */
+static ALWAYS_INLINE __m128 hsum4_ps(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
 static void attention(float *out, const float *q, const uint16_t *K, const uint16_t *V, int n, int head_dim, float scale, float *scores) {
     float max = -INFINITY;
-    for (int j = 0; j < n; j++) {
+    int j0 = 0;
+    if (head_dim % 8 == 0) { /* 4 keys at a time: one reduction for the four dot products */
+        const __m128 vscale = _mm_set1_ps(scale);
+        __m128 vmax4 = _mm_set1_ps(-INFINITY);
+        for (; j0 + 4 <= n; j0 += 4) {
+            const uint16_t *k = K + (int64_t)j0 * head_dim;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int i = 0; i < head_dim; i += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + i);
+                a0 = _mm256_fmadd_ps(qv, load8_f16(k + i), a0);
+                a1 = _mm256_fmadd_ps(qv, load8_f16(k + head_dim + i), a1);
+                a2 = _mm256_fmadd_ps(qv, load8_f16(k + 2 * head_dim + i), a2);
+                a3 = _mm256_fmadd_ps(qv, load8_f16(k + 3 * head_dim + i), a3);
+            }
+            const __m128 sc = _mm_mul_ps(hsum4_ps(a0, a1, a2, a3), vscale);
+            _mm_storeu_ps(scores + j0, sc);
+            vmax4 = _mm_max_ps(vmax4, sc);
+        }
+        vmax4 = _mm_max_ps(vmax4, _mm_movehl_ps(vmax4, vmax4));
+        vmax4 = _mm_max_ss(vmax4, _mm_movehdup_ps(vmax4));
+        max = _mm_cvtss_f32(vmax4);
+    }
+    for (int j = j0; j < n; j++) {
         const uint16_t *k = K + (int64_t)j * head_dim;
         __m256 acc = _mm256_setzero_ps();
         int i = 0;
@@ -411,6 +439,18 @@ static void attention(float *out, const float *q, const uint16_t *K, const uint1
     }
     const float inv = 1.0f / sum;
     int i = 0;
+    /* 64 dimensions at a time: the 8 accumulators stay in registers and each row of V
+     * is read once, in order */
+    for (; i + 64 <= head_dim; i += 64) {
+        __m256 acc[8];
+        for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+        for (j = 0; j < n; j++) {
+            const __m256 sj = _mm256_set1_ps(scores[j]);
+            const uint16_t *v = V + (int64_t)j * head_dim + i;
+            for (int u = 0; u < 8; u++) acc[u] = _mm256_fmadd_ps(sj, load8_f16(v + 8 * u), acc[u]);
+        }
+        for (int u = 0; u < 8; u++) _mm256_storeu_ps(out + i + 8 * u, _mm256_mul_ps(acc[u], _mm256_set1_ps(inv)));
+    }
     for (; i + 8 <= head_dim; i += 8) {
         __m256 acc = _mm256_setzero_ps();
         for (j = 0; j < n; j++)
