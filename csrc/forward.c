@@ -160,9 +160,12 @@ typedef struct {
 } lc_mm;
 
 /* Up to 4 independent matmuls over the same tokens in one OpenMP region: their
- * rows are cut into chunks (multiples of 8 rows, the x8 groups; about 8 a thread
- * for balance) and the threads share out all chunks of all of them, so q/k/v and
- * w1/w3 cost one fork and one barrier instead of three and two. */
+ * rows are cut into chunks (multiples of 8 rows, the x8 groups; about 8 a thread)
+ * and the threads share out all chunks of all of them, so q/k/v and w1/w3 cost one
+ * fork and one barrier instead of three and two. Chunks are handed out dynamically:
+ * on a shared machine one thread may run slower (a busy sibling core), and a static
+ * split makes the other wait for it (pp512, 2 threads: 131-141 t/s static, 146-149
+ * dynamic, BENCHMARKS.md). */
 static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
     const lc_kernels *k = m->k;
     const int nth = m->c.n_threads;
@@ -176,7 +179,7 @@ static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
         first[i + 1] = first[i] + (rows + chunk[i] - 1) / chunk[i];
     }
     const int64_t total = first[n];
-#pragma omp parallel for num_threads(nth) schedule(static) if (nth > 1)
+#pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (nth > 1)
     for (int64_t ci = 0; ci < total; ci++) {
         int i = 0;
         while (ci >= first[i + 1]) i++;
