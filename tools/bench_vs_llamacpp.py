@@ -417,20 +417,27 @@ def ensure_llamacpp_files(ck: Path, types, quantize: Path, conv_py: str) -> dict
     return out
 
 
-def ensure_our_files(ck: Path, types) -> dict:
+def converted_files(src: Path, directory: Path, stem: str, type_args: dict) -> dict:
+    """`llamacpu convert` of src once per type (type -> its extra convert arguments), cached
+    in directory as {stem}-{type}-{hash}.bin and redone when the converter, the format or the
+    C headers change. Shared with tools/quality_vs_llamacpp.py."""
     deps = [REPO / "llamacpu" / n for n in ("convert.py", "format.py", "_core.pyx")]
     deps += sorted((REPO / "csrc").glob("*.h"))
     h = src_hash([p for p in deps if p.exists()])
     out = {}
-    for t in types:
-        f = BENCH_DIR / f"llamacpu-1b-{t}-{h}.bin"
+    for t, extra in type_args.items():
+        f = directory / f"{stem}-{t}-{h}.bin"
         if not f.exists():
-            for old in BENCH_DIR.glob(f"llamacpu-1b-{t}-*.bin"):
+            for old in directory.glob(f"{stem}-{t}-*.bin"):
                 old.unlink()
-            sh([sys.executable, "-m", "llamacpu", "convert", ck, f, "--type", t, "--quiet"], cwd=REPO,
+            sh([sys.executable, "-m", "llamacpu", "convert", src, f, *extra, "--quiet"], cwd=REPO,
                env=our_env())
         out[t] = f
     return out
+
+
+def ensure_our_files(ck: Path, types) -> dict:
+    return converted_files(ck, BENCH_DIR, "llamacpu-1b", {t: ["--type", t] for t in types})
 
 
 def our_env() -> dict:

@@ -68,21 +68,9 @@ sh = bv.sh
 # ----------------------------------------------------------------------------- files
 
 def our_files(gguf: Path, types) -> dict:
-    """llamacpu files, redone when the converter, the format or the C headers change."""
-    deps = [REPO / "llamacpu" / n for n in ("convert.py", "format.py", "_core.pyx")]
-    deps += sorted((REPO / "csrc").glob("*.h"))
-    h = bv.src_hash([p for p in deps if p.exists()])
-    out = {}
-    for t in types:
-        f = QDIR / f"llamacpu-smollm2-{t}-{h}.bin"
-        if not f.exists():
-            for old in QDIR.glob(f"llamacpu-smollm2-{t}-*.bin"):
-                old.unlink()
-            extra = [] if t == "q4_1" else ["--type", t]
-            sh([sys.executable, "-m", "llamacpu", "convert", gguf, f, *extra, "--quiet"], cwd=REPO,
-               env=bv.our_env())
-        out[t] = f
-    return out
+    """llamacpu files of the GGUF (q4_1: its own types kept), cached as the benchmark's are."""
+    return bv.converted_files(gguf, QDIR, "llamacpu-smollm2",
+                              {t: [] if t == "q4_1" else ["--type", t] for t in types})
 
 
 def llama_files(gguf: Path, types, quantize: Path) -> dict:
