@@ -69,3 +69,26 @@ def converted(tmp_path_factory, checkpoint):
             cache[key] = convert(checkpoint(preset), out, type=type, progress=False)
         return cache[key]
     return get
+
+
+@pytest.fixture(scope="session")
+def llama_meta(converted):
+    """Metadata of tiny64 converted to q4_0: the real Llama 3.2 tokenizer and chat template."""
+    from llamacpu.format import read_model
+    with read_model(converted("tiny64", "q4_0")) as f:
+        return f.meta
+
+
+@pytest.fixture(scope="session")
+def smol_meta(smollm_model):
+    """Metadata of the converted SmolLM2 GGUF (its tokenizer and chat template)."""
+    from llamacpu.format import read_model
+    with read_model(smollm_model) as f:
+        return f.meta
+
+
+@pytest.fixture(scope="session")
+def hf_llama(checkpoint):
+    """transformers' tokenizer of the tiny64 checkpoint (the real Llama 3.2 tokenizer files)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(checkpoint("tiny64")))

@@ -17,7 +17,6 @@ import pytest
 
 import llamacpu.chat_template as ct_mod
 from llamacpu.chat_template import FALLBACK_TEMPLATE, ChatTemplate, TemplateError
-from llamacpu.format import read_model
 from llamacpu.tokenizer import Tokenizer
 from llamacpu.format import tokenizer_dict  # noqa: E402
 
@@ -108,11 +107,6 @@ def frozen_clock(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def llama_meta(converted):
-    return read_model(converted("tiny64", "q4_0")).meta
-
-
-@pytest.fixture(scope="module")
 def llama_tok(llama_meta):
     return Tokenizer.from_metadata(llama_meta)
 
@@ -125,17 +119,6 @@ def llama_tpl(llama_meta, llama_tok):
 @pytest.fixture(scope="module")
 def smol_tpl(smol_meta):
     return ChatTemplate.from_metadata(smol_meta)
-
-
-@pytest.fixture(scope="module")
-def hf_llama(checkpoint):
-    return transformers.AutoTokenizer.from_pretrained(str(checkpoint("tiny64")))
-
-
-@pytest.fixture(scope="module")
-def smol_meta(smollm_model):
-    with read_model(smollm_model) as f:
-        return f.meta
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llamacpu.format import read_model
 from llamacpu.tokenizer import StreamDecoder, Tokenizer
 from llamacpu.format import tokenizer_dict  # noqa: E402
 
@@ -47,11 +46,6 @@ SMOL_SAFE_TEXT = st.characters(codec="utf-8", exclude_characters="\x04\x06\x13\x
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def llama_meta(converted):
-    return read_model(converted("tiny64", "q4_0")).meta
-
-
-@pytest.fixture(scope="module")
 def llama(llama_meta):
     return Tokenizer.from_metadata(llama_meta)
 
@@ -59,17 +53,6 @@ def llama(llama_meta):
 @pytest.fixture(scope="module")
 def llama_asset(assets):
     return Tokenizer(assets["llama3.2-tokenizer.json"], vocab_size=128256)
-
-
-@pytest.fixture(scope="module")
-def hf_llama(checkpoint):
-    return transformers.AutoTokenizer.from_pretrained(str(checkpoint("tiny64")))
-
-
-@pytest.fixture(scope="module")
-def smol_meta(smollm_model):
-    with read_model(smollm_model) as f:
-        return f.meta
 
 
 @pytest.fixture(scope="module")
