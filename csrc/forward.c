@@ -241,7 +241,7 @@ static void value_residual_input(lc_model *m, int nt) {
         float *r = m->res + (int64_t)t * dim;
         for (int64_t b = 0; b < nb; b++) {
             const block_q8a *q = m->xq + t * nb + b;
-            for (int j = 0; j < QK; j++) r[b * QK + j] = x[b * QK + j] - q->qs[j] * q->d[j / QG];
+            for (int j = 0; j < QK; j++) r[b * QK + j] = x[b * QK + j] - q->qs[j] * q->d[lc_q8a_group(j)];
         }
         m->k->quantize_act(r, m->xq2 + t * nb, dim);
     }

@@ -72,10 +72,8 @@ static ALWAYS_INLINE float fp16_1(uint16_t h) { return _cvtsh_ss(h); }
  * maddubs' s16 pair sums cannot saturate here: |u| <= 128 (Q8_0's sign trick
  * gives |w| <= 128; nibbles are <= 15) and |s| <= 127, so a pair is <= 32512. */
 #if defined(LC_X86_VNNI)
-#define LC_X86_NREGS 32    /* EVEX encoding: ymm0-31 */
-#define LC_X86_Q8_OFFSET 1 /* x8 Q8_0 weights offset by 128 (tile_x8) */
+#define LC_X86_Q8_OFFSET 1 /* x8 Q8_0 weights offset by 128 (dot_group_x8) */
 #else
-#define LC_X86_NREGS 16
 #define LC_X86_Q8_OFFSET 0
 #endif
 
@@ -108,9 +106,8 @@ static ALWAYS_INLINE __m256 exp_ps(__m256 x) {
 
 /* ------------------------------------------------ activations */
 
-/* |v| maximum of each group of 4, broadcast over the group's lanes */
-static ALWAYS_INLINE __m256 group4_absmax(__m256 v) {
-    v = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+/* |v| maximum of each group of 4 lanes, broadcast over the group's lanes */
+static ALWAYS_INLINE __m256 group4_max(__m256 v) {
     v = _mm256_max_ps(v, _mm256_permute_ps(v, 0xb1)); /* swap neighbours */
     return _mm256_max_ps(v, _mm256_permute_ps(v, 0x4e)); /* swap pairs */
 }
@@ -118,23 +115,27 @@ static ALWAYS_INLINE __m256 group4_absmax(__m256 v) {
 static void quantize_act(const float *x, block_q8a *y, int64_t n) {
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), c127 = _mm256_set1_ps(127.0f);
+    const __m256 nz = _mm256_set1_ps(-0.0f);
     const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for (int64_t i = 0; i < n / QK; i++) {
         const float *xb = x + i * QK;
         __m256 v[4], d[4];
         __m256i q[4];
+        for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(xb + 8 * k);
+        /* groups 0, 1 are the lanes 0-3, 4-7 of v[0] and v[2]; groups 2, 3 those of v[1] and v[3] */
+        const __m256 d02 = _mm256_div_ps(group4_max(_mm256_max_ps(_mm256_andnot_ps(nz, v[0]), _mm256_andnot_ps(nz, v[2]))), c127);
+        const __m256 d13 = _mm256_div_ps(group4_max(_mm256_max_ps(_mm256_andnot_ps(nz, v[1]), _mm256_andnot_ps(nz, v[3]))), c127);
+        d[0] = d[2] = d02; d[1] = d[3] = d13; /* amax / 127, as the scalar code */
         for (int k = 0; k < 4; k++) {
-            v[k] = _mm256_loadu_ps(xb + 8 * k);
-            d[k] = _mm256_div_ps(group4_absmax(v[k]), c127);  /* amax / 127, as the scalar code */
             const __m256 id = _mm256_andnot_ps(_mm256_cmp_ps(d[k], zero, _CMP_EQ_OQ), _mm256_div_ps(one, d[k]));
             q[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], id), rnd));
         }
         __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         _mm256_storeu_si256((__m256i *)y[i].qs, _mm256_permutevar8x32_epi32(b, perm));
-        /* one scale per group: lanes 0 and 4 of each d[k] -> d[0..7] in order */
-        const __m256 t01 = _mm256_shuffle_ps(d[0], d[1], 0), t23 = _mm256_shuffle_ps(d[2], d[3], 0);
-        const __m256 g = _mm256_shuffle_ps(t01, t23, _MM_SHUFFLE(2, 0, 2, 0));
-        _mm256_storeu_ps(y[i].d, _mm256_permutevar8x32_ps(g, perm));
+        /* d = {lane 0 of d02, lane 4 of d02, lane 0 of d13, lane 4 of d13} */
+        const __m256 t = _mm256_shuffle_ps(d02, d13, 0); /* d02[0] d02[0] d13[0] d13[0] | d02[4] .. */
+        const __m128 lo = _mm256_castps256_ps128(t), hi = _mm256_extractf128_ps(t, 1);
+        _mm_storeu_ps(y[i].d, _mm_movelh_ps(_mm_unpacklo_ps(lo, hi), _mm_unpackhi_ps(lo, hi)));
         lc_q8a_set_sum(&y[i]);
     }
 }
@@ -142,8 +143,9 @@ static void quantize_act(const float *x, block_q8a *y, int64_t n) {
 /* ------------------------------------------------ quantized matmuls
  * One weight row against a tile of TN <= 4 tokens: the row's blocks are unpacked
  * once and shared by TN accumulators. Per block and token the integer dot product
- * is maddubs (u8 x s8 -> s16 pairs) + madd (-> 8 x s32, one lane per activation
- * group of 4), then one FMA with the weight scale times the 8 group scales. */
+ * is maddubs (u8 x s8 -> s16 pairs) + madd (-> 8 x s32, lane l = elements
+ * 4l..4l+3, activation group l & 3), then one FMA with the weight scale times the
+ * group scales. */
 
 /* TYPE and TN are compile-time constants at every call, so the branches fold
  * away and the TN accumulators stay in registers. */
@@ -174,8 +176,8 @@ static ALWAYS_INLINE void tile_q(const int TYPE, const void *wrow, const block_q
                 p = dot_u8s8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(y, q));
             else /* nibbles are already unsigned */
                 p = dot_u8s8(q, y);
-            /* lane g of p is group g: scale it by dw * d[g] */
-            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(vdw, _mm256_loadu_ps(xb->d)), acc[k]);
+            /* lane l of p belongs to group l & 3: scale it by dw * d[l & 3] */
+            acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(vdw, _mm256_broadcast_ps((const __m128 *)xb->d)), acc[k]);
             if (TYPE == LC_TYPE_Q4_0) corr[k] += dw * xb->s;      /* the -8 offset, once per block */
             else if (TYPE == LC_TYPE_Q4_1) corr[k] += mw * xb->s; /* the minimum, once per block */
         }
@@ -212,68 +214,62 @@ LC_DEFINE_GEMMS
 
 /* ------------------------------------------------ quantized matmuls, x8 layout
  * One group of 8 rows against TN <= 4 tokens. Each 32-byte load is a 4-element
- * group of all 8 rows (two for Q4: low and high nibbles); the activation group
- * is broadcast, so lane r of the integer dot product is row r's: no horizontal
- * sums, and the 8 weight scales are one vector. */
+ * group of all 8 rows (two for Q4: low and high nibbles, elements 4c.. and
+ * 16+4c.., which together are activation group c); the activation's 4 bytes are
+ * broadcast, so lane r of the integer dot product is row r's: no horizontal sums,
+ * and the 8 weight scales are one vector. The two halves of an activation group
+ * (Q4: low and high nibbles of chunk c; Q8_0: chunks c and c+4) add up as
+ * integers, then take one conversion and one FMA with the group's scale. */
 static ALWAYS_INLINE int32_t load_i32(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return v; }
+
+/* lane r: row r's dot product over activation group c (both halves) */
+static ALWAYS_INLINE __m256i dot_group_x8(const int TYPE, const uint8_t *q, const block_q8a *xb, int c) {
+    const __m256i xa = _mm256_set1_epi32(load_i32(xb->qs + 4 * c)), xh = _mm256_set1_epi32(load_i32(xb->qs + 16 + 4 * c));
+    if (TYPE == LC_TYPE_Q8_0) {
+        const __m256i va = _mm256_loadu_si256((const __m256i *)(q + 32 * c)), vh = _mm256_loadu_si256((const __m256i *)(q + 32 * (c + 4)));
+#if defined(LC_X86_VNNI)
+        /* w + 128 is unsigned: the 128 * sum(x) it adds is taken off per block with xb->s.
+         * (AVX2's maddubs would saturate on 255 * 127 pairs: it keeps the sign trick.) */
+        const __m256i k80 = _mm256_set1_epi8((char)0x80);
+        return _mm256_dpbusd_epi32(dot_u8s8(_mm256_xor_si256(va, k80), xa), _mm256_xor_si256(vh, k80), xh);
+#else
+        return _mm256_add_epi32(dot_u8s8(_mm256_sign_epi8(va, va), _mm256_sign_epi8(xa, va)),
+                                dot_u8s8(_mm256_sign_epi8(vh, vh), _mm256_sign_epi8(xh, vh)));
+#endif
+    } else {
+        const __m256i m4 = _mm256_set1_epi8(0x0f);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
+        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+#if defined(LC_X86_VNNI)
+        return _mm256_dpbusd_epi32(dot_u8s8(lo, xa), hi, xh);
+#else
+        /* s16 pair sums of nibbles (<= 15) times |x| <= 128: the sum of both halves stays
+         * under 4 * 15 * 128 = 7680, so they add before the one madd */
+        return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xh)),
+                                 _mm256_set1_epi16(1));
+#endif
+    }
+}
 
 static ALWAYS_INLINE void tile_x8(const int TYPE, const void *wgrp, const block_q8a *x, int64_t nb, const int TN,
                                   float *out, int64_t ldo) {
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
     const int64_t gbytes = 8 * (int64_t)lc_block_bytes(TYPE);
     const int hdr = lc_x8_header(TYPE);
     __m256 acc[4];
     for (int k = 0; k < TN; k++) acc[k] = _mm256_setzero_ps();
     const uint8_t *g = wgrp;
     for (int64_t b = 0; b < nb; b++, g += gbytes) {
-        /* Two accumulators per token (low / high nibbles; even / odd chunks of Q8_0)
-         * make two independent FMA chains, so that one token (decode) does not wait
-         * on FMA latency. With 16 registers (AVX2) and 3-4 tokens they would spill:
-         * there the chains of the tokens already overlap, and accb2 aliases accb. */
-        const int split = TN <= 2 || LC_X86_NREGS >= 32;
-        __m256 accb[4], accb2_[4];
-        __m256 *accb2 = split ? accb2_ : accb;
-        for (int k = 0; k < TN; k++) { accb[k] = _mm256_setzero_ps(); accb2_[k] = _mm256_setzero_ps(); }
-        if (TYPE == LC_TYPE_Q8_0) {
-            for (int c = 0; c < 8; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(g + hdr + 32 * c));
-#if defined(LC_X86_VNNI)
-                /* w + 128 is unsigned: one xor per chunk instead of a sign per token;
-                 * the 128 * sum(x) it adds is taken off per block with xb->s. (AVX2's
-                 * maddubs would saturate on 255 * 127 pairs: it keeps the sign trick.) */
-                const __m256i av = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80));
-#else
-                const __m256i av = _mm256_sign_epi8(v, v); /* sign trick, as tile_q */
-#endif
-                for (int k = 0; k < TN; k++) {
-                    const block_q8a *xb = x + k * nb + b;
-#if defined(LC_X86_VNNI)
-                    const __m256i y = _mm256_set1_epi32(load_i32(xb->qs + 4 * c));
-#else
-                    const __m256i y = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xb->qs + 4 * c)), v);
-#endif
-                    const __m256i p = dot_u8s8(av, y);
-                    if (c & 1)
-                        accb2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&xb->d[c]), accb2[k]);
-                    else
-                        accb[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&xb->d[c]), accb[k]);
-                }
-            }
-        } else {
-            for (int c = 0; c < 4; c++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(g + hdr + 32 * c));
-                const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                for (int k = 0; k < TN; k++) {
-                    const block_q8a *xb = x + k * nb + b;
-                    const __m256i plo = dot_u8s8(lo, _mm256_set1_epi32(load_i32(xb->qs + 4 * c)));
-                    const __m256i phi = dot_u8s8(hi, _mm256_set1_epi32(load_i32(xb->qs + 16 + 4 * c)));
-                    accb[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(plo), _mm256_broadcast_ss(&xb->d[c]), accb[k]);
-                    accb2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(phi), _mm256_broadcast_ss(&xb->d[c + 4]), accb2[k]);
-                }
-            }
+        /* Two accumulators per token (even / odd groups) make two independent FMA
+         * chains, so that one token (decode) does not wait on FMA latency. */
+        __m256 accb[4], accb2[4];
+        for (int k = 0; k < TN; k++) {
+            const block_q8a *xb = x + k * nb + b;
+            accb[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_group_x8(TYPE, g + hdr, xb, 0)), _mm256_broadcast_ss(&xb->d[0]));
+            accb2[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_group_x8(TYPE, g + hdr, xb, 1)), _mm256_broadcast_ss(&xb->d[1]));
+            accb[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_group_x8(TYPE, g + hdr, xb, 2)), _mm256_broadcast_ss(&xb->d[2]), accb[k]);
+            accb2[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_group_x8(TYPE, g + hdr, xb, 3)), _mm256_broadcast_ss(&xb->d[3]), accb2[k]);
+            accb[k] = _mm256_add_ps(accb[k], accb2[k]);
         }
-        if (split)
-            for (int k = 0; k < TN; k++) accb[k] = _mm256_add_ps(accb[k], accb2[k]);
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
         for (int k = 0; k < TN; k++) {
             const block_q8a *xb = x + k * nb + b;
@@ -292,7 +288,111 @@ static ALWAYS_INLINE void tile_x8(const int TYPE, const void *wgrp, const block_
     for (int k = 0; k < TN; k++) _mm256_storeu_ps(out + k * ldo, acc[k]);
 }
 
+#if defined(LC_X86_VNNI)
+/* AVX-512, 2-4 tokens (prefill): two x8 row groups at once in 512-bit registers,
+ * lanes 0-7 the first group's 8 rows and lanes 8-15 the second's. The activation
+ * bytes and scales are then plain broadcasts ({1to16} memory operands), so each
+ * instruction does twice tile_x8's work, with the same integer dot products and
+ * the same float sums per row in the same order. (One token keeps tile_x8: from
+ * two weight streams at once, decode measured half the read bandwidth.) */
+static ALWAYS_INLINE __m512i load_2x256(const uint8_t *a, const uint8_t *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)a)),
+                              _mm256_loadu_si256((const __m256i *)b), 1);
+}
+static ALWAYS_INLINE __m512 load_2x8_f16(const uint8_t *a, const uint8_t *b) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)a)),
+                                                   _mm_loadu_si128((const __m128i *)b), 1));
+}
+
+static ALWAYS_INLINE __m512i dot_group_x16(const int TYPE, const uint8_t *q, int64_t second, const block_q8a *xb, int c) {
+    const __m512i xa = _mm512_set1_epi32(load_i32(xb->qs + 4 * c)), xh = _mm512_set1_epi32(load_i32(xb->qs + 16 + 4 * c));
+    if (TYPE == LC_TYPE_Q8_0) {
+        const __m512i k80 = _mm512_set1_epi8((char)0x80);
+        const __m512i va = _mm512_xor_si512(load_2x256(q + 32 * c, q + second + 32 * c), k80);
+        const __m512i vh = _mm512_xor_si512(load_2x256(q + 32 * (c + 4), q + second + 32 * (c + 4)), k80);
+        return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), va, xa), vh, xh);
+    } else {
+        const __m512i m4 = _mm512_set1_epi8(0x0f);
+        const __m512i v = load_2x256(q + 32 * c, q + second + 32 * c);
+        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa), hi, xh);
+    }
+}
+
+static ALWAYS_INLINE void tile_x16(const int TYPE, const void *wgrp, int64_t second, const block_q8a *x, int64_t nb,
+                                   const int TN, float *out, int64_t ldo) {
+    const int64_t gbytes = 8 * (int64_t)lc_block_bytes(TYPE);
+    const int hdr = lc_x8_header(TYPE);
+    __m512 acc[4];
+    for (int k = 0; k < TN; k++) acc[k] = _mm512_setzero_ps();
+    const uint8_t *g = wgrp;
+    for (int64_t b = 0; b < nb; b++, g += gbytes) {
+        __m512 accb[4], accb2[4];
+        /* chunk-major: each weight chunk is loaded once for the TN tokens */
+        for (int c = 0; c < 4; c++)
+            for (int k = 0; k < TN; k++) {
+                const block_q8a *xb = x + k * nb + b;
+                const __m512 p = _mm512_cvtepi32_ps(dot_group_x16(TYPE, g + hdr, second, xb, c));
+                const __m512 dx = _mm512_set1_ps(xb->d[c]);
+                if (c == 0) accb[k] = _mm512_mul_ps(p, dx);
+                else if (c == 1) accb2[k] = _mm512_mul_ps(p, dx);
+                else if (c == 2) accb[k] = _mm512_fmadd_ps(p, dx, accb[k]);
+                else accb2[k] = _mm512_fmadd_ps(p, dx, accb2[k]);
+            }
+        for (int k = 0; k < TN; k++) accb[k] = _mm512_add_ps(accb[k], accb2[k]);
+        const __m512 dw = load_2x8_f16(g, g + second);
+        for (int k = 0; k < TN; k++) {
+            const block_q8a *xb = x + k * nb + b;
+            if (TYPE == LC_TYPE_Q4_0) {
+                acc[k] = _mm512_fmadd_ps(_mm512_sub_ps(accb[k], _mm512_set1_ps(8.0f * xb->s)), dw, acc[k]);
+            } else if (TYPE == LC_TYPE_Q4_1) {
+                const __m512 mw = load_2x8_f16(g + 16, g + second + 16);
+                acc[k] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb->s), _mm512_fmadd_ps(accb[k], dw, acc[k]));
+            } else {
+                acc[k] = _mm512_fmadd_ps(_mm512_sub_ps(accb[k], _mm512_set1_ps(128.0f * xb->s)), dw, acc[k]);
+            }
+        }
+    }
+    for (int k = 0; k < TN; k++) _mm512_storeu_ps(out + k * ldo, acc[k]);
+}
+
+/* the x8 gemm loop (kernels_tiles.h) with pairs of row groups for 2-4 tokens */
+#define LC_TILED_GEMM_X16(NAME, TYPE)                                                             \
+    static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, \
+                     int64_t r0, int64_t r1) {                                                    \
+        const int64_t nb = cols / QK, group_bytes = 8 * lc_row_bytes(TYPE, cols);                  \
+        for (int t0 = 0; t0 < nt; t0 += 4) {                                                      \
+            const int tn = nt - t0 < 4 ? nt - t0 : 4;                                             \
+            const block_q8a *x = X + (int64_t)t0 * nb;                                            \
+            int64_t g = r0 / 8;                                                                   \
+            if (tn > 1)                                                                           \
+                for (; g + 2 <= r1 / 8; g += 2) {                                                 \
+                    const void *w = (const char *)W + g * group_bytes;                            \
+                    float *out = Y + (int64_t)t0 * ldy + 8 * g;                                   \
+                    switch (tn) {                                                                 \
+                    case 4: tile_x16(TYPE, w, group_bytes, x, nb, 4, out, ldy); break;            \
+                    case 3: tile_x16(TYPE, w, group_bytes, x, nb, 3, out, ldy); break;            \
+                    default: tile_x16(TYPE, w, group_bytes, x, nb, 2, out, ldy); break;           \
+                    }                                                                             \
+                }                                                                                 \
+            for (; g < r1 / 8; g++) {                                                             \
+                const void *w = (const char *)W + g * group_bytes;                                \
+                float *out = Y + (int64_t)t0 * ldy + 8 * g;                                       \
+                switch (tn) {                                                                     \
+                case 4: tile_x8(TYPE, w, x, nb, 4, out, ldy); break;                              \
+                case 3: tile_x8(TYPE, w, x, nb, 3, out, ldy); break;                              \
+                case 2: tile_x8(TYPE, w, x, nb, 2, out, ldy); break;                              \
+                default: tile_x8(TYPE, w, x, nb, 1, out, ldy); break;                             \
+                }                                                                                 \
+            }                                                                                     \
+        }                                                                                         \
+    }
+LC_TILED_GEMM_X16(gemm_q4_0_x8, LC_TYPE_Q4_0)
+LC_TILED_GEMM_X16(gemm_q4_1_x8, LC_TYPE_Q4_1)
+LC_TILED_GEMM_X16(gemm_q8_0_x8, LC_TYPE_Q8_0)
+#else
 LC_DEFINE_GEMMS_X8
+#endif
 
 /* ------------------------------------------------ element-wise */
 

@@ -45,20 +45,29 @@ static ALWAYS_INLINE float32x4_t exp_f32x4(float32x4_t x) {
 
 /* ------------------------------------------------ activations */
 
+/* Group g (quants.h) is the two float32x4 of elements 4g..4g+3 and 16+4g..16+4g+3;
+ * the four groups' scales are computed as one vector. d = amax / 127 and
+ * id = d ? 1 / d : 0 as the scalar code (IEEE division, no reciprocal estimate),
+ * vcvtnq rounds half to even as nearbyintf: blocks are bit-identical to it. */
 static void quantize_act(const float *x, block_q8a *y, int64_t n) {
     for (int64_t i = 0; i < n / QK; i++) {
         const float *xb = x + i * QK;
-        int32x4_t q[NG];
-        for (int g = 0; g < NG; g++) { /* one float32x4 is one group */
-            const float32x4_t v = vld1q_f32(xb + QG * g);
-            const float d = vmaxvq_f32(vabsq_f32(v)) / 127.0f;
-            const float id = d ? 1.0f / d : 0.0f;
-            q[g] = vcvtnq_s32_f32(vmulq_n_f32(v, id)); /* round half to even */
-            y[i].d[g] = d;
-        }
-        for (int g = 0; g < NG; g += 2) {
-            const int16x8_t h = vcombine_s16(vqmovn_s32(q[g]), vqmovn_s32(q[g + 1]));
-            vst1_s8(y[i].qs + QG * g, vqmovn_s16(h));
+        float32x4_t v[8], m[4];
+        for (int k = 0; k < 8; k++) v[k] = vld1q_f32(xb + 4 * k);
+        for (int g = 0; g < 4; g++) m[g] = vmaxq_f32(vabsq_f32(v[g]), vabsq_f32(v[g + 4]));
+        /* lane g: the maximum of m[g]'s lanes */
+        const float32x4_t amax = vpmaxq_f32(vpmaxq_f32(m[0], m[1]), vpmaxq_f32(m[2], m[3]));
+        const float32x4_t d = vdivq_f32(amax, vdupq_n_f32(127.0f));
+        const float32x4_t id = vbslq_f32(vceqzq_f32(d), vdupq_n_f32(0.0f), vdivq_f32(vdupq_n_f32(1.0f), d));
+        float idg[4];
+        vst1q_f32(idg, id);
+        vst1q_f32(y[i].d, d);
+        int32x4_t q[8];
+        for (int k = 0; k < 8; k++) q[k] = vcvtnq_s32_f32(vmulq_n_f32(v[k], idg[k & 3])); /* round half to even */
+        for (int h = 0; h < 2; h++) {
+            const int16x8_t a = vcombine_s16(vqmovn_s32(q[4 * h]), vqmovn_s32(q[4 * h + 1]));
+            const int16x8_t b = vcombine_s16(vqmovn_s32(q[4 * h + 2]), vqmovn_s32(q[4 * h + 3]));
+            vst1q_s8(y[i].qs + 16 * h, vcombine_s8(vqmovn_s16(a), vqmovn_s16(b)));
         }
         lc_q8a_set_sum(&y[i]);
     }
@@ -66,13 +75,15 @@ static void quantize_act(const float *x, block_q8a *y, int64_t n) {
 
 /* ------------------------------------------------ quantized matmuls */
 
-/* 32 int8 products a.b, summed per group of 4: lanes of lo are groups 0..3
- * (from a0, b0), lanes of hi groups 4..7 (from a1, b1). */
-static ALWAYS_INLINE void dot32_base(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1, int32x4_t *lo, int32x4_t *hi) {
-    *lo = vpaddq_s32(vpaddlq_s16(vmull_s8(vget_low_s8(a0), vget_low_s8(b0))),
-                     vpaddlq_s16(vmull_s8(vget_high_s8(a0), vget_high_s8(b0))));
-    *hi = vpaddq_s32(vpaddlq_s16(vmull_s8(vget_low_s8(a1), vget_low_s8(b1))),
-                     vpaddlq_s16(vmull_s8(vget_high_s8(a1), vget_high_s8(b1))));
+/* DOT32(a0, a1, b0, b1): int32 lane l = a0.b0 + a1.b1 over bytes 4l..4l+3 of
+ * each: both halves of one activation group (quants.h) summed as integers. Here
+ * with vmull: s16 products, pairwise widened to s32 (vpaddl) and the second
+ * half's accumulated onto them (vpadal), then pairs of lanes added (vpaddq). */
+static ALWAYS_INLINE int32x4_t dot32_base(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1) {
+    const int32x4_t lo = vpadalq_s16(vpaddlq_s16(vmull_s8(vget_low_s8(a0), vget_low_s8(b0))),
+                                     vmull_s8(vget_low_s8(a1), vget_low_s8(b1)));
+    const int32x4_t hi = vpadalq_s16(vpaddlq_s16(vmull_high_s8(a0, b0)), vmull_high_s8(a1, b1));
+    return vpaddq_s32(lo, hi);
 }
 
 #define DOT32 dot32_base
@@ -88,9 +99,9 @@ static ALWAYS_INLINE void dot32_base(int8x16_t a0, int8x16_t a1, int8x16_t b0, i
 #pragma GCC target("arch=armv8.2-a+dotprod")
 #endif
 
-static ALWAYS_INLINE void dot32_sdot(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1, int32x4_t *lo, int32x4_t *hi) {
-    *lo = vdotq_s32(vdupq_n_s32(0), a0, b0);
-    *hi = vdotq_s32(vdupq_n_s32(0), a1, b1);
+/* the same with sdot: the second half chained onto the first's accumulator */
+static ALWAYS_INLINE int32x4_t dot32_sdot(int8x16_t a0, int8x16_t a1, int8x16_t b0, int8x16_t b1) {
+    return vdotq_s32(vdotq_s32(vdupq_n_s32(0), a0, b0), a1, b1);
 }
 
 #define DOT32 dot32_sdot

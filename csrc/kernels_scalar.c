@@ -64,18 +64,19 @@ void lc_quantize_row_q8_0_ref(const float *x, block_q8_0 *y, int64_t n) {
 
 /* ------------------------------------------------ activations */
 
-/* Per group of 4: d = amax / 127, q = round-half-to-even(x / d) (nearbyintf in
- * the default mode), so that SIMD _mm256_round_ps / vcvtnq give identical blocks. */
+/* Per group of 8 (quants.h: elements 4g..4g+3 and 16+4g..16+4g+3): d = amax / 127,
+ * q = round-half-to-even(x / d) (nearbyintf in the default mode), so that SIMD
+ * _mm256_round_ps / vcvtnq give identical blocks. */
 static void quantize_act(const float *x, block_q8a *y, int64_t n) {
     for (int64_t i = 0; i < n / QK; i++) {
-        for (int g = 0; g < NG; g++) {
-            const float *xg = x + i * QK + g * QG;
-            float amax = 0.0f;
-            for (int j = 0; j < QG; j++) amax = MAX(amax, fabsf(xg[j]));
-            const float d = amax / 127.0f;
+        const float *xb = x + i * QK;
+        float amax[NG] = {0};
+        for (int j = 0; j < QK; j++) amax[lc_q8a_group(j)] = MAX(amax[lc_q8a_group(j)], fabsf(xb[j]));
+        for (int g = 0; g < NG; g++) y[i].d[g] = amax[g] / 127.0f;
+        for (int j = 0; j < QK; j++) {
+            const float d = y[i].d[lc_q8a_group(j)];
             const float id = d ? 1.0f / d : 0.0f;
-            for (int j = 0; j < QG; j++) y[i].qs[g * QG + j] = (int8_t)nearbyintf(xg[j] * id);
-            y[i].d[g] = d;
+            y[i].qs[j] = (int8_t)nearbyintf(xb[j] * id);
         }
         lc_q8a_set_sum(&y[i]);
     }
@@ -86,7 +87,7 @@ static inline float dot_groups(const int *w, const block_q8a *x) {
     float sum = 0.0f;
     for (int g = 0; g < NG; g++) {
         int isum = 0;
-        for (int j = 0; j < QG; j++) isum += w[g * QG + j] * x->qs[g * QG + j];
+        for (int j = 0; j < 4; j++) isum += w[4 * g + j] * x->qs[4 * g + j] + w[16 + 4 * g + j] * x->qs[16 + 4 * g + j];
         sum += x->d[g] * (float)isum;
     }
     return sum;

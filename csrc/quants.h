@@ -2,7 +2,7 @@
  *
  * Weight blocks are exactly GGUF's, so GGUF blocks import bit-exact.
  * Activations are quantized to block_q8a: 8-bit values with f32 scales per group
- * of 4 and the precomputed scaled sum, which Q4_0 (offset 8) and Q4_1 (min m) need.
+ * of 8 and the precomputed scaled sum, which Q4_0 (offset 8) and Q4_1 (min m) need.
  */
 #ifndef LLAMACPU_QUANTS_H
 #define LLAMACPU_QUANTS_H
@@ -40,31 +40,35 @@ typedef struct {
 } block_q8_0;       /* x = q * d */
 static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
 
-/* Activations, internal only: 8-bit values with one f32 scale per group of 4.
- * A group matches one int32 lane of the SIMD dot products (AVX2 madd, NEON
- * sdot), so the fine scales cost no extra integer work; they keep a channel
- * with a massive activation from flattening its 31 neighbours (measured on
- * SmolLM2: see docs/ARCHITECTURE.md). */
-#define QG 4               /* elements per activation scale group */
+/* Activations, internal only: 8-bit values with one f32 scale per group of 8.
+ * Group g (0..3) is elements 4g..4g+3 and 16+4g..16+4g+3: the two 4-element
+ * halves that one int32 lane of a SIMD dot product sees from a Q4 weight byte's
+ * low and high nibbles (AVX2 madd, VNNI vpdpbusd, NEON sdot; the x8 layout's
+ * chunk c and c+4 for Q8_0), so the two integer dot products of a group chain
+ * into one lane before the one int->float conversion and FMA per group. The fine
+ * scales keep a channel with a massive activation from flattening its 31
+ * neighbours (docs/ARCHITECTURE.md, docs/QUALITY.md). */
+#define QG 8               /* elements per activation scale group */
 #define NG (QK / QG)       /* groups per block */
+static inline int lc_q8a_group(int j) { return (j & 15) >> 2; } /* element j (0..31) -> its group */
 typedef struct {
     int8_t qs[QK];
-    float d[NG];    /* x[i] ~= qs[i] * d[i / QG] */
+    float d[NG];    /* x[j] ~= qs[j] * d[lc_q8a_group(j)] */
     float s;        /* sum over groups of d[g] * sum(qs in g): applies Q4_0's offset / Q4_1's minimum once per block */
-    float pad;
+    float pad[3];
 } block_q8a;
-static_assert(sizeof(block_q8a) == 72, "block_q8a size");
+static_assert(sizeof(block_q8a) == 64, "block_q8a size");
 
 /* s from qs and d, in one fixed order, so every quantize_act variant agrees bit for bit */
 static inline void lc_q8a_set_sum(block_q8a *b) {
     float s = 0.0f;
     for (int g = 0; g < NG; g++) {
         int sum = 0;
-        for (int j = 0; j < QG; j++) sum += b->qs[g * QG + j];
+        for (int j = 0; j < 4; j++) sum += b->qs[4 * g + j] + b->qs[16 + 4 * g + j];
         s += b->d[g] * (float)sum;
     }
     b->s = s;
-    b->pad = 0.0f;
+    b->pad[0] = b->pad[1] = b->pad[2] = 0.0f;
 }
 
 static inline uint32_t lc_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -113,9 +117,10 @@ static inline uint16_t lc_fp32_to_fp16(float f) {
  * Rows go in groups of 8. For each block column b, the 8 rows' blocks are stored
  * as one block group: the 8 fp16 scales d (Q4_1: then the 8 fp16 minimums m),
  * then the quant bytes in chunks of 32: chunk c holds bytes 4c..4c+3 of each of
- * the 8 rows' qs, row after row. A 32-byte load is then one 4-element group of 8
- * rows (Q8_0) or two of them (Q4: low nibbles group c, high nibbles group c+4),
- * so one SIMD lane per row accumulates without horizontal sums. It is a byte
+ * the 8 rows' qs, row after row. A 32-byte load is then 4 elements of each of the
+ * 8 rows (Q8_0: half of activation group c & 3) or 8 of them (Q4: low nibbles
+ * elements 4c.., high nibbles 16+4c.., together activation group c), so one SIMD
+ * lane per row accumulates without horizontal sums. It is a byte
  * permutation of the GGUF blocks: GGUF files import bit-exact. */
 #define LC_LAYOUT_ROWS 0
 #define LC_LAYOUT_X8 1

@@ -21,9 +21,9 @@ cdef extern from "llamacpu.h" nogil:
 
     ctypedef struct block_q8a:
         signed char qs[32]
-        float d[8]
+        float d[4]
         float s
-        float pad
+        float pad[3]
 
     ctypedef struct lc_kernels:
         const char *name
@@ -86,11 +86,11 @@ cdef extern from "llamacpu.h" nogil:
 # Constants agree between C and Python (checked at import).
 F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
 assert (LC_TYPE_F32, LC_TYPE_F16, LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0) == (F32, F16, Q4_0, Q4_1, Q8_0)
-assert QK == 32 and sizeof(block_q8a) == 72
+assert QK == 32 and sizeof(block_q8a) == 64
 QUANTIZED = (Q4_0, Q4_1, Q8_0)
 
 #: numpy view of the C activation block (block_q8a)
-Q8A_DTYPE = np.dtype([("qs", "i1", (32,)), ("d", "<f4", (8,)), ("s", "<f4"), ("pad", "<f4")])
+Q8A_DTYPE = np.dtype([("qs", "i1", (32,)), ("d", "<f4", (4,)), ("s", "<f4"), ("pad", "<f4", (3,))])
 
 
 cdef extern from *:

@@ -85,14 +85,19 @@ def test_dequantize_simd_matches_scalar(impl, x):
 
 
 def q8a_numpy(x):
-    """Independent model of the activation quantizer: per group of 4, f32 scale
-    amax/127, round half to even. Returns (d (n/4,), q (n/32, 32))."""
-    g = x.astype(np.float32).reshape(-1, 4)
-    d = (np.abs(g).max(axis=1) / np.float32(127)).astype(np.float32)
+    """Independent model of the activation quantizer: per group of 8 (group g of a
+    32-element block is elements 4g..4g+3 and 16+4g..16+4g+3), f32 scale amax/127,
+    round half to even. Returns (d (n/32, 4), q (n/32, 32))."""
+    g = x.astype(np.float32).reshape(-1, 2, 4, 4)  # [block, half, group, element]
+    d = (np.abs(g).max(axis=(1, 3)) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore"):
         inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    q = np.rint(g * inv[:, None]).astype(np.int8)
+    q = np.rint(g * inv[:, None, :, None]).astype(np.int8)
     return d, q.reshape(-1, 32)
+
+
+def q8a_dequantize_numpy(d, q):
+    return (q.reshape(-1, 2, 4, 4).astype(np.float64) * d[:, None, :, None]).reshape(-1)
 
 
 @SETTINGS
@@ -100,10 +105,10 @@ def q8a_numpy(x):
 def test_quantize_act_scalar_matches_numpy(x):
     blocks = _core.quantize_act(x[0], "scalar")
     d, q = q8a_numpy(x[0])
-    np.testing.assert_array_equal(blocks["d"].reshape(-1), d)
+    np.testing.assert_array_equal(blocks["d"], d)
     np.testing.assert_array_equal(blocks["qs"], q)
-    terms = (d.astype(np.float64) * q.reshape(-1, 4).astype(np.int64).sum(axis=1)).reshape(-1, 8)
-    # f32 sum of 8 terms: error bounded relative to the sum of their magnitudes (they can cancel)
+    terms = d.astype(np.float64) * q.reshape(-1, 2, 4, 4).astype(np.int64).sum(axis=(1, 3))
+    # f32 sum of 4 terms: error bounded relative to the sum of their magnitudes (they can cancel)
     assert np.all(np.abs(blocks["s"] - terms.sum(axis=1)) <= 1e-6 * np.abs(terms).sum(axis=1) + 1e-30)
 
 
@@ -122,7 +127,7 @@ def test_gemm_scalar_matches_numpy(w, nt, seed, t):
     q = _core.quantize(w, t)
     wd = quants.dequantize(q, QTYPES[t]).astype(np.float64)
     xs = [q8a_numpy(row) for row in x]
-    xd = np.stack([(qq.reshape(-1, 4).astype(np.float64) * d[:, None]).reshape(-1) for d, qq in xs])
+    xd = np.stack([q8a_dequantize_numpy(d, qq) for d, qq in xs])
     ref = xd @ wd.T
     got = _core.gemm(q, t, rows, cols, x, "scalar")
     assert rel(got, ref) < REF_REL
