@@ -4,12 +4,12 @@
  *
  * kernels_avx512vnni.c includes this file again with LC_X86_VNNI defined: the
  * same kernels, compiled for AVX-512 VL + VNNI, with each 8-bit dot product one
- * vpdpbusd (EVEX on 256-bit registers) instead of maddubs + madd. The integer
- * dot products are identical (no saturation can occur in either; see dot_u8s8).
- * The float sums are not always in the same order: with 32 registers the x8 tiles
- * keep two accumulators per token for 3-4 tokens too, and x8 Q8_0 offsets its
- * weights by 128 (tile_x8). So the two tables agree bit for bit on Q4 tiles of 1-2
- * tokens and within rounding elsewhere; both are tested against the scalar ones. */
+ * vpdpbusd instead of maddubs + madd, and x8 tiles of 2-4 tokens on two row groups
+ * at once in 512-bit registers (tile_x16). The integer dot products are identical
+ * (no saturation can occur in either; see dot_u8s8 and dot_group_x8), and so are
+ * the float sums per row, in the same order, except for x8 Q8_0, whose weights
+ * VNNI offsets by 128 (dot_group_x8). So the two tables agree bit for bit except
+ * on x8 Q8_0, where they agree within rounding; both are tested against scalar. */
 #if defined(__x86_64__) || defined(_M_X64)
 
 #if defined(LC_X86_VNNI)
