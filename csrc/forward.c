@@ -50,7 +50,9 @@ static void *xalloc(size_t n) {
     return p;
 }
 
-static int is_quantized(int type) { return type == LC_TYPE_Q4_0 || type == LC_TYPE_Q4_1 || type == LC_TYPE_Q8_0; }
+static int is_quantized(int type) {
+    return type == LC_TYPE_Q4_0 || type == LC_TYPE_Q4_1 || type == LC_TYPE_Q8_0 || type == LC_TYPE_Q6_0;
+}
 
 static int max_threads(void) {
 #ifdef _OPENMP
@@ -89,12 +91,25 @@ static int alloc_att(lc_model *m, int threads) {
     return 0;
 }
 
+/* Q6_0 has kernels for the x8 layout only */
+static int layout_ok(const lc_tensor *t) { return t->type != LC_TYPE_Q6_0 || t->layout == LC_LAYOUT_X8; }
+
 lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kernels *k, char *err, size_t errlen) {
     const lc_config c = *cfg;
     if (c.dim <= 0 || c.hidden_dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 ||
         c.head_dim <= 0 || c.head_dim % 2 || c.head_dim > 1024 || c.n_heads % c.n_kv_heads ||
         c.vocab_size <= 0 || c.n_ctx <= 0 || c.n_batch <= 0 || c.n_threads <= 0) {
         snprintf(err, errlen, "invalid engine configuration");
+        return NULL;
+    }
+    int ok = layout_ok(&w->tok_embeddings) && layout_ok(&w->output);
+    for (int l = 0; l < c.n_layers && ok; l++) {
+        const lc_layer_weights *L = &w->layers[l];
+        ok = layout_ok(&L->wq) && layout_ok(&L->wk) && layout_ok(&L->wv) && layout_ok(&L->wo) &&
+             layout_ok(&L->w1) && layout_ok(&L->w2) && layout_ok(&L->w3);
+    }
+    if (!ok) {
+        snprintf(err, errlen, "a Q6_0 tensor is not in the x8 layout");
         return NULL;
     }
     lc_model *m = calloc(1, sizeof(*m));
@@ -193,6 +208,7 @@ static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
         case LC_TYPE_Q4_0: (x8 ? k->gemm_q4_0_x8 : k->gemm_q4_0)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
         case LC_TYPE_Q4_1: (x8 ? k->gemm_q4_1_x8 : k->gemm_q4_1)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
         case LC_TYPE_Q8_0: (x8 ? k->gemm_q8_0_x8 : k->gemm_q8_0)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
+        case LC_TYPE_Q6_0: k->gemm_q6_0_x8(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break; /* x8 only (lc_model_new) */
         case LC_TYPE_F16: k->gemm_f16(W->data, W->cols, mm[i].xf, nt, Y, ldy, r0, r1); break;
         default: k->gemm_f32(W->data, W->cols, mm[i].xf, nt, Y, ldy, r0, r1); break;
         }

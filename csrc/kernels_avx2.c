@@ -239,12 +239,17 @@ static ALWAYS_INLINE __m256i dot_group_x8(const int TYPE, const uint8_t *q, cons
     } else {
         const __m256i m4 = _mm256_set1_epi8(0x0f);
         const __m256i v = _mm256_loadu_si256((const __m256i *)(q + 32 * c));
-        const __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        if (TYPE == LC_TYPE_Q6_0) { /* the high 2 bits, to bits 4-5 of each byte (quants.h: block_q6_0.qh) */
+            const __m256i h = _mm256_loadu_si256((const __m256i *)(q + 32 * (4 + c / 2))), m30 = _mm256_set1_epi8(0x30);
+            lo = _mm256_or_si256(lo, _mm256_and_si256(c & 1 ? h : _mm256_slli_epi16(h, 4), m30));
+            hi = _mm256_or_si256(hi, _mm256_and_si256(c & 1 ? _mm256_srli_epi16(h, 2) : _mm256_slli_epi16(h, 2), m30));
+        }
 #if defined(LC_X86_VNNI)
         return _mm256_dpbusd_epi32(dot_u8s8(lo, xa), hi, xh);
 #else
-        /* s16 pair sums of nibbles (<= 15) times |x| <= 128: the sum of both halves stays
-         * under 4 * 15 * 128 = 7680, so they add before the one madd */
+        /* s16 pair sums of q <= 15 (Q4) or 63 (Q6_0) times |x| <= 127: the sum of both
+         * halves stays under 4 * 63 * 127 = 32004, so they add before the one madd */
         return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, xa), _mm256_maddubs_epi16(hi, xh)),
                                  _mm256_set1_epi16(1));
 #endif
@@ -275,6 +280,8 @@ static ALWAYS_INLINE void tile_x8(const int TYPE, const void *wgrp, const block_
             const block_q8a *xb = x + k * nb + b;
             if (TYPE == LC_TYPE_Q4_0) { /* dw * (sum(q x) - 8 s) */
                 acc[k] = _mm256_fmadd_ps(_mm256_sub_ps(accb[k], _mm256_set1_ps(8.0f * xb->s)), dw, acc[k]);
+            } else if (TYPE == LC_TYPE_Q6_0) { /* dw * (sum(q x) - 32 s) */
+                acc[k] = _mm256_fmadd_ps(_mm256_sub_ps(accb[k], _mm256_set1_ps(32.0f * xb->s)), dw, acc[k]);
             } else if (TYPE == LC_TYPE_Q4_1) { /* dw * sum(q x) + m * s */
                 const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 16)));
                 acc[k] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xb->s), _mm256_fmadd_ps(accb[k], dw, acc[k]));
@@ -314,7 +321,13 @@ static ALWAYS_INLINE __m512i dot_group_x16(const int TYPE, const uint8_t *q, int
     } else {
         const __m512i m4 = _mm512_set1_epi8(0x0f);
         const __m512i v = load_2x256(q + 32 * c, q + second + 32 * c);
-        const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        if (TYPE == LC_TYPE_Q6_0) { /* as dot_group_x8 */
+            const int64_t o = 32 * (4 + c / 2);
+            const __m512i h = load_2x256(q + o, q + second + o), m30 = _mm512_set1_epi8(0x30);
+            lo = _mm512_or_si512(lo, _mm512_and_si512(c & 1 ? h : _mm512_slli_epi16(h, 4), m30));
+            hi = _mm512_or_si512(hi, _mm512_and_si512(c & 1 ? _mm512_srli_epi16(h, 2) : _mm512_slli_epi16(h, 2), m30));
+        }
         return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xa), hi, xh);
     }
 }
@@ -345,6 +358,8 @@ static ALWAYS_INLINE void tile_x16(const int TYPE, const void *wgrp, int64_t sec
             const block_q8a *xb = x + k * nb + b;
             if (TYPE == LC_TYPE_Q4_0) {
                 acc[k] = _mm512_fmadd_ps(_mm512_sub_ps(accb[k], _mm512_set1_ps(8.0f * xb->s)), dw, acc[k]);
+            } else if (TYPE == LC_TYPE_Q6_0) {
+                acc[k] = _mm512_fmadd_ps(_mm512_sub_ps(accb[k], _mm512_set1_ps(32.0f * xb->s)), dw, acc[k]);
             } else if (TYPE == LC_TYPE_Q4_1) {
                 const __m512 mw = load_2x8_f16(g + 16, g + second + 16);
                 acc[k] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb->s), _mm512_fmadd_ps(accb[k], dw, acc[k]));
@@ -390,6 +405,7 @@ static ALWAYS_INLINE void tile_x16(const int TYPE, const void *wgrp, int64_t sec
 LC_TILED_GEMM_X16(gemm_q4_0_x8, LC_TYPE_Q4_0)
 LC_TILED_GEMM_X16(gemm_q4_1_x8, LC_TYPE_Q4_1)
 LC_TILED_GEMM_X16(gemm_q8_0_x8, LC_TYPE_Q8_0)
+LC_TILED_GEMM_X16(gemm_q6_0_x8, LC_TYPE_Q6_0)
 #else
 LC_DEFINE_GEMMS_X8
 #endif

@@ -164,7 +164,7 @@ static void dequantize_row(int type, const void *row, float *y, int64_t n) {
         for (; i < n; i++) y[i] = lc_fp16_to_fp32(((const uint16_t *)row)[i]);
         return;
     }
-    /* F32, Q4_0, Q4_1: the scalar code is already memory-bound here (embedding rows) */
+    /* F32, Q4_0, Q4_1, Q6_0: the scalar code is already memory-bound here (embedding rows) */
     lc_kernels_scalar.dequantize_row(type, row, y, n);
 }
 

@@ -62,6 +62,27 @@ void lc_quantize_row_q8_0_ref(const float *x, block_q8_0 *y, int64_t n) {
     }
 }
 
+/* ggml's Q5_0 method with 6 bits: d = (the value of largest magnitude) / -32, so
+ * that value is q = 0 exactly; q = min(63, (int)(x / d + 32.5)). */
+void lc_quantize_row_q6_0_ref(const float *x, block_q6_0 *y, int64_t n) {
+    for (int64_t i = 0; i < n / QK; i++) {
+        const float *xb = x + i * QK;
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < QK; j++)
+            if (fabsf(xb[j]) > amax) { amax = fabsf(xb[j]); max = xb[j]; }
+        const float d = max / -32;
+        const float id = d ? 1.0f / d : 0.0f;
+        y[i].d = lc_fp32_to_fp16(d);
+        memset(y[i].ql, 0, sizeof(y[i].ql));
+        memset(y[i].qh, 0, sizeof(y[i].qh));
+        for (int j = 0; j < QK; j++) {
+            const int q = MIN(63, (int)(xb[j] * id + 32.5f));
+            y[i].ql[j & 15] |= (uint8_t)((q & 15) << (j < 16 ? 0 : 4));
+            y[i].qh[lc_q6_0_qh_byte(j)] |= (uint8_t)((q >> 4) << lc_q6_0_qh_shift(j));
+        }
+    }
+}
+
 /* ------------------------------------------------ activations */
 
 /* Per group of 8 (quants.h: elements 4g..4g+3 and 16+4g..16+4g+3): d = amax / 127,
@@ -102,6 +123,11 @@ static float dot_block(int type, const void *blk, const block_q8a *x) {
         const block_q8_0 *w = blk;
         for (int j = 0; j < QK; j++) q[j] = w->qs[j];
         return lc_fp16_to_fp32(w->d) * dot_groups(q, x);
+    }
+    if (type == LC_TYPE_Q6_0) { /* sum((q - 32) * dw * x) = dw * (sum(q * x) - 32 * s) */
+        const block_q6_0 *w = blk;
+        for (int j = 0; j < QK; j++) q[j] = lc_q6_0_get(w, j);
+        return lc_fp16_to_fp32(w->d) * (dot_groups(q, x) - 32.0f * x->s);
     }
     const uint8_t *qs = type == LC_TYPE_Q4_0 ? ((const block_q4_0 *)blk)->qs : ((const block_q4_1 *)blk)->qs;
     for (int j = 0; j < QK / 2; j++) { q[j] = qs[j] & 0x0f; q[j + QK / 2] = qs[j] >> 4; }
@@ -150,6 +176,7 @@ SCALAR_GEMM(gemm_q8_0, gemm_q_rows, LC_TYPE_Q8_0)
 SCALAR_GEMM(gemm_q4_0_x8, gemm_q_x8, LC_TYPE_Q4_0)
 SCALAR_GEMM(gemm_q4_1_x8, gemm_q_x8, LC_TYPE_Q4_1)
 SCALAR_GEMM(gemm_q8_0_x8, gemm_q_x8, LC_TYPE_Q8_0)
+SCALAR_GEMM(gemm_q6_0_x8, gemm_q_x8, LC_TYPE_Q6_0)
 
 static void gemm_f16(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
@@ -210,6 +237,13 @@ static void dequantize_row(int type, const void *row, float *y, int64_t n) {
             const block_q8_0 *w = (const block_q8_0 *)row + b;
             const float d = lc_fp16_to_fp32(w->d);
             for (int j = 0; j < QK; j++) y[b * QK + j] = w->qs[j] * d;
+        }
+        break;
+    case LC_TYPE_Q6_0:
+        for (int64_t b = 0; b < n / QK; b++) {
+            const block_q6_0 *w = (const block_q6_0 *)row + b;
+            const float d = lc_fp16_to_fp32(w->d);
+            for (int j = 0; j < QK; j++) y[b * QK + j] = (lc_q6_0_get(w, j) - 32) * d;
         }
         break;
     }

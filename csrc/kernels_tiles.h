@@ -69,7 +69,8 @@
 #define LC_DEFINE_GEMMS_X8                                       \
     LC_TILED_GEMM_X8(gemm_q4_0_x8, LC_TYPE_Q4_0, tile_x8)        \
     LC_TILED_GEMM_X8(gemm_q4_1_x8, LC_TYPE_Q4_1, tile_x8)        \
-    LC_TILED_GEMM_X8(gemm_q8_0_x8, LC_TYPE_Q8_0, tile_x8)
+    LC_TILED_GEMM_X8(gemm_q8_0_x8, LC_TYPE_Q8_0, tile_x8)        \
+    LC_TILED_GEMM_X8(gemm_q6_0_x8, LC_TYPE_Q6_0, tile_x8)
 
 /* A kernel table from a file's static kernels; SFX suffixes the quantized gemms
  * (empty, or _base / _sdot for the two NEON flavours). */
@@ -77,7 +78,8 @@
     {                                                                                              \
         .name = NAME, .quantize_act = quantize_act, .gemm_q4_0 = gemm_q4_0##SFX,                   \
         .gemm_q4_1 = gemm_q4_1##SFX, .gemm_q8_0 = gemm_q8_0##SFX, .gemm_q4_0_x8 = gemm_q4_0_x8##SFX, \
-        .gemm_q4_1_x8 = gemm_q4_1_x8##SFX, .gemm_q8_0_x8 = gemm_q8_0_x8##SFX, .gemm_f16 = gemm_f16,  \
+        .gemm_q4_1_x8 = gemm_q4_1_x8##SFX, .gemm_q8_0_x8 = gemm_q8_0_x8##SFX,                        \
+        .gemm_q6_0_x8 = gemm_q6_0_x8##SFX, .gemm_f16 = gemm_f16,                                     \
         .gemm_f32 = gemm_f32, .dequantize_row = dequantize_row, .rmsnorm = rmsnorm, .rope = rope,    \
         .attention = attention, .f32_to_f16 = f32_to_f16, .swiglu = swiglu,                          \
     }

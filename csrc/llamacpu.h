@@ -30,6 +30,8 @@ typedef struct lc_kernels {
     void (*gemm_q4_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
     void (*gemm_q4_1_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
     void (*gemm_q8_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
+    /* Q6_0 exists in the x8 layout only */
+    void (*gemm_q6_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
     void (*gemm_f16)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
     void (*gemm_f32)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
 
@@ -60,6 +62,8 @@ typedef struct lc_kernels {
 void lc_quantize_row_q4_0_ref(const float *x, block_q4_0 *y, int64_t n);
 void lc_quantize_row_q4_1_ref(const float *x, block_q4_1 *y, int64_t n);
 void lc_quantize_row_q8_0_ref(const float *x, block_q8_0 *y, int64_t n);
+/* Q6_0 (quants.h), in the manner of ggml's Q5_0: d = the largest-magnitude value / -32 */
+void lc_quantize_row_q6_0_ref(const float *x, block_q6_0 *y, int64_t n);
 
 /* cos/sin of the float32 angles pos * inv_freq[i], i < half (shared by all RoPE variants) */
 void lc_rope_angles(float *cos_out, float *sin_out, int half, int pos, const float *inv_freq);
@@ -86,7 +90,7 @@ typedef struct {
     const void *data; /* into the mmap */
     int type;
     int64_t rows, cols;
-    int layout;       /* LC_LAYOUT_ROWS or LC_LAYOUT_X8 (quantized, rows % 8 == 0) */
+    int layout;       /* LC_LAYOUT_ROWS or LC_LAYOUT_X8 (quantized, rows % 8 == 0; Q6_0 always) */
 } lc_tensor;
 
 typedef struct {

@@ -19,6 +19,7 @@ enum lc_type {
     LC_TYPE_Q4_0 = 2,
     LC_TYPE_Q4_1 = 3,
     LC_TYPE_Q8_0 = 8,
+    LC_TYPE_Q6_0 = 100, /* llamacpu's own (GGUF has no 6-bit type with 32-element blocks); x8 layout only */
 };
 
 typedef struct {
@@ -39,6 +40,22 @@ typedef struct {
     int8_t qs[QK];
 } block_q8_0;       /* x = q * d */
 static_assert(sizeof(block_q8_0) == 34, "block_q8_0 size");
+
+typedef struct {
+    uint16_t d;          /* fp16 scale */
+    uint8_t ql[QK / 2];  /* low 4 bits, as block_q4_0's qs: element j in the low nibble of ql[j], j+16 in the high */
+    uint8_t qh[QK / 4];  /* high 2 bits: byte 4h+e (h 0..1, e 0..3) holds, from bit 0 up, those of elements
+                            8h+e, 8h+16+e, 8h+4+e, 8h+20+e (so that one x8 chunk of qh serves two of ql) */
+} block_q6_0;            /* x = (q - 32) * d, q = low | high << 4 in [0, 63] */
+static_assert(sizeof(block_q6_0) == 26, "block_q6_0 size");
+
+/* element j (0..31) of a Q6_0 block: byte and shift of its 2 high bits in qh */
+static inline int lc_q6_0_qh_byte(int j) { return 4 * ((j & 15) >> 3) + (j & 3); }
+static inline int lc_q6_0_qh_shift(int j) { return 4 * ((j >> 2) & 1) + 2 * (j >> 4); }
+static inline int lc_q6_0_get(const block_q6_0 *b, int j) {
+    const int low = j < 16 ? b->ql[j] & 0x0f : b->ql[j - 16] >> 4;
+    return low | ((b->qh[lc_q6_0_qh_byte(j)] >> lc_q6_0_qh_shift(j)) & 3) << 4;
+}
 
 /* Activations, internal only: 8-bit values with one f32 scale per group of 8.
  * Group g (0..3) is elements 4g..4g+3 and 16+4g..16+4g+3: the two 4-element
@@ -126,10 +143,11 @@ static inline uint16_t lc_fp32_to_fp16(float f) {
 #define LC_LAYOUT_X8 1
 
 static inline int lc_block_bytes(int type) {
-    return type == LC_TYPE_Q4_0 ? 18 : type == LC_TYPE_Q4_1 ? 20 : type == LC_TYPE_Q8_0 ? 34 : -1;
+    return type == LC_TYPE_Q4_0 ? 18 : type == LC_TYPE_Q4_1 ? 20 : type == LC_TYPE_Q8_0 ? 34 : type == LC_TYPE_Q6_0 ? 26 : -1;
 }
 static inline int lc_x8_header(int type) { return type == LC_TYPE_Q4_1 ? 32 : 16; }
-static inline int lc_qs_bytes(int type) { return type == LC_TYPE_Q8_0 ? 32 : 16; }
+/* quant bytes per block (Q6_0: ql then qh, so x8 chunks 0-3 are ql and 4-5 qh) */
+static inline int lc_qs_bytes(int type) { return type == LC_TYPE_Q8_0 ? 32 : type == LC_TYPE_Q6_0 ? 24 : 16; }
 
 /* row r (0..7) of the x8 block group g -> one GGUF block */
 static inline void lc_x8_extract(int type, const uint8_t *g, int r, uint8_t *blk) {
@@ -157,6 +175,7 @@ static inline int64_t lc_row_bytes(int type, int64_t cols) {
     case LC_TYPE_Q4_0: return cols / QK * (int64_t)sizeof(block_q4_0);
     case LC_TYPE_Q4_1: return cols / QK * (int64_t)sizeof(block_q4_1);
     case LC_TYPE_Q8_0: return cols / QK * (int64_t)sizeof(block_q8_0);
+    case LC_TYPE_Q6_0: return cols / QK * (int64_t)sizeof(block_q6_0);
     default: return -1;
     }
 }

@@ -16,7 +16,7 @@ cnp.import_array()
 
 cdef extern from "llamacpu.h" nogil:
     int QK
-    int LC_TYPE_F32, LC_TYPE_F16, LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0
+    int LC_TYPE_F32, LC_TYPE_F16, LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0, LC_TYPE_Q6_0
     int LC_OK, LC_E_CTX, LC_E_TOKEN, LC_E_ARG
 
     ctypedef struct block_q8a:
@@ -34,6 +34,7 @@ cdef extern from "llamacpu.h" nogil:
         void (*gemm_q4_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
         void (*gemm_q4_1_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
         void (*gemm_q8_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
+        void (*gemm_q6_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
         void (*gemm_f16)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
         void (*gemm_f32)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
         void (*dequantize_row)(int type, const void *row, float *y, int64_t n) noexcept nogil
@@ -47,6 +48,7 @@ cdef extern from "llamacpu.h" nogil:
     void lc_quantize_row_q4_0_ref(const float *x, void *y, int64_t n)
     void lc_quantize_row_q4_1_ref(const float *x, void *y, int64_t n)
     void lc_quantize_row_q8_0_ref(const float *x, void *y, int64_t n)
+    void lc_quantize_row_q6_0_ref(const float *x, void *y, int64_t n)
     const lc_kernels *lc_kernels_best()
     const lc_kernels *lc_kernels_by_name(const char *name)
 
@@ -84,10 +86,12 @@ cdef extern from "llamacpu.h" nogil:
 
 
 # Constants agree between C and Python (checked at import).
-F32, F16, Q4_0, Q4_1, Q8_0 = 0, 1, 2, 3, 8
-assert (LC_TYPE_F32, LC_TYPE_F16, LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0) == (F32, F16, Q4_0, Q4_1, Q8_0)
+F32, F16, Q4_0, Q4_1, Q8_0, Q6_0 = 0, 1, 2, 3, 8, 100
+assert (LC_TYPE_F32, LC_TYPE_F16, LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0, LC_TYPE_Q6_0) == (F32, F16, Q4_0, Q4_1, Q8_0, Q6_0)
 assert QK == 32 and sizeof(block_q8a) == 64
-QUANTIZED = (Q4_0, Q4_1, Q8_0)
+QUANTIZED = (Q4_0, Q4_1, Q8_0, Q6_0)
+#: quantized types with kernels for the x8 layout only
+X8_ONLY = (Q6_0,)
 
 #: numpy view of the C activation block (block_q8a)
 Q8A_DTYPE = np.dtype([("qs", "i1", (32,)), ("d", "<f4", (4,)), ("s", "<f4"), ("pad", "<f4", (3,))])
@@ -166,6 +170,8 @@ def quantize(x, int type):
                 lc_quantize_row_q4_0_ref(src + i * cols, dst + i * rb, cols)
             elif type == LC_TYPE_Q4_1:
                 lc_quantize_row_q4_1_ref(src + i * cols, dst + i * rb, cols)
+            elif type == LC_TYPE_Q6_0:
+                lc_quantize_row_q6_0_ref(src + i * cols, dst + i * rb, cols)
             else:
                 lc_quantize_row_q8_0_ref(src + i * cols, dst + i * rb, cols)
     return out
@@ -227,17 +233,21 @@ def gemm(w, int type, int64_t rows, int64_t cols, x, impl=None, int layout=0):
     cdef int t
     if layout not in (0, 1) or (layout == 1 and (type not in QUANTIZED or rows % 8)):
         raise ValueError("gemm: layout 1 needs a quantized type and rows % 8 == 0")
+    if type in X8_ONLY and layout != 1:
+        raise ValueError("gemm: this type has kernels for layout 1 (x8) only")
     if type in QUANTIZED:
         XQ = np.zeros(nt * (cols // 32) * sizeof(block_q8a), dtype=np.uint8)
         xq = <block_q8a *>XQ.data
     with nogil:
-        if type == LC_TYPE_Q4_0 or type == LC_TYPE_Q4_1 or type == LC_TYPE_Q8_0:
+        if type == LC_TYPE_Q4_0 or type == LC_TYPE_Q4_1 or type == LC_TYPE_Q8_0 or type == LC_TYPE_Q6_0:
             for t in range(nt):
                 k.quantize_act(<const float *>X.data + t * cols, xq + t * (cols // 32), cols)
         if layout == 1 and type == LC_TYPE_Q4_0:
             k.gemm_q4_0_x8(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
         elif layout == 1 and type == LC_TYPE_Q4_1:
             k.gemm_q4_1_x8(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
+        elif layout == 1 and type == LC_TYPE_Q6_0:
+            k.gemm_q6_0_x8(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
         elif layout == 1:
             k.gemm_q8_0_x8(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
         elif type == LC_TYPE_Q4_0:

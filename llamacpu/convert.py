@@ -33,11 +33,13 @@ import numpy as np
 from . import __version__
 from . import format as fmt
 from .errors import ModelFormatError
-from .format import F16, F32, Q4_0, Q4_1, Q8_0, TYPE_NAMES
+from .format import F16, F32, Q4_0, Q4_1, Q6_0, Q8_0, TYPE_NAMES
 
 BF16 = 30  # GGUF's id; accepted only as an input type
 
 TARGET_TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+#: choices for the output head's type (convert(head_type=...), --head-type)
+HEAD_TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q6_0": Q6_0}
 DEFAULT_HF_TYPE = "q4_0"
 
 # ----------------------------------------------------------------------------- name maps
@@ -767,17 +769,21 @@ def _gguf_source(t, name: str) -> SourceTensor:
 # ----------------------------------------------------------------------------- policy
 
 def tensor_type(name: str, src_type: int, target: str | None, config: dict,
-                source_format: str, cols: int = 0) -> int:
+                source_format: str, cols: int = 0, rows: int = 0, head_type: str | None = None) -> int:
     """The output type of one tensor (docs/FORMAT.md, "Type policy")."""
     if fmt.is_norm(name) or name == "rope_freqs.weight":
         return F32
-    if target is None:
-        if source_format == "gguf":
-            return F32 if src_type == BF16 else src_type  # carry blocks over untouched
-        target = DEFAULT_HF_TYPE
-    t = TARGET_TYPES[target]
-    if t in (Q4_0, Q4_1) and name == fmt.output_head_name(config):
-        t = Q8_0  # the output head produces every logit: keep it at 8 bits
+    head = name == fmt.output_head_name(config)
+    if head and head_type is not None:
+        t = HEAD_TYPES[head_type]
+    elif target is None and source_format == "gguf":
+        return F32 if src_type == BF16 else src_type  # carry blocks over untouched
+    else:
+        t = TARGET_TYPES[target or DEFAULT_HF_TYPE]
+        if t in (Q4_0, Q4_1) and head:
+            t = Q6_0  # the output head produces every logit: 6 bits, as llama.cpp's Q4 files
+    if t == Q6_0 and rows % 8:
+        t = Q8_0  # Q6_0 exists in the x8 layout only (rows % 8 == 0: every real vocabulary)
     if t in fmt.QUANTIZED_TYPES and cols % fmt.QK:
         t = F16  # blocks need cols % 32 == 0 (never the case for real Llama shapes)
     return t
@@ -917,11 +923,12 @@ def _resolve_out(src: Path, out: Path, plan_files, overwrite: bool) -> None:
 
 
 def convert(src, out, type: str | None = None, progress=True, overwrite: bool = False,
-            quiet: bool = False) -> Path:
+            quiet: bool = False, head_type: str | None = None) -> Path:
     """Convert SRC (an HF Llama folder or a .gguf file) to a llamacpu model file OUT.
 
     type: None (HF: q4_0; GGUF: keep each tensor's type), "f32", "f16", "q8_0",
-    "q4_0" or "q4_1". progress: True (a bar on stderr when it is a TTY), False, or
+    "q4_0" or "q4_1" (with q4_0 / q4_1 the output head is q6_0). head_type: the
+    output head's type instead ("q6_0", "q8_0", "f16", "f32"). progress: True (a bar on stderr when it is a TTY), False, or
     a callable(phase, done_tensors, total_tensors, done_bytes, total_bytes).
     quiet: print nothing at all (not even the final summary line).
     Returns the Path of OUT.
@@ -931,6 +938,10 @@ def convert(src, out, type: str | None = None, progress=True, overwrite: bool = 
         type = type.lower()
         if type not in TARGET_TYPES:
             raise ValueError(f"unknown type {type!r}; choose from {', '.join(TARGET_TYPES)}")
+    if head_type is not None:
+        head_type = head_type.lower()
+        if head_type not in HEAD_TYPES:
+            raise ValueError(f"unknown head type {head_type!r}; choose from {', '.join(HEAD_TYPES)}")
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
     # refuse before parsing anything big when OUT is SRC itself
@@ -944,7 +955,7 @@ def convert(src, out, type: str | None = None, progress=True, overwrite: bool = 
         prog = _Progress(progress, quiet)
         sha, file_entries = _hash_files(plan.files, prog)
         out_types = {s.name: tensor_type(s.name, s.type, type, plan.config, plan.source_format,
-                                         s.cols)
+                                         s.cols, s.rows, head_type)
                      for s in plan.tensors}
         meta = {
             "format_version": fmt.FORMAT_VERSION,

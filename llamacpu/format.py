@@ -38,20 +38,22 @@ NAME_BYTES = 64  # name field; at most 63 bytes of UTF-8 plus at least one NUL
 LAYOUT_ROW_MAJOR = 0
 LAYOUT_X8 = 1  # quantized 2-D tensors with rows % 8 == 0: 8-row block groups (see x8_pack)
 
-# Tensor type ids are GGUF's.
+# Tensor type ids are GGUF's, plus llamacpu's own Q6_0 (100, outside GGUF's range).
 F32 = 0
 F16 = 1
 Q4_0 = 2
 Q4_1 = 3
 Q8_0 = 8
+Q6_0 = 100  # 6-bit, fp16 scale per 32 (csrc/quants.h block_q6_0); x8 layout only
 
-TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0"}
+TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q6_0: "Q6_0"}
 TYPE_IDS = {name: tid for tid, name in TYPE_NAMES.items()}
-QUANTIZED_TYPES = frozenset({Q4_0, Q4_1, Q8_0})
+QUANTIZED_TYPES = frozenset({Q4_0, Q4_1, Q8_0, Q6_0})
+X8_ONLY_TYPES = frozenset({Q6_0})  # the engine has kernels for their x8 layout only
 
 QK = 32  # elements per quantization block
 # (elements per block, bytes per block)
-BLOCK_SIZES = {F32: (1, 4), F16: (1, 2), Q4_0: (QK, 18), Q4_1: (QK, 20), Q8_0: (QK, 34)}
+BLOCK_SIZES = {F32: (1, 4), F16: (1, 2), Q4_0: (QK, 18), Q4_1: (QK, 20), Q8_0: (QK, 34), Q6_0: (QK, 26)}
 
 # Sanity bounds on the config (generous: Llama 3.x 405B fits comfortably).
 MAX_VOCAB = 1 << 24
@@ -217,7 +219,8 @@ class ModelWriter:
         if not 1 <= len(shape) <= 4 or any(d < 1 for d in shape):
             raise ValueError(f"invalid shape {shape} for {name}")
         nbytes = tensor_nbytes(type, shape)
-        if layout not in (LAYOUT_ROW_MAJOR, LAYOUT_X8) or (layout == LAYOUT_X8 and not x8_allowed(type, shape)):
+        if layout not in (LAYOUT_ROW_MAJOR, LAYOUT_X8) or (layout == LAYOUT_X8 and not x8_allowed(type, shape)) \
+                or (type in X8_ONLY_TYPES and layout != LAYOUT_X8):
             raise ValueError(f"{name}: layout {layout} is not possible for {TYPE_NAMES[type]} {shape}")
         start = self._pos
         self._f.seek(self._data_offset + start)
@@ -459,6 +462,8 @@ def _parse_entry(mm, pos: int, index: int, data_offset: int, size: int) -> Tenso
                                f"got {TYPE_NAMES[ttype]} {shape}")
     if layout not in (LAYOUT_ROW_MAJOR, LAYOUT_X8):
         raise ModelFormatError(f"{where}: unknown layout {layout}")
+    if ttype in X8_ONLY_TYPES and layout != LAYOUT_X8:
+        raise ModelFormatError(f"{where}: {TYPE_NAMES[ttype]} must use layout 1 (x8), got {layout}")
     if reserved != 0:
         raise ModelFormatError(f"{where}: reserved field is {reserved}, must be 0")
     if rel % ALIGNMENT:

@@ -362,3 +362,49 @@ def weights_from_gguf(path) -> tuple[dict, dict, np.ndarray | None]:
         "tie_word_embeddings": "lm_head.weight" not in weights,
     }
     return config, weights, divisors
+
+
+# ----------------------------------------------------------------------------- Q6_0 blocks
+# llamacpu's own 6-bit type, written from docs/FORMAT.md (26 bytes per 32 elements:
+# fp16 d, 16 bytes ql, 8 bytes qh; x = (q - 32) * d).
+
+def _q6_0_qh_place(j: int) -> tuple[int, int]:
+    """(qh byte, bit shift) of element j's high 2 bits: byte 4h+e holds, from bit 0 up,
+    elements 8h+e, 8h+16+e, 8h+4+e, 8h+20+e."""
+    for h in range(2):
+        for e in range(4):
+            for slot, el in enumerate((8 * h + e, 8 * h + 16 + e, 8 * h + 4 + e, 8 * h + 20 + e)):
+                if el == j:
+                    return 4 * h + e, 2 * slot
+    raise ValueError(j)
+
+
+def quantize_q6_0(x: np.ndarray) -> np.ndarray:
+    """float32 (rows, cols) -> uint8 (rows, cols / 32 * 26), as docs/FORMAT.md specifies."""
+    x = np.asarray(x, np.float32)
+    rows, cols = x.shape
+    b = x.reshape(-1, 32)
+    m = b[np.arange(len(b)), np.abs(b).argmax(axis=1)]  # first of the largest magnitudes
+    d = m / np.float32(-32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.minimum(63, (b * inv[:, None] + np.float32(32.5)).astype(np.int32))
+    out = np.zeros((len(b), 26), np.uint8)
+    out[:, 0:2] = d.astype("<f2").view(np.uint8).reshape(-1, 2)
+    for j in range(32):
+        out[:, 2 + j % 16] |= ((q[:, j] & 15) << (0 if j < 16 else 4)).astype(np.uint8)
+        byte, shift = _q6_0_qh_place(j)
+        out[:, 18 + byte] |= ((q[:, j] >> 4) << shift).astype(np.uint8)
+    return out.reshape(rows, -1)
+
+
+def dequantize_q6_0(raw: np.ndarray, cols: int) -> np.ndarray:
+    """uint8 row-major Q6_0 blocks -> float32 (rows, cols)."""
+    b = np.asarray(raw, np.uint8).reshape(-1, 26)
+    d = b[:, 0:2].copy().view("<f2").astype(np.float32)[:, 0]
+    q = np.empty((len(b), 32), np.int32)
+    for j in range(32):
+        low = (b[:, 2 + j % 16] >> (0 if j < 16 else 4)) & 15
+        byte, shift = _q6_0_qh_place(j)
+        q[:, j] = low + 16 * ((b[:, 18 + byte] >> shift) & 3)
+    return ((q - 32).astype(np.float32) * d[:, None]).reshape(-1, cols)

@@ -19,7 +19,7 @@ import pytest
 import llamacpu.convert as conv
 from llamacpu.convert import convert
 from llamacpu.errors import ModelFormatError
-from llamacpu.format import F16, F32, Q4_0, Q4_1, Q8_0, TYPE_NAMES, read_model
+from llamacpu.format import F16, F32, Q4_0, Q4_1, Q6_0, Q8_0, TYPE_NAMES, read_model
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as GQ  # noqa: E402
@@ -104,6 +104,9 @@ def encode(x: np.ndarray, t: int) -> bytes:
         return x.astype("<f4").tobytes()
     if t == F16:
         return x.astype("<f2").tobytes()
+    if t == Q6_0:  # llamacpu's own type: tests/reference.py, from docs/FORMAT.md
+        from reference import quantize_q6_0
+        return quantize_q6_0(x).tobytes()
     return gquants.quantize(np.ascontiguousarray(x, np.float32), GQ(t)).tobytes()
 
 
@@ -127,8 +130,8 @@ def tiny_src(tiny):
 # ----------------------------------------------------------------------------- HF
 
 POLICY = {  # type -> (2-D weights, output head)
-    None: (Q4_0, Q8_0), "f32": (F32, F32), "f16": (F16, F16), "q8_0": (Q8_0, Q8_0),
-    "q4_0": (Q4_0, Q8_0), "q4_1": (Q4_1, Q8_0),
+    None: (Q4_0, Q6_0), "f32": (F32, F32), "f16": (F16, F16), "q8_0": (Q8_0, Q8_0),
+    "q4_0": (Q4_0, Q6_0), "q4_1": (Q4_1, Q6_0),
 }
 
 
@@ -154,6 +157,34 @@ def test_hf_every_type(tiny, tiny_src, tmp_path, type):
             assert info.type == t, name
             assert info.shape == x.shape
             assert m.rows_array(name).tobytes() == encode(x, t), name
+
+
+@pytest.mark.parametrize("head_type,want", [("q8_0", Q8_0), ("q6_0", Q6_0), ("f16", F16)])
+def test_head_type_option(tiny, tiny_src, tmp_path, head_type, want):
+    """--head-type sets the output head's type (tied: the embedding table), nothing else."""
+    src, config = tiny_src
+    exp = expected_f32(src, config)
+    out = tmp_path / "m.lcpu"
+    r = subprocess.run([sys.executable, "-m", "llamacpu", "convert", str(tiny), str(out), "--type", "q8_0",
+                        "--head-type", head_type, "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with read_model(out) as m:
+        assert m.tensors["tok_embeddings.weight"].type == want
+        assert m.rows_array("tok_embeddings.weight").tobytes() == encode(exp["tok_embeddings.weight"], want)
+        assert m.tensors["layers.0.attention.wq.weight"].type == Q8_0
+    with pytest.raises(ValueError, match="head type"):
+        convert(tiny, tmp_path / "x.lcpu", head_type="q5_0", quiet=True)
+
+
+def test_q6_0_head_needs_rows_multiple_of_8():
+    """Q6_0 exists in the x8 layout only: a vocabulary that is not a multiple of 8 keeps Q8_0."""
+    from llamacpu.convert import tensor_type
+    cfg = {"tie_word_embeddings": True}
+    assert tensor_type("tok_embeddings.weight", F32, "q4_0", cfg, "hf", cols=64, rows=128) == Q6_0
+    assert tensor_type("tok_embeddings.weight", F32, "q4_0", cfg, "hf", cols=64, rows=130) == Q8_0
+    assert tensor_type("tok_embeddings.weight", F32, None, cfg, "gguf", cols=64, rows=128, head_type="q6_0") == Q6_0
+    assert tensor_type("layers.0.attention.wq.weight", F32, "q4_0", cfg, "hf", cols=64, rows=64,
+                       head_type="q8_0") == Q4_0
 
 
 def test_hf_metadata(tiny, tmp_path):
@@ -231,8 +262,8 @@ def test_hf_untied_head_and_f32_source(tiny, tiny_src, tmp_path):
     out = convert(d, tmp_path / "u.lcpu", type="q4_1", progress=False, quiet=True)
     with read_model(out) as m:
         assert m.tensors["tok_embeddings.weight"].type == Q4_1
-        assert m.tensors["output.weight"].type == Q8_0
-        assert m.rows_array("output.weight").tobytes() == encode(head, Q8_0)
+        assert m.tensors["output.weight"].type == Q6_0
+        assert m.rows_array("output.weight").tobytes() == encode(head, Q6_0)
     # tied + lm_head present: the head is ignored
     cfg["tie_word_embeddings"] = True
     (d / "config.json").write_text(json.dumps(cfg))

@@ -13,7 +13,7 @@ import pytest
 
 import llamacpu
 from llamacpu.format import read_model
-from reference import ReferenceLlama, load_hf_checkpoint, weights_from_gguf
+from reference import ReferenceLlama, dequantize_q6_0, load_hf_checkpoint, weights_from_gguf
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as GT, quants  # noqa: E402
@@ -54,7 +54,7 @@ _HF = {"attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernor
 def unpack_x8(packed, type, rows):
     """Row-major GGUF blocks from the x8 layout, written from docs/FORMAT.md's description
     (an index template per 8-row group), independently of llamacpu.format.x8_unpack."""
-    bs = {2: 18, 3: 20, 8: 34}[type]
+    bs = {2: 18, 3: 20, 8: 34, 100: 26}[type]
     heads = 2 if type == 3 else 1          # fp16 d (and m) first
     tmpl = np.empty((8, bs), dtype=np.int64)  # [row in group, byte of its GGUF block] -> byte in group block
     for r in range(8):
@@ -82,6 +82,8 @@ def weights_of_file(path):
                 w = raw.astype(np.float32)
             elif t.type == 1:
                 w = raw.view(np.float16).astype(np.float32)
+            elif t.type == 100:  # Q6_0, llamacpu's own: tests/reference.py from docs/FORMAT.md
+                w = dequantize_q6_0(raw, t.shape[1])
             else:
                 w = quants.dequantize(raw, _GT[t.type]).reshape(t.shape)
             if name == "tok_embeddings.weight":

@@ -96,8 +96,9 @@ def entry_offset(raw: bytes, i: int) -> int:
 
 def test_constants():
     assert fmt.MAGIC == b"LLAMACPU" and fmt.FORMAT_VERSION == 1
-    assert (fmt.F32, fmt.F16, fmt.Q4_0, fmt.Q4_1, fmt.Q8_0) == (0, 1, 2, 3, 8)
-    assert fmt.TYPE_NAMES == {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0"}
+    assert (fmt.F32, fmt.F16, fmt.Q4_0, fmt.Q4_1, fmt.Q8_0, fmt.Q6_0) == (0, 1, 2, 3, 8, 100)
+    assert fmt.TYPE_NAMES == {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 100: "Q6_0"}
+    assert fmt.row_bytes(fmt.Q6_0, 64) == 52
     assert fmt.row_bytes(F32, 7) == 28 and fmt.row_bytes(F16, 7) == 14
     assert fmt.row_bytes(Q4_0, 64) == 36 and fmt.row_bytes(Q4_1, 64) == 40
     assert fmt.row_bytes(Q8_0, 2048) == 64 * 34
@@ -350,6 +351,23 @@ def test_x8_layout_only_where_allowed(valid, tmp_path):
     ok.write_bytes(patched(raw, entry_offset(raw, 0) + 120, "<I", 1))
     with read_model(ok) as m:
         assert m.tensors["tok_embeddings.weight"].layout == fmt.LAYOUT_X8
+
+
+def test_q6_0_only_in_the_x8_layout(tmp_path):
+    """Q6_0 has kernels for layout 1 only: the writer and the reader refuse it row-major."""
+    tensors = tensor_list()
+    name, _, shape, _ = tensors[0]  # tok_embeddings (rows % 8 == 0)
+    q6 = [(name, fmt.Q6_0, shape, bytes(fmt.tensor_nbytes(fmt.Q6_0, shape)))] + tensors[1:]
+    with pytest.raises(ValueError, match="layout 0 is not possible for Q6_0"):
+        write(tmp_path / "w.lcpu", tensors=q6)
+    ok = tmp_path / "ok.lcpu"
+    with ModelWriter(ok, META) as w:
+        for n, t, s, data in q6:
+            w.add_tensor(n, t, s, data, layout=fmt.LAYOUT_X8 if t == fmt.Q6_0 else fmt.LAYOUT_ROW_MAJOR)
+    raw = ok.read_bytes()
+    with read_model(ok) as m:
+        assert m.tensors[name].type_name == "Q6_0" and m.tensors[name].layout == fmt.LAYOUT_X8
+    expect_error(tmp_path / "x.lcpu", patched(raw, entry_offset(raw, 0) + 120, "<I", 0), "Q6_0 must use layout 1")
 
 
 def test_duplicate_names(valid, tmp_path):

@@ -477,7 +477,7 @@ def random_shape_model(rng: random.Random) -> tuple[ModelImage, list]:
             entries.append(Entry(name.encode(), 0, list(shape), x.tobytes()))
             continue
         rows, cols = shape
-        types = [0, 1] + ([2, 3, 8] if cols % 32 == 0 else [])
+        types = [0, 1] + ([2, 3, 8] if cols % 32 == 0 else []) + ([100] if cols % 32 == 0 and rows % 8 == 0 else [])
         t = rng.choice(types)
         x = nrng.standard_normal(shape, dtype=np.float32) * np.float32(cols ** -0.5)
         if rng.random() < 0.05:
@@ -488,7 +488,7 @@ def random_shape_model(rng: random.Random) -> tuple[ModelImage, list]:
         else:
             from llamacpu import _core
             q = _core.quantize(x, t)
-            if rows % 8 == 0 and rng.random() < 0.7:
+            if t == 100 or (rows % 8 == 0 and rng.random() < 0.7):  # Q6_0: x8 only
                 layout, data = 1, _x8_pack(q, t)
             else:
                 data = q.tobytes()

@@ -16,9 +16,11 @@ Steps (files cached in ~/.cache/llamacpu/quality, or $LLAMACPU_CACHE/quality):
              type; blocks copied bit-exact). llama.cpp: the GGUF itself.
        q8_0, q4_0  requantized from the dequantized weights. llamacpu: `llamacpu convert
              GGUF OUT --type T` (Q4_1 blocks decoded with ggml's formula, encoded with
-             ggml's reference quantizer; the Q8_0 head is copied, as q4_0 keeps the head
-             at Q8_0). llama.cpp: `llama-quantize --allow-requantize GGUF OUT T`, which
-             picks its own type for some tensors (the file table shows what it did).
+             ggml's reference quantizer; q4_0 with `--head-type q8_0`, the type
+             llama-quantize gives this model's head, so that the weights are the same).
+             llama.cpp: `llama-quantize --allow-requantize GGUF OUT T`, which picks its
+             own type for some tensors (the file table shows what it did). With q4_0,
+             llamacpu's default file (a Q6_0 head) is measured too, llamacpu only.
        f32   the dequantized Q4_1 weights in float32 (`--type f32`; `llama-quantize
              --allow-requantize GGUF OUT F32`): the same weights as q4_1 without the
              quantized dot products, so the difference between the q4_1 and f32 rows is
@@ -61,6 +63,8 @@ TYPES = ["f32", "q8_0", "q4_1", "q4_0"]
 LABEL = {"f32": "F32 (dequantized Q4_1)", "q8_0": "Q8_0 (requantized)", "q4_1": "Q4_1 (as imported)",
          "q4_0": "Q4_0 (requantized)"}
 
+DEFAULT_Q4_0 = "q4_0-default"  # llamacpu's default q4_0 file, measured in llamacpu only
+
 log = bv.log
 sh = bv.sh
 
@@ -69,8 +73,11 @@ sh = bv.sh
 
 def our_files(gguf: Path, types) -> dict:
     """llamacpu files of the GGUF (q4_1: its own types kept), cached as the benchmark's are."""
-    return bv.converted_files(gguf, QDIR, "llamacpu-smollm2",
-                              {t: [] if t == "q4_1" else ["--type", t] for t in types})
+    args = {t: [] if t == "q4_1" else ["--type", t] for t in types}
+    if "q4_0" in args:  # the same head type as llama-quantize's Q4_0 of this model ...
+        args["q4_0"] = ["--type", "q4_0", "--head-type", "q8_0"]
+        args[DEFAULT_Q4_0] = ["--type", "q4_0"]  # ... and our default (a Q6_0 head)
+    return bv.converted_files(gguf, QDIR, "llamacpu-smollm2", args)
 
 
 def llama_files(gguf: Path, types, quantize: Path) -> dict:
@@ -239,6 +246,17 @@ def render(ctx: dict) -> str:
         L.append("")
         L.append("vs F32: the PPL of the row against the same engine's F32 row, which has the same "
                  "weights as Q4_1 (its dequantized values) and no quantized arithmetic.")
+    d = ctx["res"].get(("ours", DEFAULT_Q4_0))
+    if d and ("ours", DEFAULT_Q4_0) in ctx["files"]:
+        q8 = ctx["res"][("ours", "q4_0")]
+        L.append("")
+        L.append(f"The Q4_0 row's llamacpu file is converted with `--head-type q8_0`: llama-quantize "
+                 f"gives this model's head Q8_0 (its 576 columns are no multiple of Q6_K's 256), so both "
+                 f"engines run the same weights. llamacpu's default Q4_0 file has a Q6_0 head "
+                 f"(docs/FORMAT.md, type policy; {type_summary(ctx['files'][('ours', DEFAULT_Q4_0)])}; "
+                 f"{bv.fmt_mb(ctx['files'][('ours', DEFAULT_Q4_0)]['file_size'])}): PPL "
+                 f"{d['ppl']:.4f} ± {d['err']:.4f}, {100 * (d['ppl'] / q8['ppl'] - 1):+.2f}% against the "
+                 f"Q8_0 head.")
     L.append("")
     L.append("Files (tensor counts by type, largest bytes first; the output head is the tied token "
              "embedding in every file):")
@@ -332,6 +350,8 @@ def main(argv=None) -> int:
     for t in types:
         files[("ours", t)] = bv.tensor_table(ours[t])
         files[("llama", t)] = bv.tensor_table(ggufs[t])
+    if DEFAULT_Q4_0 in ours:
+        files[("ours", DEFAULT_Q4_0)] = bv.tensor_table(ours[DEFAULT_Q4_0])
     same = {t: same_weights(ours[t], ggufs[t]) for t in types}
     tokens = compare_tokens(bindir, gguf, ours[types[0]])
     log(f"tokens: llamacpu {tokens['ours']}, llama.cpp {tokens['llama']}, identical: {tokens['identical']}")
@@ -347,6 +367,11 @@ def main(argv=None) -> int:
                 res[(key, t)] = r
                 log(f"{t} {'llamacpu' if key == 'ours' else 'llama.cpp'}: PPL {r['ppl']:.4f} ± {r['err']:.4f} "
                     f"({r['n_chunks']} chunks, {r['wall']:.0f} s)")
+        if DEFAULT_Q4_0 in ours:
+            if args.quiet_wait > 0:
+                bv.wait_quiet(args.quiet_wait, 0.25)
+            r = res[("ours", DEFAULT_Q4_0)] = run_ours(ours[DEFAULT_Q4_0], args.ctx_size, args.threads, args.chunks)
+            log(f"{DEFAULT_Q4_0} llamacpu: PPL {r['ppl']:.4f} ± {r['err']:.4f}")
         from llamacpu import Model, __version__
         with Model(ours[types[0]], n_ctx=8) as m:
             kernels = m.kernels

@@ -32,6 +32,60 @@ static double max_rel(const float *a, const float *b, int64_t n) {
     return m / s;
 }
 
+/* Q6_0 (x8 layout only, so no row-major gemm to compare with): wq holds the rows'
+ * blocks as lc_quantize_row_q6_0_ref wrote them from w, ya the scalar x8 gemm of
+ * them with xa. Checks the scalar dequantize_row against quants.h's definition
+ * x = (q - 32) * d, k's against the scalar one, the quantizer's round trip and the
+ * scalar x8 gemm against the dot products of the dequantized operands. */
+static void q6_0_checks(const lc_kernels *r, const lc_kernels *k, const float *w, const uint8_t *wq,
+                        const block_q8a *xa, const float *ya, int rows, int cols, int nt) {
+    const int nb = cols / QK;
+    float *da = malloc(sizeof(float) * rows * cols), *db = malloc(sizeof(float) * cols);
+    int def_ok = 1, same = 1, trip_ok = 1;
+    double trip = 0; /* the worst round-trip error over its bound */
+    for (int i = 0; i < rows; i++) {
+        const block_q6_0 *blk = (const block_q6_0 *)wq + (int64_t)i * nb;
+        float *d = da + (int64_t)i * cols;
+        r->dequantize_row(LC_TYPE_Q6_0, blk, d, cols);
+        k->dequantize_row(LC_TYPE_Q6_0, blk, db, cols);
+        same &= memcmp(d, db, sizeof(float) * cols) == 0;
+        for (int b = 0; b < nb; b++) {
+            const float s = lc_fp16_to_fp32(blk[b].d);
+            for (int j = 0; j < QK; j++) {
+                const int q = lc_q6_0_get(blk + b, j);
+                const float v = d[b * QK + j];
+                def_ok &= v == (float)(q - 32) * s;
+                /* |x - v| <= |d| / 2, where x / d rounds to q - 32, plus 33 times the
+                 * fp16 rounding of d (2^-11 relative, 2^-25 where subnormal); d is
+                 * chosen so that the largest |x| is q = 0, and a value of the other
+                 * sign as large rounds to 32, clamped to 31: q = 63 is within |d| */
+                const double bound = fabs(s) * (q == 63 ? 1.0 : 0.5) + 33 * fmax(fabs(s) / 2048, 0x1p-25) +
+                                     1e-6 * fabs(w[(int64_t)i * cols + b * QK + j]);
+                const double err = fabs((double)w[(int64_t)i * cols + b * QK + j] - v);
+                trip = fmax(trip, err / bound);
+                trip_ok &= err <= bound;
+            }
+        }
+    }
+    check(def_ok, "scalar", "dequantize_row Q6_0 == (q - 32) * d", rows, cols, 0);
+    check(same, k->name, "dequantize_row Q6_0", rows, cols, 0);
+    check(trip_ok, "scalar", "quantize_row_q6_0 round trip", rows, cols, trip);
+    /* the scalar x8 gemm against double sums of the dequantized operands */
+    float *yd = malloc(sizeof(float) * nt * rows);
+    for (int t = 0; t < nt; t++)
+        for (int i = 0; i < rows; i++) {
+            double sum = 0;
+            for (int j = 0; j < cols; j++) {
+                const block_q8a *xb = xa + (int64_t)t * nb + j / QK;
+                sum += (double)da[(int64_t)i * cols + j] * xb->qs[j % QK] * xb->d[lc_q8a_group(j % QK)];
+            }
+            yd[t * rows + i] = (float)sum;
+        }
+    const double e = max_rel(ya, yd, (int64_t)nt * rows);
+    check(e < TOL, "scalar", "gemm_q6_0_x8 vs dequantized", cols, nt, e);
+    free(da); free(db); free(yd);
+}
+
 static void test_table(const lc_kernels *k) {
     const lc_kernels *r = &lc_kernels_scalar;
     const int cols_list[] = {32, 64, 96, 160, 256, 544};
@@ -82,7 +136,9 @@ static void test_table(const lc_kernels *k) {
             free(w); free(x); free(xa); free(xb); free(ya); free(yb); free(wq); free(wh);
         }
     }
-    /* x8 layout: scalar and SIMD x8 gemms against the scalar row-major one */
+    /* x8 layout: scalar and SIMD x8 gemms against the scalar row-major one (Q6_0,
+     * which has no row-major gemm: the scalar x8 one against the dequantized
+     * weights and activations, the SIMD one against the scalar x8 one). */
     for (unsigned ci = 0; ci < sizeof cols_list / sizeof *cols_list; ci++) {
         const int cols = cols_list[ci], nb = cols / QK;
         for (int rows = 8; rows <= 24; rows += 16) for (int nt = 1; nt <= 6; nt += 5) {
@@ -93,14 +149,16 @@ static void test_table(const lc_kernels *k) {
             float *ya = malloc(sizeof(float) * nt * rows), *yb = malloc(sizeof(float) * nt * rows);
             float *yc = malloc(sizeof(float) * nt * rows);
             uint8_t *wq = malloc((size_t)rows * nb * 34), *wx = malloc((size_t)rows * nb * 34);
-            const int types[] = {LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0};
-            for (int ti = 0; ti < 3; ti++) {
+            const int types[] = {LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0, LC_TYPE_Q6_0};
+            const char *names[] = {"gemm_q4_0_x8", "gemm_q4_1_x8", "gemm_q8_0_x8", "gemm_q6_0_x8"};
+            for (int ti = 0; ti < 4; ti++) {
                 const int type = types[ti], bs = lc_block_bytes(type);
                 const int64_t rb = lc_row_bytes(type, cols);
                 for (int i = 0; i < rows; i++) {
                     if (type == LC_TYPE_Q4_0) lc_quantize_row_q4_0_ref(w + i * cols, (block_q4_0 *)(wq + i * rb), cols);
                     if (type == LC_TYPE_Q4_1) lc_quantize_row_q4_1_ref(w + i * cols, (block_q4_1 *)(wq + i * rb), cols);
                     if (type == LC_TYPE_Q8_0) lc_quantize_row_q8_0_ref(w + i * cols, (block_q8_0 *)(wq + i * rb), cols);
+                    if (type == LC_TYPE_Q6_0) lc_quantize_row_q6_0_ref(w + i * cols, (block_q6_0 *)(wq + i * rb), cols);
                 }
                 for (int i = 0; i < rows; i++)
                     for (int b = 0; b < nb; b++) {
@@ -111,17 +169,28 @@ static void test_table(const lc_kernels *k) {
                         if (memcmp(back, wq + i * rb + b * bs, bs) != 0) { failed++; printf("FAIL x8 round trip\n"); }
                     }
                 typedef void (*gemm_fn)(const void *, int64_t, const block_q8a *, int, float *, int64_t, int64_t, int64_t);
-                const gemm_fn rows_ref = ti == 0 ? r->gemm_q4_0 : ti == 1 ? r->gemm_q4_1 : r->gemm_q8_0;
-                const gemm_fn x8_ref = ti == 0 ? r->gemm_q4_0_x8 : ti == 1 ? r->gemm_q4_1_x8 : r->gemm_q8_0_x8;
-                const gemm_fn x8 = ti == 0 ? k->gemm_q4_0_x8 : ti == 1 ? k->gemm_q4_1_x8 : k->gemm_q8_0_x8;
-                rows_ref(wq, cols, xa, nt, ya, rows, 0, rows);
-                x8_ref(wx, cols, xa, nt, yb, rows, 0, rows);
-                check(memcmp(ya, yb, sizeof(float) * nt * rows) == 0, k->name, "scalar gemm x8 == rows", cols, nt, 0);
+                const gemm_fn x8_ref = ti == 0 ? r->gemm_q4_0_x8 : ti == 1 ? r->gemm_q4_1_x8 : ti == 2 ? r->gemm_q8_0_x8 : r->gemm_q6_0_x8;
+                const gemm_fn x8 = ti == 0 ? k->gemm_q4_0_x8 : ti == 1 ? k->gemm_q4_1_x8 : ti == 2 ? k->gemm_q8_0_x8 : k->gemm_q6_0_x8;
+                if (type != LC_TYPE_Q6_0) {
+                    const gemm_fn rows_ref = ti == 0 ? r->gemm_q4_0 : ti == 1 ? r->gemm_q4_1 : r->gemm_q8_0;
+                    rows_ref(wq, cols, xa, nt, ya, rows, 0, rows);
+                    x8_ref(wx, cols, xa, nt, yb, rows, 0, rows);
+                    check(memcmp(ya, yb, sizeof(float) * nt * rows) == 0, k->name, "scalar gemm x8 == rows", cols, nt, 0);
+                } else {
+                    x8_ref(wx, cols, xa, nt, ya, rows, 0, rows);
+                    q6_0_checks(r, k, w, wq, xa, ya, rows, cols, nt);
+                }
                 for (int i = 0; i < nt * rows; i++) yc[i] = -1.0f;
                 x8(wx, cols, xa, nt, yc, rows, 8, rows); /* a row range, as threads split it */
                 x8(wx, cols, xa, nt, yc, rows, 0, 8);
                 double e = max_rel(yc, ya, (int64_t)nt * rows);
-                check(e < TOL, k->name, type == 2 ? "gemm_q4_0_x8" : type == 3 ? "gemm_q4_1_x8" : "gemm_q8_0_x8", cols, nt, e);
+                check(e < TOL, k->name, names[ti], cols, nt, e);
+                if (nt > 3) { /* the first 3 tokens alone: a tile of 3 (nt 1 and 6 give 1, 4 and 2) */
+                    for (int i = 0; i < nt * rows; i++) yc[i] = -1.0f;
+                    x8(wx, cols, xa, 3, yc, rows, 0, rows);
+                    e = max_rel(yc, ya, (int64_t)3 * rows);
+                    check(e < TOL, k->name, names[ti], cols, 3, e);
+                }
             }
             free(w); free(x); free(xa); free(ya); free(yb); free(yc); free(wq); free(wx);
         }
