@@ -29,6 +29,7 @@
 #endif
 
 #include <immintrin.h>
+#include <float.h>
 #include <math.h>
 #include "llamacpu.h"
 #include "kernels_tiles.h"
@@ -115,7 +116,7 @@ static ALWAYS_INLINE __m256 group4_max(__m256 v) {
 static void quantize_act(const float *x, block_q8a *y, int64_t n) {
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), c127 = _mm256_set1_ps(127.0f);
-    const __m256 nz = _mm256_set1_ps(-0.0f);
+    const __m256 nz = _mm256_set1_ps(-0.0f), fmin = _mm256_set1_ps(FLT_MIN);
     const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
     for (int64_t i = 0; i < n / QK; i++) {
         const float *xb = x + i * QK;
@@ -123,9 +124,11 @@ static void quantize_act(const float *x, block_q8a *y, int64_t n) {
         __m256i q[4];
         for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(xb + 8 * k);
         /* groups 0, 1 are the lanes 0-3, 4-7 of v[0] and v[2]; groups 2, 3 those of v[1] and v[3] */
-        const __m256 d02 = _mm256_div_ps(group4_max(_mm256_max_ps(_mm256_andnot_ps(nz, v[0]), _mm256_andnot_ps(nz, v[2]))), c127);
-        const __m256 d13 = _mm256_div_ps(group4_max(_mm256_max_ps(_mm256_andnot_ps(nz, v[1]), _mm256_andnot_ps(nz, v[3]))), c127);
-        d[0] = d[2] = d02; d[1] = d[3] = d13; /* amax / 127, as the scalar code */
+        __m256 d02 = _mm256_div_ps(group4_max(_mm256_max_ps(_mm256_andnot_ps(nz, v[0]), _mm256_andnot_ps(nz, v[2]))), c127);
+        __m256 d13 = _mm256_div_ps(group4_max(_mm256_max_ps(_mm256_andnot_ps(nz, v[1]), _mm256_andnot_ps(nz, v[3]))), c127);
+        d02 = _mm256_and_ps(d02, _mm256_cmp_ps(d02, fmin, _CMP_GE_OQ));
+        d13 = _mm256_and_ps(d13, _mm256_cmp_ps(d13, fmin, _CMP_GE_OQ));
+        d[0] = d[2] = d02; d[1] = d[3] = d13; /* amax / 127, 0 below FLT_MIN, as the scalar code */
         for (int k = 0; k < 4; k++) {
             const __m256 id = _mm256_andnot_ps(_mm256_cmp_ps(d[k], zero, _CMP_EQ_OQ), _mm256_div_ps(one, d[k]));
             q[k] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[k], id), rnd));

@@ -6,6 +6,7 @@
 #if defined(__aarch64__)
 
 #include <arm_neon.h>
+#include <float.h>
 #include <math.h>
 #include "llamacpu.h"
 #include "kernels_tiles.h"
@@ -57,7 +58,8 @@ static void quantize_act(const float *x, block_q8a *y, int64_t n) {
         for (int g = 0; g < 4; g++) m[g] = vmaxq_f32(vabsq_f32(v[g]), vabsq_f32(v[g + 4]));
         /* lane g: the maximum of m[g]'s lanes */
         const float32x4_t amax = vpmaxq_f32(vpmaxq_f32(m[0], m[1]), vpmaxq_f32(m[2], m[3]));
-        const float32x4_t d = vdivq_f32(amax, vdupq_n_f32(127.0f));
+        float32x4_t d = vdivq_f32(amax, vdupq_n_f32(127.0f));
+        d = vbslq_f32(vcgeq_f32(d, vdupq_n_f32(FLT_MIN)), d, vdupq_n_f32(0.0f)); /* as scalar: 0 below FLT_MIN */
         const float32x4_t id = vbslq_f32(vceqzq_f32(d), vdupq_n_f32(0.0f), vdivq_f32(vdupq_n_f32(1.0f), d));
         float idg[4];
         vst1q_f32(idg, id);

@@ -87,13 +87,17 @@ void lc_quantize_row_q6_0_ref(const float *x, block_q6_0 *y, int64_t n) {
 
 /* Per group of 8 (quants.h: elements 4g..4g+3 and 16+4g..16+4g+3): d = amax / 127,
  * q = round-half-to-even(x / d) (nearbyintf in the default mode), so that SIMD
- * _mm256_round_ps / vcvtnq give identical blocks. */
+ * _mm256_round_ps / vcvtnq give identical blocks. A d below FLT_MIN (a group under
+ * about 1.5e-36) becomes 0, and its q 0: 1/d would overflow to inf. */
 static void quantize_act(const float *x, block_q8a *y, int64_t n) {
     for (int64_t i = 0; i < n / QK; i++) {
         const float *xb = x + i * QK;
         float amax[NG] = {0};
         for (int j = 0; j < QK; j++) amax[lc_q8a_group(j)] = MAX(amax[lc_q8a_group(j)], fabsf(xb[j]));
-        for (int g = 0; g < NG; g++) y[i].d[g] = amax[g] / 127.0f;
+        for (int g = 0; g < NG; g++) {
+            const float d = amax[g] / 127.0f;
+            y[i].d[g] = d >= FLT_MIN ? d : 0.0f;
+        }
         for (int j = 0; j < QK; j++) {
             const float d = y[i].d[lc_q8a_group(j)];
             const float id = d ? 1.0f / d : 0.0f;
