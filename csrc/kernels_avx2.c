@@ -375,40 +375,12 @@ static ALWAYS_INLINE void tile_x16(const int TYPE, const void *wgrp, int64_t sec
 }
 
 /* the x8 gemm loop (kernels_tiles.h) with pairs of row groups for 2-4 tokens */
-#define LC_TILED_GEMM_X16(NAME, TYPE)                                                             \
-    static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, \
-                     int64_t r0, int64_t r1) {                                                    \
-        const int64_t nb = cols / QK, group_bytes = 8 * lc_row_bytes(TYPE, cols);                  \
-        for (int t0 = 0; t0 < nt; t0 += 4) {                                                      \
-            const int tn = nt - t0 < 4 ? nt - t0 : 4;                                             \
-            const block_q8a *x = X + (int64_t)t0 * nb;                                            \
-            int64_t g = r0 / 8;                                                                   \
-            if (tn > 1)                                                                           \
-                for (; g + 2 <= r1 / 8; g += 2) {                                                 \
-                    const void *w = (const char *)W + g * group_bytes;                            \
-                    float *out = Y + (int64_t)t0 * ldy + 8 * g;                                   \
-                    switch (tn) {                                                                 \
-                    case 4: tile_x16(TYPE, w, group_bytes, x, nb, 4, out, ldy); break;            \
-                    case 3: tile_x16(TYPE, w, group_bytes, x, nb, 3, out, ldy); break;            \
-                    default: tile_x16(TYPE, w, group_bytes, x, nb, 2, out, ldy); break;           \
-                    }                                                                             \
-                }                                                                                 \
-            for (; g < r1 / 8; g++) {                                                             \
-                const void *w = (const char *)W + g * group_bytes;                                \
-                float *out = Y + (int64_t)t0 * ldy + 8 * g;                                       \
-                switch (tn) {                                                                     \
-                case 4: tile_x8(TYPE, w, x, nb, 4, out, ldy); break;                              \
-                case 3: tile_x8(TYPE, w, x, nb, 3, out, ldy); break;                              \
-                case 2: tile_x8(TYPE, w, x, nb, 2, out, ldy); break;                              \
-                default: tile_x8(TYPE, w, x, nb, 1, out, ldy); break;                             \
-                }                                                                                 \
-            }                                                                                     \
-        }                                                                                         \
-    }
-LC_TILED_GEMM_X16(gemm_q4_0_x8, LC_TYPE_Q4_0)
-LC_TILED_GEMM_X16(gemm_q4_1_x8, LC_TYPE_Q4_1)
-LC_TILED_GEMM_X16(gemm_q8_0_x8, LC_TYPE_Q8_0)
-LC_TILED_GEMM_X16(gemm_q6_0_x8, LC_TYPE_Q6_0)
+#define LC_HAS_TILE_X16_PAIR 1
+#define TILE_X16_PAIR(TYPE, w, x, nb, TN, out, ldy) tile_x16(TYPE, w, group_bytes, x, nb, TN, out, ldy)
+LC_TILED_GEMM_X8_PAIRS(gemm_q4_0_x8, LC_TYPE_Q4_0, tile_x8, TILE_X16_PAIR)
+LC_TILED_GEMM_X8_PAIRS(gemm_q4_1_x8, LC_TYPE_Q4_1, tile_x8, TILE_X16_PAIR)
+LC_TILED_GEMM_X8_PAIRS(gemm_q8_0_x8, LC_TYPE_Q8_0, tile_x8, TILE_X16_PAIR)
+LC_TILED_GEMM_X8_PAIRS(gemm_q6_0_x8, LC_TYPE_Q6_0, tile_x8, TILE_X16_PAIR)
 #else
 LC_DEFINE_GEMMS_X8
 #endif
