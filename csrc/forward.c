@@ -252,6 +252,7 @@ static void quantize_rows(lc_model *m, const float *x, int nt, int cols, int nee
 static void value_residual_input(lc_model *m, int nt) {
     const int dim = m->c.dim;
     const int64_t nb = dim / QK;
+#pragma omp parallel for num_threads(m->c.n_threads) schedule(static) if (nt > 1 && m->c.n_threads > 1)
     for (int t = 0; t < nt; t++) {
         const float *x = m->xb + (int64_t)t * dim;
         float *r = m->res + (int64_t)t * dim;
@@ -270,6 +271,7 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
     const int group = c->n_heads / c->n_kv_heads;
     const float scale = 1.0f / sqrtf((float)hd);
     const int nth = c->n_threads;
+    const int par = nt > 1 && nth > 1;
 
     for (int t = 0; t < nt; t++) embed_row(m, &m->w.tok_embeddings, tokens[t], m->x + (int64_t)t * dim);
 
@@ -278,7 +280,9 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
         uint16_t *kc = m->kcache + (size_t)l * c->n_kv_heads * c->n_ctx * hd;
         uint16_t *vc = m->vcache + (size_t)l * c->n_kv_heads * c->n_ctx * hd;
 
-        /* attention block */
+        /* attention block; the per-token loops run in parallel over the tokens of a prefill
+         * (one token: the if clauses keep them serial, no fork) */
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
         for (int t = 0; t < nt; t++)
             k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, L->attention_norm, dim, c->norm_eps);
         quantize_rows(m, m->xb, nt, dim, is_quantized(L->wq.type) || is_quantized(L->wk.type) || is_quantized(L->wv.type));
@@ -287,9 +291,10 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
         const lc_mm qkv[4] = {{&L->wq, m->xb, m->xq, m->q, qd}, {&L->wk, m->xb, m->xq, m->kb, kvd},
                               {&L->wv, m->xb, m->xq, m->vb, kvd}, {&L->wv, NULL, m->xq2, m->vb2, kvd}};
         matmuls(m, qkv, vres ? 4 : 3, nt);
-        if (vres)
-            for (int64_t i = 0; i < (int64_t)nt * kvd; i++) m->vb[i] += m->vb2[i];
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
         for (int t = 0; t < nt; t++) {
+            if (vres)
+                for (int64_t i = (int64_t)t * kvd; i < (int64_t)(t + 1) * kvd; i++) m->vb[i] += m->vb2[i];
             k->rope(m->q + (int64_t)t * qd, c->n_heads, hd, pos + t, m->w.inv_freq);
             k->rope(m->kb + (int64_t)t * kvd, c->n_kv_heads, hd, pos + t, m->w.inv_freq);
             for (int h = 0; h < c->n_kv_heads; h++) {
@@ -308,18 +313,25 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
         }
         quantize_rows(m, m->xb, nt, qd, is_quantized(L->wo.type));
         matmul(m, &L->wo, m->xb, m->xq, nt, m->proj, dim);
-        for (int64_t i = 0; i < (int64_t)nt * dim; i++) m->x[i] += m->proj[i];
 
-        /* feed-forward block */
-        for (int t = 0; t < nt; t++)
-            k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, L->ffn_norm, dim, c->norm_eps);
+        /* feed-forward block (the residual add fused into the norm's loop) */
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+        for (int t = 0; t < nt; t++) {
+            float *x = m->x + (int64_t)t * dim;
+            const float *p = m->proj + (int64_t)t * dim;
+            for (int i = 0; i < dim; i++) x[i] += p[i];
+            k->rmsnorm(m->xb + (int64_t)t * dim, x, L->ffn_norm, dim, c->norm_eps);
+        }
         quantize_rows(m, m->xb, nt, dim, is_quantized(L->w1.type) || is_quantized(L->w3.type));
         const lc_mm up[2] = {{&L->w1, m->xb, m->xq, m->hb, hid}, {&L->w3, m->xb, m->xq, m->hb2, hid}};
         matmuls(m, up, 2, nt);
-        k->swiglu(m->hb, m->hb2, (int64_t)nt * hid);
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+        for (int t = 0; t < nt; t++) k->swiglu(m->hb + (int64_t)t * hid, m->hb2 + (int64_t)t * hid, hid);
         quantize_rows(m, m->hb, nt, hid, is_quantized(L->w2.type));
         matmul(m, &L->w2, m->hb, m->xq, nt, m->proj, dim);
-        for (int64_t i = 0; i < (int64_t)nt * dim; i++) m->x[i] += m->proj[i];
+#pragma omp parallel for num_threads(nth) schedule(static) if (par)
+        for (int t = 0; t < nt; t++)
+            for (int64_t i = (int64_t)t * dim; i < (int64_t)(t + 1) * dim; i++) m->x[i] += m->proj[i];
     }
 
     /* logits: of every token, or of the last one */
