@@ -375,12 +375,11 @@ static ALWAYS_INLINE void tile_x16(const int TYPE, const void *wgrp, int64_t sec
 }
 
 /* the x8 gemm loop (kernels_tiles.h) with pairs of row groups for 2-4 tokens */
-#define LC_HAS_TILE_X16_PAIR 1
 #define TILE_X16_PAIR(TYPE, w, x, nb, TN, out, ldy) tile_x16(TYPE, w, group_bytes, x, nb, TN, out, ldy)
-LC_TILED_GEMM_X8_PAIRS(gemm_q4_0_x8, LC_TYPE_Q4_0, tile_x8, TILE_X16_PAIR)
-LC_TILED_GEMM_X8_PAIRS(gemm_q4_1_x8, LC_TYPE_Q4_1, tile_x8, TILE_X16_PAIR)
-LC_TILED_GEMM_X8_PAIRS(gemm_q8_0_x8, LC_TYPE_Q8_0, tile_x8, TILE_X16_PAIR)
-LC_TILED_GEMM_X8_PAIRS(gemm_q6_0_x8, LC_TYPE_Q6_0, tile_x8, TILE_X16_PAIR)
+LC_TILED_GEMM_X8_PAIRS(gemm_q4_0_x8, LC_TYPE_Q4_0, tile_x8, TILE_X16_PAIR, 1)
+LC_TILED_GEMM_X8_PAIRS(gemm_q4_1_x8, LC_TYPE_Q4_1, tile_x8, TILE_X16_PAIR, 1)
+LC_TILED_GEMM_X8_PAIRS(gemm_q8_0_x8, LC_TYPE_Q8_0, tile_x8, TILE_X16_PAIR, 1)
+LC_TILED_GEMM_X8_PAIRS(gemm_q6_0_x8, LC_TYPE_Q6_0, tile_x8, TILE_X16_PAIR, 1)
 #else
 LC_DEFINE_GEMMS_X8
 #endif

@@ -55,19 +55,18 @@
 
 /* x8 layout: the same loop over groups of 8 rows; TILE(TYPE, group, x_tile, nb,
  * TN, out, ldy) writes 8 consecutive outputs per token. r0, r1: multiples of 8.
- * With TILE2 (not NULL_TILE2): pairs of groups first, for 2-4 tokens, with
- * TILE2(TYPE, group, x_tile, nb, TN, out, ldy) writing 16 outputs per token (the
- * second group is group_bytes further), then the groups left over one by one. */
-#define LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE2)                                           \
+ * With PAIRS 1: pairs of groups first, for 2-4 tokens, with TILE2(TYPE, group,
+ * x_tile, nb, TN, out, ldy) writing 16 outputs per token (the second group is
+ * group_bytes further), then the groups left over one by one. */
+#define LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE2, PAIRS)                                    \
     static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, \
                      int64_t r0, int64_t r1) {                                                    \
         const int64_t nb = cols / QK, group_bytes = 8 * lc_row_bytes(TYPE, cols);                  \
-        (void)group_bytes;                                                                        \
         for (int t0 = 0; t0 < nt; t0 += 4) {                                                      \
             const int tn = nt - t0 < 4 ? nt - t0 : 4;                                             \
             const block_q8a *x = X + (int64_t)t0 * nb;                                            \
             int64_t g = r0 / 8;                                                                   \
-            if (tn > 1 && LC_HAS_##TILE2)                                                         \
+            if (PAIRS && tn > 1)                                                                  \
                 for (; g + 2 <= r1 / 8; g += 2)                                                   \
                     LC_X8_DISPATCH(TILE2, TYPE, (const char *)W + g * group_bytes, x, nb, tn,     \
                                    Y + (int64_t)t0 * ldy + 8 * g, ldy)                            \
@@ -76,9 +75,7 @@
                                Y + (int64_t)t0 * ldy + 8 * g, ldy)                                \
         }                                                                                         \
     }
-#define LC_HAS_NULL_TILE2 0
-#define NULL_TILE2(TYPE, w, x, nb, TN, out, ldy) ((void)0)
-#define LC_TILED_GEMM_X8(NAME, TYPE, TILE) LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, NULL_TILE2)
+#define LC_TILED_GEMM_X8(NAME, TYPE, TILE) LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE, 0)
 
 #define LC_DEFINE_GEMMS_X8                                       \
     LC_TILED_GEMM_X8(gemm_q4_0_x8, LC_TYPE_Q4_0, tile_x8)        \
