@@ -259,6 +259,12 @@ static ALWAYS_INLINE __m256i dot_group_x8(const int TYPE, const uint8_t *q, cons
     }
 }
 
+/* the weight offset an x8 tile takes off per block as offset * s: Q4_0 8, Q6_0 32,
+ * Q8_0 128 where VNNI stores it offset (dot_group_x8); 0 for none (Q4_1: its minimum) */
+static ALWAYS_INLINE float x8_offset(const int TYPE) {
+    return TYPE == LC_TYPE_Q4_0 ? 8.0f : TYPE == LC_TYPE_Q6_0 ? 32.0f : TYPE == LC_TYPE_Q8_0 && LC_X86_Q8_OFFSET ? 128.0f : 0.0f;
+}
+
 static ALWAYS_INLINE void tile_x8(const int TYPE, const void *wgrp, const block_q8a *x, int64_t nb, const int TN,
                                   float *out, int64_t ldo) {
     const int64_t gbytes = 8 * (int64_t)lc_block_bytes(TYPE);
@@ -281,15 +287,11 @@ static ALWAYS_INLINE void tile_x8(const int TYPE, const void *wgrp, const block_
         const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)g));
         for (int k = 0; k < TN; k++) {
             const block_q8a *xb = x + k * nb + b;
-            if (TYPE == LC_TYPE_Q4_0) { /* dw * (sum(q x) - 8 s) */
-                acc[k] = _mm256_fmadd_ps(_mm256_sub_ps(accb[k], _mm256_set1_ps(8.0f * xb->s)), dw, acc[k]);
-            } else if (TYPE == LC_TYPE_Q6_0) { /* dw * (sum(q x) - 32 s) */
-                acc[k] = _mm256_fmadd_ps(_mm256_sub_ps(accb[k], _mm256_set1_ps(32.0f * xb->s)), dw, acc[k]);
-            } else if (TYPE == LC_TYPE_Q4_1) { /* dw * sum(q x) + m * s */
+            if (TYPE == LC_TYPE_Q4_1) { /* dw * sum(q x) + m * s */
                 const __m256 mw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(g + 16)));
                 acc[k] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xb->s), _mm256_fmadd_ps(accb[k], dw, acc[k]));
-            } else if (LC_X86_Q8_OFFSET) { /* dw * (sum((w + 128) x) - 128 s) */
-                acc[k] = _mm256_fmadd_ps(_mm256_sub_ps(accb[k], _mm256_set1_ps(128.0f * xb->s)), dw, acc[k]);
+            } else if (x8_offset(TYPE) != 0.0f) { /* dw * (sum(q x) - offset s) */
+                acc[k] = _mm256_fmadd_ps(_mm256_sub_ps(accb[k], _mm256_set1_ps(x8_offset(TYPE) * xb->s)), dw, acc[k]);
             } else {
                 acc[k] = _mm256_fmadd_ps(accb[k], dw, acc[k]);
             }
@@ -359,15 +361,11 @@ static ALWAYS_INLINE void tile_x16(const int TYPE, const void *wgrp, int64_t sec
         const __m512 dw = load_2x8_f16(g, g + second);
         for (int k = 0; k < TN; k++) {
             const block_q8a *xb = x + k * nb + b;
-            if (TYPE == LC_TYPE_Q4_0) {
-                acc[k] = _mm512_fmadd_ps(_mm512_sub_ps(accb[k], _mm512_set1_ps(8.0f * xb->s)), dw, acc[k]);
-            } else if (TYPE == LC_TYPE_Q6_0) {
-                acc[k] = _mm512_fmadd_ps(_mm512_sub_ps(accb[k], _mm512_set1_ps(32.0f * xb->s)), dw, acc[k]);
-            } else if (TYPE == LC_TYPE_Q4_1) {
+            if (TYPE == LC_TYPE_Q4_1) {
                 const __m512 mw = load_2x8_f16(g + 16, g + second + 16);
                 acc[k] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb->s), _mm512_fmadd_ps(accb[k], dw, acc[k]));
-            } else {
-                acc[k] = _mm512_fmadd_ps(_mm512_sub_ps(accb[k], _mm512_set1_ps(128.0f * xb->s)), dw, acc[k]);
+            } else { /* every type has an offset here (Q8_0: VNNI's 128) */
+                acc[k] = _mm512_fmadd_ps(_mm512_sub_ps(accb[k], _mm512_set1_ps(x8_offset(TYPE) * xb->s)), dw, acc[k]);
             }
         }
     }
