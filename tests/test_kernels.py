@@ -26,6 +26,14 @@ def rel(a, b):
     return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
+def assert_summation_order_only(got, ref, w, x):
+    """got and ref (nt, rows) differ by summation order only: each output within SIMD_REL of
+    the magnitudes it sums, sum |w| |x|, since results may cancel far below them (a sparse
+    row against one token did: 2.2e-5 of max |y|). w: the dequantized weights (rows, cols)."""
+    mag = np.abs(np.asarray(w, np.float64)) @ np.abs(x).T.astype(np.float64)
+    assert np.all(np.abs(np.asarray(got, np.float64) - ref) <= SIMD_REL * mag.T + 1e-30)
+
+
 @st.composite
 def matrices(draw, max_rows=9, max_blocks=9):
     rows = draw(st.integers(1, max_rows))
@@ -156,11 +164,8 @@ def test_gemm_simd_matches_scalar(impl, w, nt, seed):
     x = np.random.default_rng(seed).standard_normal((nt, cols)).astype(np.float32)
     for t in QTYPES:
         q = _core.quantize(w, t)
-        # summation order only: bounded relative to the magnitudes summed, since the results
-        # may cancel far below them (a sparse row against one token did: 2.2e-5 of max |y|)
-        mag = np.abs(quants.dequantize(q, QTYPES[t])).astype(np.float64) @ np.abs(x).T.astype(np.float64)
-        diff = np.abs(_core.gemm(q, t, rows, cols, x, impl) - _core.gemm(q, t, rows, cols, x, "scalar"))
-        assert np.all(diff <= SIMD_REL * mag.T + 1e-30)
+        assert_summation_order_only(_core.gemm(q, t, rows, cols, x, impl), _core.gemm(q, t, rows, cols, x, "scalar"),
+                                    quants.dequantize(q, QTYPES[t]), x)
     for t, arr in ((_core.F16, w.astype(np.float16)), (_core.F32, w)):
         ref = x.astype(np.float64) @ arr.astype(np.float64).T
         assert rel(_core.gemm(arr, t, rows, cols, x, "scalar"), ref) < REF_REL
@@ -270,10 +275,8 @@ def test_gemm_x8_layout_matches_row_major(impl, w, nt, seed):
         q = _core.quantize(w, t)
         p = x8_pack(q, t)
         np.testing.assert_array_equal(x8_unpack(p, t, rows), q)
-        ref = _core.gemm(q, t, rows, cols, x, "scalar")
-        # summation order only: bounded relative to the magnitudes summed (results may cancel)
-        mag = np.abs(quants.dequantize(q, QTYPES[t])).astype(np.float64) @ np.abs(x).T.astype(np.float64)
-        assert np.all(np.abs(_core.gemm(p, t, rows, cols, x, impl, layout=1) - ref) <= SIMD_REL * mag.T + 1e-30)
+        assert_summation_order_only(_core.gemm(p, t, rows, cols, x, impl, layout=1),
+                                    _core.gemm(q, t, rows, cols, x, "scalar"), quants.dequantize(q, QTYPES[t]), x)
 
 
 @SETTINGS
@@ -310,9 +313,7 @@ def test_gemm_q6_0_x8(impl, w, nt, seed):
     if impl == "scalar":
         assert rel(got, ref) < REF_REL
     else:
-        scalar = _core.gemm(p, _core.Q6_0, rows, cols, x, "scalar", layout=1)
-        mag = np.abs(wd) @ np.abs(x).T.astype(np.float64)
-        assert np.all(np.abs(got - scalar) <= SIMD_REL * mag.T + 1e-30)
+        assert_summation_order_only(got, _core.gemm(p, _core.Q6_0, rows, cols, x, "scalar", layout=1), wd, x)
     with pytest.raises(ValueError, match="layout 1"):
         _core.gemm(q, _core.Q6_0, rows, cols, x, impl)
 
