@@ -949,6 +949,12 @@ def _find_kv(img: GGUFImage, key: str):
     return None
 
 
+def _find_array(img: GGUFImage, key: str, elem: int):
+    """The key's entry when it is an array of `elem` (an earlier edit may have changed its type), else None."""
+    kv = _find_kv(img, key)
+    return kv if kv is not None and kv[1] == ARR and kv[2][0] == elem else None
+
+
 INT_TYPES = [U8, I8, U16, I16, U32, I32, U64, I64]
 
 
@@ -1008,8 +1014,8 @@ def mutate_gguf_struct(img: GGUFImage, rng: random.Random, ops: list) -> None:
         ops.append(f"kv {kv[0]}: type {kv[1]} -> {t}, value {v!r:.40}")
         kv[1], kv[2] = t, (Raw(v) if isinstance(v, bytes) and t != STR else v)
     elif k == 4:
-        kv = _find_kv(img, "tokenizer.ggml.tokens")
-        if kv is None or kv[1] != ARR or kv[2][0] != STR:  # (an earlier edit changed its type)
+        kv = _find_array(img, "tokenizer.ggml.tokens", STR)
+        if kv is None:
             return
         toks = list(kv[2][1])
         c = rng.randrange(7)
@@ -1033,8 +1039,8 @@ def mutate_gguf_struct(img: GGUFImage, rng: random.Random, ops: list) -> None:
         kv[2] = (STR, toks)
         ops.append(f"tokens edit {c} ({len(toks)} tokens)")
     elif k == 5:
-        kv = _find_kv(img, "tokenizer.ggml.token_type")
-        if kv is None or kv[1] != ARR or kv[2][0] != I32:
+        kv = _find_array(img, "tokenizer.ggml.token_type", I32)
+        if kv is None:
             return
         types = list(kv[2][1])
         c = rng.randrange(5)
@@ -1057,8 +1063,8 @@ def mutate_gguf_struct(img: GGUFImage, rng: random.Random, ops: list) -> None:
         kv[2] = (I32, types)
         ops.append(f"token_type edit {c}")
     elif k == 6:
-        kv = _find_kv(img, "tokenizer.ggml.merges")
-        if kv is None or kv[1] != ARR or kv[2][0] != STR:
+        kv = _find_array(img, "tokenizer.ggml.merges", STR)
+        if kv is None:
             return
         merges = list(kv[2][1])
         merges.append(rng.choice(["a", "a ", " a", "x y", "Ġ t", "ĠĠ ĠĠ", "", "a b c", "<|eot_id|> a",
