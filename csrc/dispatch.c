@@ -81,3 +81,13 @@ const lc_kernels *lc_kernels_best(void) {
 #endif
     return &lc_kernels_scalar;
 }
+
+lc_gemm lc_gemm_of(const lc_kernels *k, int type, int layout) {
+    lc_gemm g = {NULL, NULL};
+    const int i = lc_type_index(type);
+    if (type == LC_TYPE_F16) g.f = k->gemm_f16;
+    else if (type == LC_TYPE_F32) g.f = k->gemm_f32;
+    else if (i >= 0 && layout == LC_LAYOUT_ROWS) g.q = k->gemm_rows[i];
+    else if (i >= 0 && layout == LC_LAYOUT_X8) g.q = k->gemm_x8[i];
+    return g;
+}

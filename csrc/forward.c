@@ -50,10 +50,6 @@ static void *xalloc(size_t n) {
     return p;
 }
 
-static int is_quantized(int type) {
-    return type == LC_TYPE_Q4_0 || type == LC_TYPE_Q4_1 || type == LC_TYPE_Q8_0 || type == LC_TYPE_Q6_0;
-}
-
 static int max_threads(void) {
 #ifdef _OPENMP
     return omp_get_max_threads();
@@ -91,8 +87,12 @@ static int alloc_att(lc_model *m, int threads) {
     return 0;
 }
 
-/* Q6_0 has kernels for the x8 layout only */
-static int layout_ok(const lc_tensor *t) { return t->type != LC_TYPE_Q6_0 || t->layout == LC_LAYOUT_X8; }
+/* the kernel table has a matmul for the tensor's (type, layout), and its shape suits it */
+static int tensor_ok(const lc_kernels *k, const lc_tensor *t) {
+    const lc_type_info *ti = lc_type_info_of(t->type);
+    const lc_gemm g = lc_gemm_of(k, t->type, t->layout);
+    return ti && (g.q || g.f) && t->cols % ti->block_elems == 0 && (t->layout != LC_LAYOUT_X8 || t->rows % 8 == 0);
+}
 
 lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kernels *k, char *err, size_t errlen) {
     const lc_config c = *cfg;
@@ -102,21 +102,23 @@ lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kerne
         snprintf(err, errlen, "invalid engine configuration");
         return NULL;
     }
-    int ok = layout_ok(&w->tok_embeddings) && layout_ok(&w->output);
+    if (!k) k = lc_kernels_best();
+    int ok = tensor_ok(k, &w->tok_embeddings) && tensor_ok(k, &w->output);
     for (int l = 0; l < c.n_layers && ok; l++) {
         const lc_layer_weights *L = &w->layers[l];
-        ok = layout_ok(&L->wq) && layout_ok(&L->wk) && layout_ok(&L->wv) && layout_ok(&L->wo) &&
-             layout_ok(&L->w1) && layout_ok(&L->w2) && layout_ok(&L->w3);
+        ok = tensor_ok(k, &L->wq) && tensor_ok(k, &L->wk) && tensor_ok(k, &L->wv) && tensor_ok(k, &L->wo) &&
+             tensor_ok(k, &L->w1) && tensor_ok(k, &L->w2) && tensor_ok(k, &L->w3);
     }
     if (!ok) {
-        snprintf(err, errlen, "a Q6_0 tensor is not in the x8 layout");
+        snprintf(err, errlen, "a tensor's type and layout have no kernel in the %s table (or its shape does not "
+                 "fit its blocks)", k->name);
         return NULL;
     }
     lc_model *m = calloc(1, sizeof(*m));
     if (!m) { snprintf(err, errlen, "out of memory"); return NULL; }
     m->c = c;
     m->w = *w;
-    m->k = k ? k : lc_kernels_best();
+    m->k = k;
     m->q_dim = c.n_heads * c.head_dim;
     m->kv_dim = c.n_kv_heads * c.head_dim;
     m->w.layers = malloc(sizeof(lc_layer_weights) * c.n_layers);
@@ -203,15 +205,9 @@ static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
         float *Y = mm[i].Y;
         const int64_t ldy = mm[i].ldy, rows = W->rows;
         const int64_t r0 = (ci - first[i]) * chunk[i], r1 = r0 + chunk[i] < rows ? r0 + chunk[i] : rows;
-        const int x8 = W->layout == LC_LAYOUT_X8;
-        switch (W->type) {
-        case LC_TYPE_Q4_0: (x8 ? k->gemm_q4_0_x8 : k->gemm_q4_0)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
-        case LC_TYPE_Q4_1: (x8 ? k->gemm_q4_1_x8 : k->gemm_q4_1)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
-        case LC_TYPE_Q8_0: (x8 ? k->gemm_q8_0_x8 : k->gemm_q8_0)(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break;
-        case LC_TYPE_Q6_0: k->gemm_q6_0_x8(W->data, W->cols, xq, nt, Y, ldy, r0, r1); break; /* x8 only (lc_model_new) */
-        case LC_TYPE_F16: k->gemm_f16(W->data, W->cols, mm[i].xf, nt, Y, ldy, r0, r1); break;
-        default: k->gemm_f32(W->data, W->cols, mm[i].xf, nt, Y, ldy, r0, r1); break;
-        }
+        const lc_gemm g = lc_gemm_of(k, W->type, W->layout); /* checked in lc_model_new */
+        if (g.q) g.q(W->data, W->cols, xq, nt, Y, ldy, r0, r1);
+        else g.f(W->data, W->cols, mm[i].xf, nt, Y, ldy, r0, r1);
     }
 }
 
@@ -226,12 +222,13 @@ static void embed_row(const lc_model *m, const lc_tensor *E, int64_t row, float 
         m->k->dequantize_row(E->type, (const char *)E->data + row * lc_row_bytes(E->type, E->cols), out, E->cols);
         return;
     }
-    const int64_t nb = E->cols / QK, bs = lc_block_bytes(E->type);
+    const lc_type_info *ti = lc_type_info_of(E->type);
+    const int64_t nb = E->cols / ti->block_elems, bs = ti->block_bytes;
     const uint8_t *group = (const uint8_t *)E->data + (row / 8) * nb * 8 * bs;
-    uint8_t blk[34];
+    uint8_t blk[LC_MAX_BLOCK_BYTES];
     for (int64_t b = 0; b < nb; b++) { /* gather the row's blocks, then the usual dequantizer */
         lc_x8_extract(E->type, group + b * 8 * bs, (int)(row % 8), blk);
-        m->k->dequantize_row(E->type, blk, out + b * QK, QK);
+        m->k->dequantize_row(E->type, blk, out + b * ti->block_elems, ti->block_elems);
     }
 }
 
@@ -285,8 +282,8 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
 #pragma omp parallel for num_threads(nth) schedule(static) if (par)
         for (int t = 0; t < nt; t++)
             k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, L->attention_norm, dim, c->norm_eps);
-        quantize_rows(m, m->xb, nt, dim, is_quantized(L->wq.type) || is_quantized(L->wk.type) || is_quantized(L->wv.type));
-        const int vres = is_quantized(L->wv.type);
+        quantize_rows(m, m->xb, nt, dim, lc_is_quantized(L->wq.type) || lc_is_quantized(L->wk.type) || lc_is_quantized(L->wv.type));
+        const int vres = lc_is_quantized(L->wv.type);
         if (vres) value_residual_input(m, nt);
         const lc_mm qkv[4] = {{&L->wq, m->xb, m->xq, m->q, qd}, {&L->wk, m->xb, m->xq, m->kb, kvd},
                               {&L->wv, m->xb, m->xq, m->vb, kvd}, {&L->wv, NULL, m->xq2, m->vb2, kvd}};
@@ -311,7 +308,7 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
             k->attention(m->xb + (int64_t)t * qd + h * hd, m->q + (int64_t)t * qd + h * hd, kc + off, vc + off,
                          pos + t + 1, hd, scale, m->att + (size_t)thread_id() * c->n_ctx);
         }
-        quantize_rows(m, m->xb, nt, qd, is_quantized(L->wo.type));
+        quantize_rows(m, m->xb, nt, qd, lc_is_quantized(L->wo.type));
         matmul(m, &L->wo, m->xb, m->xq, nt, m->proj, dim);
 
         /* feed-forward block (the residual add fused into the norm's loop) */
@@ -322,12 +319,12 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
             for (int i = 0; i < dim; i++) x[i] += p[i];
             k->rmsnorm(m->xb + (int64_t)t * dim, x, L->ffn_norm, dim, c->norm_eps);
         }
-        quantize_rows(m, m->xb, nt, dim, is_quantized(L->w1.type) || is_quantized(L->w3.type));
+        quantize_rows(m, m->xb, nt, dim, lc_is_quantized(L->w1.type) || lc_is_quantized(L->w3.type));
         const lc_mm up[2] = {{&L->w1, m->xb, m->xq, m->hb, hid}, {&L->w3, m->xb, m->xq, m->hb2, hid}};
         matmuls(m, up, 2, nt);
 #pragma omp parallel for num_threads(nth) schedule(static) if (par)
         for (int t = 0; t < nt; t++) k->swiglu(m->hb + (int64_t)t * hid, m->hb2 + (int64_t)t * hid, hid);
-        quantize_rows(m, m->hb, nt, hid, is_quantized(L->w2.type));
+        quantize_rows(m, m->hb, nt, hid, lc_is_quantized(L->w2.type));
         matmul(m, &L->w2, m->hb, m->xq, nt, m->proj, dim);
 #pragma omp parallel for num_threads(nth) schedule(static) if (par)
         for (int t = 0; t < nt; t++)
@@ -339,11 +336,11 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
     if (all_logits) {
         for (int t = 0; t < nt; t++)
             k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, m->w.norm, dim, c->norm_eps);
-        quantize_rows(m, m->xb, nt, dim, is_quantized(O->type));
+        quantize_rows(m, m->xb, nt, dim, lc_is_quantized(O->type));
         matmul(m, O, m->xb, m->xq, nt, logits, c->vocab_size);
     } else if (want_last) {
         k->rmsnorm(m->xb, m->x + (int64_t)(nt - 1) * dim, m->w.norm, dim, c->norm_eps);
-        quantize_rows(m, m->xb, 1, dim, is_quantized(O->type));
+        quantize_rows(m, m->xb, 1, dim, lc_is_quantized(O->type));
         matmul(m, O, m->xb, m->xq, 1, logits, c->vocab_size);
     }
 }

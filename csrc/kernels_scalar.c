@@ -1,5 +1,5 @@
 /* Scalar reference of every kernel. Plain C, no intrinsics: the SIMD variants
- * are validated against these, and the weight quantizers here write files. */
+ * are validated against these (the weight quantizers are in quants_ref.c). */
 #include <math.h>
 #include <float.h>
 #include "llamacpu.h"
@@ -7,81 +7,6 @@
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 #define MAX(a, b) ((a) > (b) ? (a) : (b))
-
-/* ------------------------------------------------ weight quantizers (ggml _ref) */
-
-void lc_quantize_row_q4_0_ref(const float *x, block_q4_0 *y, int64_t n) {
-    for (int64_t i = 0; i < n / QK; i++) {
-        const float *xb = x + i * QK;
-        float amax = 0.0f, max = 0.0f;
-        for (int j = 0; j < QK; j++) {
-            if (amax < fabsf(xb[j])) { amax = fabsf(xb[j]); max = xb[j]; }
-        }
-        const float d = max / -8;
-        const float id = d ? 1.0f / d : 0.0f;
-        y[i].d = lc_fp32_to_fp16(d);
-        for (int j = 0; j < QK / 2; j++) {
-            const float x0 = xb[j] * id, x1 = xb[QK / 2 + j] * id;
-            const uint8_t xi0 = MIN(15, (int8_t)(x0 + 8.5f));
-            const uint8_t xi1 = MIN(15, (int8_t)(x1 + 8.5f));
-            y[i].qs[j] = xi0 | (uint8_t)(xi1 << 4);
-        }
-    }
-}
-
-void lc_quantize_row_q4_1_ref(const float *x, block_q4_1 *y, int64_t n) {
-    for (int64_t i = 0; i < n / QK; i++) {
-        const float *xb = x + i * QK;
-        float min = FLT_MAX, max = -FLT_MAX;
-        for (int j = 0; j < QK; j++) {
-            if (xb[j] < min) min = xb[j];
-            if (xb[j] > max) max = xb[j];
-        }
-        const float d = (max - min) / ((1 << 4) - 1);
-        const float id = d ? 1.0f / d : 0.0f;
-        y[i].d = lc_fp32_to_fp16(d);
-        y[i].m = lc_fp32_to_fp16(min);
-        for (int j = 0; j < QK / 2; j++) {
-            const float x0 = (xb[j] - min) * id, x1 = (xb[QK / 2 + j] - min) * id;
-            const uint8_t xi0 = MIN(15, (int8_t)(x0 + 0.5f));
-            const uint8_t xi1 = MIN(15, (int8_t)(x1 + 0.5f));
-            y[i].qs[j] = xi0 | (uint8_t)(xi1 << 4);
-        }
-    }
-}
-
-void lc_quantize_row_q8_0_ref(const float *x, block_q8_0 *y, int64_t n) {
-    for (int64_t i = 0; i < n / QK; i++) {
-        const float *xb = x + i * QK;
-        float amax = 0.0f;
-        for (int j = 0; j < QK; j++) amax = MAX(amax, fabsf(xb[j]));
-        const float d = amax / ((1 << 7) - 1);
-        const float id = d ? 1.0f / d : 0.0f;
-        y[i].d = lc_fp32_to_fp16(d);
-        for (int j = 0; j < QK; j++) y[i].qs[j] = (int8_t)roundf(xb[j] * id);
-    }
-}
-
-/* ggml's Q5_0 method with 6 bits: d = (the value of largest magnitude) / -32, so
- * that value is q = 0 exactly; q = min(63, (int)(x / d + 32.5)). */
-void lc_quantize_row_q6_0_ref(const float *x, block_q6_0 *y, int64_t n) {
-    for (int64_t i = 0; i < n / QK; i++) {
-        const float *xb = x + i * QK;
-        float amax = 0.0f, max = 0.0f;
-        for (int j = 0; j < QK; j++)
-            if (fabsf(xb[j]) > amax) { amax = fabsf(xb[j]); max = xb[j]; }
-        const float d = max / -32;
-        const float id = d ? 1.0f / d : 0.0f;
-        y[i].d = lc_fp32_to_fp16(d);
-        memset(y[i].ql, 0, sizeof(y[i].ql));
-        memset(y[i].qh, 0, sizeof(y[i].qh));
-        for (int j = 0; j < QK; j++) {
-            const int q = MIN(63, (int)(xb[j] * id + 32.5f));
-            y[i].ql[j & 15] |= (uint8_t)((q & 15) << (j < 16 ? 0 : 4));
-            y[i].qh[lc_q6_0_qh_byte(j)] |= (uint8_t)((q >> 4) << lc_q6_0_qh_shift(j));
-        }
-    }
-}
 
 /* ------------------------------------------------ activations */
 
@@ -107,80 +32,167 @@ static void quantize_act(const float *x, block_q8a *y, int64_t n) {
     }
 }
 
-/* sum over groups of d[g] * (w . x in g), w given as 32 small ints */
-static inline float dot_groups(const int *w, const block_q8a *x) {
+/* ------------------------------------------------ matmuls */
+
+/* A 32-element piece of a weight block, as the SIMD kernels see it: element j is
+ * d * isc[j / 16] * (q[j] - off) + m. isc are Q6_K's integer scales of its two
+ * sub-blocks of 16 (1 for every other type); off is the offset of the unsigned
+ * types (Q4_0 8, Q5_0 16, Q6_0 and Q6_K 32); m the minimum (Q4_1, Q5_1, Q4_K, Q5_K). */
+typedef struct {
+    int q[QK];
+    int isc[2], off;
+    float d, m;
+    int has_m; /* the type has a minimum (m may still be 0) */
+} piece32;
+
+/* the fifth bit of Q5 element j (bit j of the little-endian u32 qh), as 0 or 16 */
+static int q5_high(const uint8_t *qh, int j) { return ((qh[j / 8] >> (j % 8)) & 1) << 4; }
+
+/* piece p (0 .. block elements / 32 - 1) of one block of `type` (GGUF layout) */
+static void decode_piece(int type, const uint8_t *blk, int p, piece32 *w) {
+    w->isc[0] = w->isc[1] = 1;
+    w->off = 0;
+    w->m = 0.0f;
+    w->has_m = type == LC_TYPE_Q4_1 || type == LC_TYPE_Q5_1 || type == LC_TYPE_Q4_K || type == LC_TYPE_Q5_K;
+    switch (type) {
+    case LC_TYPE_Q4_0:
+    case LC_TYPE_Q4_1:
+    case LC_TYPE_IQ4_NL: {
+        const uint8_t *qs = blk + (type == LC_TYPE_Q4_1 ? 4 : 2);
+        for (int j = 0; j < 16; j++) { w->q[j] = qs[j] & 0x0f; w->q[j + 16] = qs[j] >> 4; }
+        w->d = lc_fp16_to_fp32(((const block_q4_0 *)blk)->d);
+        if (type == LC_TYPE_Q4_0) w->off = 8;
+        if (type == LC_TYPE_Q4_1) w->m = lc_fp16_to_fp32(((const block_q4_1 *)blk)->m);
+        if (type == LC_TYPE_IQ4_NL)
+            for (int j = 0; j < QK; j++) w->q[j] = lc_iq4nl_values[w->q[j]];
+        break;
+    }
+    case LC_TYPE_Q5_0:
+    case LC_TYPE_Q5_1: {
+        const uint8_t *qh = type == LC_TYPE_Q5_0 ? ((const block_q5_0 *)blk)->qh : ((const block_q5_1 *)blk)->qh;
+        const uint8_t *qs = qh + 4;
+        for (int j = 0; j < 16; j++) {
+            w->q[j] = (qs[j] & 0x0f) | q5_high(qh, j);
+            w->q[j + 16] = (qs[j] >> 4) | q5_high(qh, j + 16);
+        }
+        w->d = lc_fp16_to_fp32(((const block_q5_0 *)blk)->d);
+        if (type == LC_TYPE_Q5_0) w->off = 16;
+        else w->m = lc_fp16_to_fp32(((const block_q5_1 *)blk)->m);
+        break;
+    }
+    case LC_TYPE_Q8_0: {
+        const block_q8_0 *b = (const block_q8_0 *)blk;
+        for (int j = 0; j < QK; j++) w->q[j] = b->qs[j];
+        w->d = lc_fp16_to_fp32(b->d);
+        break;
+    }
+    case LC_TYPE_Q6_0: {
+        const block_q6_0 *b = (const block_q6_0 *)blk;
+        for (int j = 0; j < QK; j++) w->q[j] = lc_q6_0_get(b, j);
+        w->d = lc_fp16_to_fp32(b->d);
+        w->off = 32;
+        break;
+    }
+    case LC_TYPE_Q4_K:
+    case LC_TYPE_Q5_K: { /* sub-block p: nibble p & 1 of qs[32 (p / 2) ..] (Q5_K: fifth bit p of qh[l]) */
+        const block_q4_K *b4 = (const block_q4_K *)blk;
+        const block_q5_K *b5 = (const block_q5_K *)blk;
+        const uint8_t *qs = (type == LC_TYPE_Q4_K ? b4->qs : b5->qs) + 32 * (p / 2);
+        int sc, mn;
+        lc_k4_scale_min(b4->scales, p, &sc, &mn);
+        for (int l = 0; l < QK; l++) {
+            w->q[l] = (p & 1) ? qs[l] >> 4 : qs[l] & 0x0f;
+            if (type == LC_TYPE_Q5_K) w->q[l] |= ((b5->qh[l] >> p) & 1) << 4;
+        }
+        w->d = lc_fp16_to_fp32(b4->d) * (float)sc; /* as ggml: d1 = d * sc, m1 = dmin * m, x = d1 q - m1 */
+        w->m = -(lc_fp16_to_fp32(b4->dmin) * (float)mn);
+        break;
+    }
+    case LC_TYPE_Q6_K: { /* piece p = 4h + k (quants.h) */
+        const block_q6_K *b = (const block_q6_K *)blk;
+        const int h = p / 4, k = p % 4;
+        for (int l = 0; l < QK; l++) {
+            const uint8_t ql = b->ql[64 * h + 32 * (k & 1) + l];
+            w->q[l] = (k < 2 ? ql & 0x0f : ql >> 4) | ((b->qh[32 * h + l] >> (2 * k)) & 3) << 4;
+        }
+        w->isc[0] = b->scales[2 * p];
+        w->isc[1] = b->scales[2 * p + 1];
+        w->d = lc_fp16_to_fp32(b->d);
+        w->off = 32;
+        break;
+    }
+    case LC_TYPE_IQ4_XS: {
+        const block_iq4_xs *b = (const block_iq4_xs *)blk;
+        const int ls = ((b->scales_l[p / 2] >> 4 * (p % 2)) & 0x0f) | (((b->scales_h >> 2 * p) & 3) << 4);
+        for (int j = 0; j < 16; j++) {
+            w->q[j] = lc_iq4nl_values[b->qs[16 * p + j] & 0x0f];
+            w->q[j + 16] = lc_iq4nl_values[b->qs[16 * p + j] >> 4];
+        }
+        w->d = lc_fp16_to_fp32(b->d) * (float)(ls - 32);
+        break;
+    }
+    }
+}
+
+/* one piece . one activation block:
+ * sum(d isc (q - off) x + m x) = d (sum_g d_g sum_g(isc q x) - off sum(isc x)) + m s,
+ * with sum(x) = s (or s16[0], s16[1] per half when the halves' scales differ) */
+static float dot_piece(const piece32 *w, const block_q8a *x) {
     float sum = 0.0f;
     for (int g = 0; g < NG; g++) {
         int isum = 0;
-        for (int j = 0; j < 4; j++) isum += w[4 * g + j] * x->qs[4 * g + j] + w[16 + 4 * g + j] * x->qs[16 + 4 * g + j];
+        for (int j = 0; j < 4; j++)
+            isum += w->isc[0] * w->q[4 * g + j] * x->qs[4 * g + j] + w->isc[1] * w->q[16 + 4 * g + j] * x->qs[16 + 4 * g + j];
         sum += x->d[g] * (float)isum;
     }
-    return sum;
+    const float o = w->isc[0] == 1 && w->isc[1] == 1 ? (float)w->off * x->s
+                                                     : (float)w->off * ((float)w->isc[0] * x->s16[0] + (float)w->isc[1] * x->s16[1]);
+    return w->d * (sum - o) + w->m * x->s;
 }
 
-/* ------------------------------------------------ matmuls */
-
-/* One weight block (GGUF layout) . one activation block. */
-static float dot_block(int type, const void *blk, const block_q8a *x) {
-    int q[QK];
-    if (type == LC_TYPE_Q8_0) {
-        const block_q8_0 *w = blk;
-        for (int j = 0; j < QK; j++) q[j] = w->qs[j];
-        return lc_fp16_to_fp32(w->d) * dot_groups(q, x);
-    }
-    if (type == LC_TYPE_Q6_0) { /* sum((q - 32) * dw * x) = dw * (sum(q * x) - 32 * s) */
-        const block_q6_0 *w = blk;
-        for (int j = 0; j < QK; j++) q[j] = lc_q6_0_get(w, j);
-        return lc_fp16_to_fp32(w->d) * (dot_groups(q, x) - 32.0f * x->s);
-    }
-    const uint8_t *qs = type == LC_TYPE_Q4_0 ? ((const block_q4_0 *)blk)->qs : ((const block_q4_1 *)blk)->qs;
-    for (int j = 0; j < QK / 2; j++) { q[j] = qs[j] & 0x0f; q[j + QK / 2] = qs[j] >> 4; }
-    if (type == LC_TYPE_Q4_0) { /* sum((q - 8) * dw * x) = dw * (sum(q * x) - 8 * s) */
-        const block_q4_0 *w = blk;
-        return lc_fp16_to_fp32(w->d) * (dot_groups(q, x) - 8.0f * x->s);
-    }
-    const block_q4_1 *w = blk; /* sum((q * dw + m) * x) = dw * sum(q * x) + m * s */
-    return lc_fp16_to_fp32(w->d) * dot_groups(q, x) + lc_fp16_to_fp32(w->m) * x->s;
-}
-
-/* W (rows, cols) @ X (nt, cols) q8a -> Y[t*ldy + r], row-major W */
-static void gemm_q_rows(int type, const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,
-                        int64_t r0, int64_t r1) {
-    const int64_t nb = cols / QK, bs = lc_block_bytes(type);
-    for (int64_t r = r0; r < r1; r++)
-        for (int t = 0; t < nt; t++) {
-            float sum = 0.0f;
-            for (int64_t b = 0; b < nb; b++) sum += dot_block(type, (const char *)W + (r * nb + b) * bs, X + t * nb + b);
-            Y[t * ldy + r] = sum;
-        }
-}
-
-/* the same with W in the x8 layout: each row's block is gathered from its group */
-static void gemm_q_x8(int type, const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,
-                      int64_t r0, int64_t r1) {
-    const int64_t nb = cols / QK, gbytes = 8 * (int64_t)lc_block_bytes(type);
-    uint8_t blk[34];
+/* W (rows, cols) @ X (nt, cols) q8a -> Y[t*ldy + r]; x8: W in the x8 layout, each row's
+ * block gathered from its group */
+static void gemm_q(int type, int x8, const void *W, int64_t cols, const block_q8a *X, int nt, float *Y,
+                   int64_t ldy, int64_t r0, int64_t r1) {
+    const lc_type_info *ti = lc_type_info_of(type);
+    const int64_t nb = cols / ti->block_elems, bs = ti->block_bytes, pieces = ti->block_elems / QK;
+    uint8_t blk[LC_MAX_BLOCK_BYTES];
+    piece32 w;
     for (int64_t r = r0; r < r1; r++)
         for (int t = 0; t < nt; t++) {
             float sum = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
-                lc_x8_extract(type, (const uint8_t *)W + ((r / 8) * nb + b) * gbytes, (int)(r % 8), blk);
-                sum += dot_block(type, blk, X + t * nb + b);
+                const uint8_t *src = (const uint8_t *)W + (r * nb + b) * bs;
+                if (x8) {
+                    lc_x8_extract(type, (const uint8_t *)W + ((r / 8) * nb + b) * 8 * bs, (int)(r % 8), blk);
+                    src = blk;
+                }
+                for (int p = 0; p < pieces; p++) {
+                    decode_piece(type, src, p, &w);
+                    sum += dot_piece(&w, X + (int64_t)t * (cols / QK) + b * pieces + p);
+                }
             }
             Y[t * ldy + r] = sum;
         }
 }
 
-#define SCALAR_GEMM(NAME, IMPL, TYPE)                                                                      \
+#define SCALAR_GEMM(NAME, TYPE, X8)                                                                        \
     static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,       \
-                     int64_t r0, int64_t r1) { IMPL(TYPE, W, cols, X, nt, Y, ldy, r0, r1); }
-SCALAR_GEMM(gemm_q4_0, gemm_q_rows, LC_TYPE_Q4_0)
-SCALAR_GEMM(gemm_q4_1, gemm_q_rows, LC_TYPE_Q4_1)
-SCALAR_GEMM(gemm_q8_0, gemm_q_rows, LC_TYPE_Q8_0)
-SCALAR_GEMM(gemm_q4_0_x8, gemm_q_x8, LC_TYPE_Q4_0)
-SCALAR_GEMM(gemm_q4_1_x8, gemm_q_x8, LC_TYPE_Q4_1)
-SCALAR_GEMM(gemm_q8_0_x8, gemm_q_x8, LC_TYPE_Q8_0)
-SCALAR_GEMM(gemm_q6_0_x8, gemm_q_x8, LC_TYPE_Q6_0)
+                     int64_t r0, int64_t r1) { gemm_q(TYPE, X8, W, cols, X, nt, Y, ldy, r0, r1); }
+SCALAR_GEMM(gemm_q4_0, LC_TYPE_Q4_0, 0)
+SCALAR_GEMM(gemm_q4_1, LC_TYPE_Q4_1, 0)
+SCALAR_GEMM(gemm_q8_0, LC_TYPE_Q8_0, 0)
+SCALAR_GEMM(gemm_q4_0_x8, LC_TYPE_Q4_0, 1)
+SCALAR_GEMM(gemm_q4_1_x8, LC_TYPE_Q4_1, 1)
+SCALAR_GEMM(gemm_q5_0_x8, LC_TYPE_Q5_0, 1)
+SCALAR_GEMM(gemm_q5_1_x8, LC_TYPE_Q5_1, 1)
+SCALAR_GEMM(gemm_q8_0_x8, LC_TYPE_Q8_0, 1)
+SCALAR_GEMM(gemm_q6_0_x8, LC_TYPE_Q6_0, 1)
+SCALAR_GEMM(gemm_q4_k_x8, LC_TYPE_Q4_K, 1)
+SCALAR_GEMM(gemm_q5_k_x8, LC_TYPE_Q5_K, 1)
+SCALAR_GEMM(gemm_q6_k_x8, LC_TYPE_Q6_K, 1)
+SCALAR_GEMM(gemm_iq4_nl_x8, LC_TYPE_IQ4_NL, 1)
+SCALAR_GEMM(gemm_iq4_xs_x8, LC_TYPE_IQ4_XS, 1)
 
 static void gemm_f16(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
@@ -209,48 +221,27 @@ static void gemm_f32(const void *W, int64_t cols, const float *X, int nt, float 
 /* ------------------------------------------------ element-wise */
 
 static void dequantize_row(int type, const void *row, float *y, int64_t n) {
-    switch (type) {
-    case LC_TYPE_F32:
+    if (type == LC_TYPE_F32) {
         memcpy(y, row, (size_t)n * 4);
-        break;
-    case LC_TYPE_F16:
-        for (int64_t i = 0; i < n; i++) y[i] = lc_fp16_to_fp32(((const uint16_t *)row)[i]);
-        break;
-    case LC_TYPE_Q4_0:
-        for (int64_t b = 0; b < n / QK; b++) {
-            const block_q4_0 *w = (const block_q4_0 *)row + b;
-            const float d = lc_fp16_to_fp32(w->d);
-            for (int j = 0; j < QK / 2; j++) {
-                y[b * QK + j] = ((w->qs[j] & 0x0f) - 8) * d;
-                y[b * QK + j + QK / 2] = ((w->qs[j] >> 4) - 8) * d;
-            }
-        }
-        break;
-    case LC_TYPE_Q4_1:
-        for (int64_t b = 0; b < n / QK; b++) {
-            const block_q4_1 *w = (const block_q4_1 *)row + b;
-            const float d = lc_fp16_to_fp32(w->d), m = lc_fp16_to_fp32(w->m);
-            for (int j = 0; j < QK / 2; j++) {
-                y[b * QK + j] = (w->qs[j] & 0x0f) * d + m;
-                y[b * QK + j + QK / 2] = (w->qs[j] >> 4) * d + m;
-            }
-        }
-        break;
-    case LC_TYPE_Q8_0:
-        for (int64_t b = 0; b < n / QK; b++) {
-            const block_q8_0 *w = (const block_q8_0 *)row + b;
-            const float d = lc_fp16_to_fp32(w->d);
-            for (int j = 0; j < QK; j++) y[b * QK + j] = w->qs[j] * d;
-        }
-        break;
-    case LC_TYPE_Q6_0:
-        for (int64_t b = 0; b < n / QK; b++) {
-            const block_q6_0 *w = (const block_q6_0 *)row + b;
-            const float d = lc_fp16_to_fp32(w->d);
-            for (int j = 0; j < QK; j++) y[b * QK + j] = (lc_q6_0_get(w, j) - 32) * d;
-        }
-        break;
+        return;
     }
+    if (type == LC_TYPE_F16) {
+        for (int64_t i = 0; i < n; i++) y[i] = lc_fp16_to_fp32(((const uint16_t *)row)[i]);
+        return;
+    }
+    const lc_type_info *ti = lc_type_info_of(type);
+    if (!ti || ti->block_elems == 1) return;
+    piece32 w;
+    for (int64_t b = 0; b < n / ti->block_elems; b++)
+        for (int p = 0; p < ti->block_elems / QK; p++) {
+            decode_piece(type, (const uint8_t *)row + b * ti->block_bytes, p, &w);
+            /* in ggml's order: (d * sc) * q, then - m1 for the types with a minimum (not
+             * + 0.0f for the others, which would turn their -0.0 into +0.0) */
+            float *o = y + b * ti->block_elems + p * QK;
+            for (int j = 0; j < QK; j++) o[j] = w.d * (float)w.isc[j / 16] * (float)(w.q[j] - w.off);
+            if (w.has_m)
+                for (int j = 0; j < QK; j++) o[j] += w.m;
+        }
 }
 
 static void rmsnorm(float *out, const float *x, const float *w, int n, float eps) {
@@ -313,4 +304,4 @@ static void swiglu(float *hb, const float *hb2, int64_t n) {
     for (int64_t i = 0; i < n; i++) hb[i] = hb[i] / (1.0f + expf(-hb[i])) * hb2[i];
 }
 
-const lc_kernels lc_kernels_scalar = LC_KERNEL_TABLE("scalar", );
+const lc_kernels lc_kernels_scalar = LC_KERNEL_TABLE("scalar");

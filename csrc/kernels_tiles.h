@@ -83,16 +83,33 @@
     LC_TILED_GEMM_X8(gemm_q8_0_x8, LC_TYPE_Q8_0, tile_x8)        \
     LC_TILED_GEMM_X8(gemm_q6_0_x8, LC_TYPE_Q6_0, tile_x8)
 
-/* A kernel table from a file's static kernels; SFX suffixes the quantized gemms
- * (empty, or _base / _sdot for the two NEON flavours). */
-#define LC_KERNEL_TABLE(NAME, SFX)                                                                 \
+/* interim: a SIMD file's gemm for a type it has no kernel for yet calls the scalar one */
+#define LC_SCALAR_GEMM_X8(NAME, IDX)                                                              \
+    static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, \
+                     int64_t r0, int64_t r1) { lc_kernels_scalar.gemm_x8[IDX](W, cols, X, nt, Y, ldy, r0, r1); }
+#define LC_SCALAR_GEMMS_NEW                                  \
+    LC_SCALAR_GEMM_X8(gemm_q5_0_x8, LC_I_Q5_0)               \
+    LC_SCALAR_GEMM_X8(gemm_q5_1_x8, LC_I_Q5_1)               \
+    LC_SCALAR_GEMM_X8(gemm_q4_k_x8, LC_I_Q4_K)               \
+    LC_SCALAR_GEMM_X8(gemm_q5_k_x8, LC_I_Q5_K)               \
+    LC_SCALAR_GEMM_X8(gemm_q6_k_x8, LC_I_Q6_K)               \
+    LC_SCALAR_GEMM_X8(gemm_iq4_nl_x8, LC_I_IQ4_NL)           \
+    LC_SCALAR_GEMM_X8(gemm_iq4_xs_x8, LC_I_IQ4_XS)
+
+/* A kernel table from a file's static kernels: every file defines the row-major
+ * gemms of Q4_0, Q4_1, Q8_0, the x8 gemms of every quantized type with kernels,
+ * and the float ones (the one list of which (type, layout) pairs have kernels). */
+#define LC_KERNEL_TABLE(NAME)                                                                      \
     {                                                                                              \
-        .name = NAME, .quantize_act = quantize_act, .gemm_q4_0 = gemm_q4_0##SFX,                   \
-        .gemm_q4_1 = gemm_q4_1##SFX, .gemm_q8_0 = gemm_q8_0##SFX, .gemm_q4_0_x8 = gemm_q4_0_x8##SFX, \
-        .gemm_q4_1_x8 = gemm_q4_1_x8##SFX, .gemm_q8_0_x8 = gemm_q8_0_x8##SFX,                        \
-        .gemm_q6_0_x8 = gemm_q6_0_x8##SFX, .gemm_f16 = gemm_f16,                                     \
-        .gemm_f32 = gemm_f32, .dequantize_row = dequantize_row, .rmsnorm = rmsnorm, .rope = rope,    \
-        .attention = attention, .f32_to_f16 = f32_to_f16, .swiglu = swiglu,                          \
+        .name = NAME, .quantize_act = quantize_act,                                                \
+        .gemm_rows = {[LC_I_Q4_0] = gemm_q4_0, [LC_I_Q4_1] = gemm_q4_1, [LC_I_Q8_0] = gemm_q8_0},   \
+        .gemm_x8 = {[LC_I_Q4_0] = gemm_q4_0_x8, [LC_I_Q4_1] = gemm_q4_1_x8, [LC_I_Q5_0] = gemm_q5_0_x8, \
+                    [LC_I_Q5_1] = gemm_q5_1_x8, [LC_I_Q8_0] = gemm_q8_0_x8, [LC_I_Q6_0] = gemm_q6_0_x8, \
+                    [LC_I_Q4_K] = gemm_q4_k_x8, [LC_I_Q5_K] = gemm_q5_k_x8, [LC_I_Q6_K] = gemm_q6_k_x8, \
+                    [LC_I_IQ4_NL] = gemm_iq4_nl_x8, [LC_I_IQ4_XS] = gemm_iq4_xs_x8},               \
+        .gemm_f16 = gemm_f16, .gemm_f32 = gemm_f32, .dequantize_row = dequantize_row,               \
+        .rmsnorm = rmsnorm, .rope = rope, .attention = attention, .f32_to_f16 = f32_to_f16,          \
+        .swiglu = swiglu,                                                                          \
     }
 
 #endif

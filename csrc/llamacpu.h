@@ -14,28 +14,29 @@
 
 /* Every kernel has a scalar reference (kernels_scalar.c); SIMD variants share
  * its signature and are validated against it (tests/test_kernels.py). */
+
+/* Y[t*ldy + r] = W[r,:] . X[t,:] for rows r in [r0, r1), tokens t in [0, nt). W
+ * (rows, cols) in its type and layout; X (nt, cols) quantized (q8a) for quantized W
+ * (lc_gemm_q8a), float for F16/F32 W (lc_gemm_f). cols: a multiple of the type's
+ * block; x8 layout: r0, r1 multiples of 8. */
+typedef void (*lc_gemm_q8a)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,
+                            int64_t r0, int64_t r1);
+typedef void (*lc_gemm_f)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy,
+                          int64_t r0, int64_t r1);
+
 typedef struct lc_kernels {
-    const char *name; /* "scalar", "avx2", "neon", "neon-dotprod" */
+    const char *name; /* "scalar", "avx2", "avx512vnni", "neon", "neon-dotprod" */
 
     /* x (n,) -> y (n/32 blocks); n % 32 == 0 */
     void (*quantize_act)(const float *x, block_q8a *y, int64_t n);
 
-    /* Y[t*ldy + r] = W[r,:] . X[t,:] for rows r in [r0, r1), tokens t in [0, nt).
-     * W (rows, cols) in its type, row-major; X (nt, cols) quantized (q8a) for
-     * quantized W, float for F16/F32 W. cols % 32 == 0. */
-    void (*gemm_q4_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
-    void (*gemm_q4_1)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
-    void (*gemm_q8_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
-    /* The same for weights in the x8 layout (quants.h): r0, r1 multiples of 8. */
-    void (*gemm_q4_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
-    void (*gemm_q4_1_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
-    void (*gemm_q8_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
-    /* Q6_0 exists in the x8 layout only */
-    void (*gemm_q6_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
-    void (*gemm_f16)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
-    void (*gemm_f32)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1);
+    /* quantized matmuls by type index (lc_type_index), per layout; NULL: none.
+     * Look them up with lc_gemm_of, never directly. */
+    lc_gemm_q8a gemm_rows[LC_N_TYPES];
+    lc_gemm_q8a gemm_x8[LC_N_TYPES];
+    lc_gemm_f gemm_f16, gemm_f32;
 
-    /* row (n elements, n % 32 == 0 for quantized types) of `type` -> float */
+    /* row (n elements, a multiple of the type's block) of `type`, row-major -> float */
     void (*dequantize_row)(int type, const void *row, float *y, int64_t n);
 
     /* out (n,) = x / sqrt(mean(x^2) + eps) * w */
@@ -57,13 +58,20 @@ typedef struct lc_kernels {
     void (*swiglu)(float *hb, const float *hb2, int64_t n);
 } lc_kernels;
 
+/* The one mapping from a weight's (type, layout) to its matmul: exactly one of q
+ * (quantized types) and f (F16, F32) is set, or neither when the table has no
+ * kernel for that pair (an unknown type, or a layout the type does not have). */
+typedef struct {
+    lc_gemm_q8a q;
+    lc_gemm_f f;
+} lc_gemm;
+lc_gemm lc_gemm_of(const lc_kernels *k, int type, int layout);
+
 /* Weight-type quantizers (scalar, deterministic, identical to ggml's
- * quantize_row_*_ref): these write model files. n % 32 == 0. */
-void lc_quantize_row_q4_0_ref(const float *x, block_q4_0 *y, int64_t n);
-void lc_quantize_row_q4_1_ref(const float *x, block_q4_1 *y, int64_t n);
-void lc_quantize_row_q8_0_ref(const float *x, block_q8_0 *y, int64_t n);
-/* Q6_0 (quants.h), in the manner of ggml's Q5_0: d = the largest-magnitude value / -32 */
-void lc_quantize_row_q6_0_ref(const float *x, block_q6_0 *y, int64_t n);
+ * quantize_row_*_ref; Q6_0 in the manner of ggml's Q5_0, docs/FORMAT.md): these
+ * write model files. x (n,) -> y (n / block elements blocks of `type`), n a multiple
+ * of the type's block. Returns 0, or -1 when there is no quantizer for `type`. */
+int lc_quantize_row_ref(int type, const float *x, void *y, int64_t n);
 
 /* cos/sin of the float32 angles pos * inv_freq[i], i < half (shared by all RoPE variants) */
 void lc_rope_angles(float *cos_out, float *sin_out, int half, int pos, const float *inv_freq);
@@ -90,7 +98,8 @@ typedef struct {
     const void *data; /* into the mmap */
     int type;
     int64_t rows, cols;
-    int layout;       /* LC_LAYOUT_ROWS or LC_LAYOUT_X8 (quantized, rows % 8 == 0; Q6_0 always) */
+    int layout;       /* LC_LAYOUT_ROWS or LC_LAYOUT_X8 (quantized, rows % 8 == 0); lc_gemm_of must have
+                         a kernel for (type, layout) */
 } lc_tensor;
 
 typedef struct {

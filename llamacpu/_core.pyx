@@ -14,87 +14,24 @@ cimport numpy as cnp
 cnp.import_array()
 
 
-cdef extern from "llamacpu.h" nogil:
-    int QK
-    int LC_TYPE_F32, LC_TYPE_F16, LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0, LC_TYPE_Q6_0
-    int LC_OK, LC_E_CTX, LC_E_TOKEN, LC_E_ARG
+from . import format as _fmt
 
-    ctypedef struct block_q8a:
-        signed char qs[32]
-        float d[4]
-        float s
-        float pad[3]
-
-    ctypedef struct lc_kernels:
-        const char *name
-        void (*quantize_act)(const float *x, block_q8a *y, int64_t n) noexcept nogil
-        void (*gemm_q4_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
-        void (*gemm_q4_1)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
-        void (*gemm_q8_0)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
-        void (*gemm_q4_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
-        void (*gemm_q4_1_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
-        void (*gemm_q8_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
-        void (*gemm_q6_0_x8)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
-        void (*gemm_f16)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
-        void (*gemm_f32)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy, int64_t r0, int64_t r1) noexcept nogil
-        void (*dequantize_row)(int type, const void *row, float *y, int64_t n) noexcept nogil
-        void (*rmsnorm)(float *out, const float *x, const float *w, int n, float eps) noexcept nogil
-        void (*rope)(float *x, int n_heads, int head_dim, int pos, const float *inv_freq) noexcept nogil
-        void (*attention)(float *out, const float *q, const uint16_t *K, const uint16_t *V, int n, int head_dim, float scale, float *scratch) noexcept nogil
-        void (*f32_to_f16)(uint16_t *y, const float *x, int64_t n) noexcept nogil
-        void (*swiglu)(float *hb, const float *hb2, int64_t n) noexcept nogil
-
-    int64_t lc_row_bytes(int type, int64_t cols)
-    void lc_quantize_row_q4_0_ref(const float *x, void *y, int64_t n)
-    void lc_quantize_row_q4_1_ref(const float *x, void *y, int64_t n)
-    void lc_quantize_row_q8_0_ref(const float *x, void *y, int64_t n)
-    void lc_quantize_row_q6_0_ref(const float *x, void *y, int64_t n)
-    const lc_kernels *lc_kernels_best()
-    const lc_kernels *lc_kernels_by_name(const char *name)
-
-    ctypedef struct lc_tensor:
-        const void *data
-        int type
-        int64_t rows, cols
-        int layout
-
-    ctypedef struct lc_layer_weights:
-        const float *attention_norm
-        const float *ffn_norm
-        lc_tensor wq, wk, wv, wo, w1, w2, w3
-
-    ctypedef struct lc_config:
-        int vocab_size, dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim
-        float norm_eps
-        int n_ctx, n_batch, n_threads
-
-    ctypedef struct lc_weights:
-        lc_tensor tok_embeddings
-        lc_tensor output
-        const float *norm
-        lc_layer_weights *layers
-        const float *inv_freq
-
-    ctypedef struct lc_model:
-        pass
-
-    lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kernels *k, char *err, size_t errlen)
-    void lc_model_free(lc_model *m)
-    const lc_kernels *lc_model_kernels(const lc_model *m)
-    void lc_model_set_threads(lc_model *m, int n_threads)
-    int lc_forward(lc_model *m, const int32_t *tokens, int n, int pos, float *logits, int all_logits)
-
-
-# Constants agree between C and Python (checked at import).
-F32, F16, Q4_0, Q4_1, Q8_0, Q6_0 = 0, 1, 2, 3, 8, 100
-assert (LC_TYPE_F32, LC_TYPE_F16, LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0, LC_TYPE_Q6_0) == (F32, F16, Q4_0, Q4_1, Q8_0, Q6_0)
-assert QK == 32 and sizeof(block_q8a) == 64
-QUANTIZED = (Q4_0, Q4_1, Q8_0, Q6_0)
-#: quantized types with kernels for the x8 layout only
-X8_ONLY = (Q6_0,)
+# The type table agrees between C (csrc/quants.h lc_types) and Python (format.TYPES):
+# ids, names, block sizes and x8 headers are defined once on each side and checked here.
+assert LC_N_TYPES == 15 and len(_fmt.TYPES) == LC_N_TYPES
+for _i in range(LC_N_TYPES):
+    _t = _fmt.TYPES[lc_types[_i].type]
+    assert (_t.name, _t.block_elems, _t.block_bytes, _t.hdr, _t.row_major) == (
+        lc_types[_i].name.decode(), lc_types[_i].block_elems, lc_types[_i].block_bytes,
+        tuple(lc_types[_i].hdr[h] for h in range(lc_types[_i].n_hdr)), bool(lc_types[_i].row_major)), _t
+assert (QK, QK_K, LC_LAYOUT_ROWS, LC_LAYOUT_X8) == (_fmt.QK, _fmt.QK_K, _fmt.LAYOUT_ROW_MAJOR, _fmt.LAYOUT_X8)
+assert sizeof(block_q8a) == 64
+F32, F16, Q6_0 = _fmt.F32, _fmt.F16, _fmt.Q6_0
+QUANTIZED = tuple(sorted(_fmt.QUANTIZED_TYPES))
 
 #: numpy view of the C activation block (block_q8a)
-Q8A_DTYPE = np.dtype([("qs", "i1", (32,)), ("d", "<f4", (4,)), ("s", "<f4"), ("pad", "<f4", (3,))])
+Q8A_DTYPE = np.dtype([("qs", "i1", (32,)), ("d", "<f4", (4,)), ("s", "<f4"), ("s16", "<f4", (2,)),
+                      ("pad", "<f4")])
 
 
 cdef extern from *:
@@ -158,22 +95,21 @@ def quantize(x, int type):
     cdef int64_t rows = a.shape[0], cols = a.shape[1], i
     if type not in QUANTIZED:
         raise ValueError(f"quantize: type {type} is not a quantized type")
-    if cols % 32:
-        raise ValueError(f"quantize: {cols} columns is not a multiple of 32")
+    cdef int64_t per = _fmt.TYPES[type].block_elems
+    if cols % per:
+        raise ValueError(f"quantize: {cols} columns is not a multiple of {per}")
     cdef int64_t rb = lc_row_bytes(type, cols)
     cdef cnp.ndarray[cnp.uint8_t, ndim=2, mode="c"] out = np.empty((rows, rb), dtype=np.uint8)
     cdef const float *src = <const float *>a.data
     cdef unsigned char *dst = <unsigned char *>out.data
+    cdef int rc = 0
     with nogil:
         for i in range(rows):
-            if type == LC_TYPE_Q4_0:
-                lc_quantize_row_q4_0_ref(src + i * cols, dst + i * rb, cols)
-            elif type == LC_TYPE_Q4_1:
-                lc_quantize_row_q4_1_ref(src + i * cols, dst + i * rb, cols)
-            elif type == LC_TYPE_Q6_0:
-                lc_quantize_row_q6_0_ref(src + i * cols, dst + i * rb, cols)
-            else:
-                lc_quantize_row_q8_0_ref(src + i * cols, dst + i * rb, cols)
+            rc = lc_quantize_row_ref(type, src + i * cols, dst + i * rb, cols)
+            if rc != 0:
+                break
+    if rc != 0:
+        raise ValueError(f"quantize: no quantizer for {_fmt.TYPE_NAMES[type]}")
     return out
 
 
@@ -181,8 +117,8 @@ def dequantize(raw, int type, int64_t cols, impl="scalar"):
     """Rows of `type` (uint8 (rows, row_bytes), or uint16 / float32 (rows, cols)) -> float32 (rows, cols)."""
     cdef const lc_kernels *k = _kernels(impl)
     cdef int64_t rb = row_bytes(type, cols)
-    if type in QUANTIZED and cols % 32:
-        raise ValueError(f"dequantize: {cols} columns is not a multiple of 32")
+    if cols % _fmt.TYPES[type].block_elems:
+        raise ValueError(f"dequantize: {cols} columns is not a multiple of {_fmt.TYPES[type].block_elems}")
     b = np.ascontiguousarray(raw).view(np.uint8)
     if b.size % rb:
         raise ValueError("dequantize: data is not a whole number of rows")
@@ -225,41 +161,27 @@ def gemm(w, int type, int64_t rows, int64_t cols, x, impl=None, int layout=0):
     cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] W = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
     if W.shape[0] != rows * rb:
         raise ValueError("gemm: weight size does not match rows x cols")
-    if type in QUANTIZED and cols % 32:
-        raise ValueError("gemm: cols must be a multiple of 32 for quantized types")
+    if cols % _fmt.TYPES[type].block_elems:
+        raise ValueError(f"gemm: cols must be a multiple of {_fmt.TYPES[type].block_elems} for this type")
+    if layout == 1 and rows % 8:
+        raise ValueError("gemm: layout 1 (x8) needs rows % 8 == 0")
+    cdef lc_gemm g = lc_gemm_of(k, type, layout)
+    if g.q == NULL and g.f == NULL:
+        raise ValueError(f"gemm: no kernel for {_fmt.TYPE_NAMES[type]} in layout {layout}")
     cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] Y = np.zeros((nt, rows), dtype=np.float32)
     cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] XQ
     cdef block_q8a *xq = NULL
     cdef int t
-    if layout not in (0, 1) or (layout == 1 and (type not in QUANTIZED or rows % 8)):
-        raise ValueError("gemm: layout 1 needs a quantized type and rows % 8 == 0")
-    if type in X8_ONLY and layout != 1:
-        raise ValueError("gemm: this type has kernels for layout 1 (x8) only")
-    if type in QUANTIZED:
+    if g.q != NULL:
         XQ = np.zeros(nt * (cols // 32) * sizeof(block_q8a), dtype=np.uint8)
         xq = <block_q8a *>XQ.data
     with nogil:
-        if type == LC_TYPE_Q4_0 or type == LC_TYPE_Q4_1 or type == LC_TYPE_Q8_0 or type == LC_TYPE_Q6_0:
+        if g.q != NULL:
             for t in range(nt):
                 k.quantize_act(<const float *>X.data + t * cols, xq + t * (cols // 32), cols)
-        if layout == 1 and type == LC_TYPE_Q4_0:
-            k.gemm_q4_0_x8(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
-        elif layout == 1 and type == LC_TYPE_Q4_1:
-            k.gemm_q4_1_x8(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
-        elif layout == 1 and type == LC_TYPE_Q6_0:
-            k.gemm_q6_0_x8(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
-        elif layout == 1:
-            k.gemm_q8_0_x8(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
-        elif type == LC_TYPE_Q4_0:
-            k.gemm_q4_0(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
-        elif type == LC_TYPE_Q4_1:
-            k.gemm_q4_1(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
-        elif type == LC_TYPE_Q8_0:
-            k.gemm_q8_0(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
-        elif type == LC_TYPE_F16:
-            k.gemm_f16(W.data, cols, <const float *>X.data, nt, <float *>Y.data, rows, 0, rows)
+            g.q(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
         else:
-            k.gemm_f32(W.data, cols, <const float *>X.data, nt, <float *>Y.data, rows, 0, rows)
+            g.f(W.data, cols, <const float *>X.data, nt, <float *>Y.data, rows, 0, rows)
     return Y
 
 
@@ -337,7 +259,7 @@ cdef lc_tensor _tensor(spec) except *:
     t.layout = spec[4] if len(spec) > 4 else 0
     if t.layout == 1 and (t.type not in QUANTIZED or t.rows % 8):
         raise ValueError("the x8 layout needs a quantized tensor with rows % 8 == 0")
-    return t
+    return t  # lc_model_new checks that the kernels have (type, layout)
 
 
 cdef class Engine:

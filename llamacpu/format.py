@@ -43,17 +43,58 @@ F32 = 0
 F16 = 1
 Q4_0 = 2
 Q4_1 = 3
+Q5_0 = 6
+Q5_1 = 7
 Q8_0 = 8
+Q2_K = 10
+Q3_K = 11
+Q4_K = 12
+Q5_K = 13
+Q6_K = 14
+IQ4_NL = 20
+IQ4_XS = 23
 Q6_0 = 100  # 6-bit, fp16 scale per 32 (csrc/quants.h block_q6_0); x8 layout only
 
-TYPE_NAMES = {F32: "F32", F16: "F16", Q4_0: "Q4_0", Q4_1: "Q4_1", Q8_0: "Q8_0", Q6_0: "Q6_0"}
-TYPE_IDS = {name: tid for tid, name in TYPE_NAMES.items()}
-QUANTIZED_TYPES = frozenset({Q4_0, Q4_1, Q8_0, Q6_0})
-X8_ONLY_TYPES = frozenset({Q6_0})  # the engine has kernels for their x8 layout only
+QK = 32  # elements per block of the 32-element types
+QK_K = 256  # elements per super-block of the K-quants and IQ4_XS
 
-QK = 32  # elements per quantization block
+
+@dataclass(frozen=True)
+class TypeInfo:
+    """One weight type, as csrc/quants.h's lc_types has it (checked at import by _core)."""
+    id: int
+    name: str
+    block_elems: int  # 1 (float), QK or QK_K
+    block_bytes: int
+    hdr: tuple  # byte offsets of the block's fp16 header fields (first in an x8 block group)
+    row_major: bool  # layout 0 allowed (else x8 only)
+    kernels: bool  # the engine can run it (Q2_K and Q3_K: not yet; read as GGUF only to refuse them)
+
+
+TYPES = {t.id: t for t in (
+    TypeInfo(F32, "F32", 1, 4, (), True, True),
+    TypeInfo(F16, "F16", 1, 2, (), True, True),
+    TypeInfo(Q4_0, "Q4_0", QK, 18, (0,), True, True),
+    TypeInfo(Q4_1, "Q4_1", QK, 20, (0, 2), True, True),
+    TypeInfo(Q5_0, "Q5_0", QK, 22, (0,), False, True),
+    TypeInfo(Q5_1, "Q5_1", QK, 24, (0, 2), False, True),
+    TypeInfo(Q8_0, "Q8_0", QK, 34, (0,), True, True),
+    TypeInfo(Q2_K, "Q2_K", QK_K, 84, (80, 82), False, False),
+    TypeInfo(Q3_K, "Q3_K", QK_K, 110, (108,), False, False),
+    TypeInfo(Q4_K, "Q4_K", QK_K, 144, (0, 2), False, True),
+    TypeInfo(Q5_K, "Q5_K", QK_K, 176, (0, 2), False, True),
+    TypeInfo(Q6_K, "Q6_K", QK_K, 210, (208,), False, True),
+    TypeInfo(IQ4_NL, "IQ4_NL", QK, 18, (0,), False, True),
+    TypeInfo(IQ4_XS, "IQ4_XS", QK_K, 136, (0, 2), False, True),
+    TypeInfo(Q6_0, "Q6_0", QK, 26, (0,), False, True),
+)}
+#: the types a model file may hold (those the engine has kernels for)
+TYPE_NAMES = {tid: t.name for tid, t in TYPES.items() if t.kernels}
+TYPE_IDS = {name: tid for tid, name in TYPE_NAMES.items()}
+QUANTIZED_TYPES = frozenset(tid for tid in TYPE_NAMES if TYPES[tid].block_elems > 1)
+X8_ONLY_TYPES = frozenset(tid for tid in QUANTIZED_TYPES if not TYPES[tid].row_major)
 # (elements per block, bytes per block)
-BLOCK_SIZES = {F32: (1, 4), F16: (1, 2), Q4_0: (QK, 18), Q4_1: (QK, 20), Q8_0: (QK, 34), Q6_0: (QK, 26)}
+BLOCK_SIZES = {tid: (TYPES[tid].block_elems, TYPES[tid].block_bytes) for tid in TYPE_NAMES}
 
 # Sanity bounds on the config (generous: Llama 3.x 405B fits comfortably).
 MAX_VOCAB = 1 << 24
@@ -450,8 +491,8 @@ def _parse_entry(mm, pos: int, index: int, data_offset: int, size: int) -> Tenso
     if any(d < 1 or d > MAX_TENSOR_ELEMENTS for d in shape) or \
             math.prod(shape) > MAX_TENSOR_ELEMENTS:
         raise ModelFormatError(f"{where}: shape {shape} out of bounds")
-    if ttype in QUANTIZED_TYPES and shape[-1] % QK:
-        raise ModelFormatError(f"{where}: {TYPE_NAMES[ttype]} needs cols % {QK} == 0, "
+    if ttype in QUANTIZED_TYPES and shape[-1] % TYPES[ttype].block_elems:
+        raise ModelFormatError(f"{where}: {TYPE_NAMES[ttype]} needs cols % {TYPES[ttype].block_elems} == 0, "
                                f"shape {shape}")
     want = tensor_nbytes(ttype, shape)
     if nbytes != want:
@@ -496,38 +537,44 @@ def x8_allowed(type: int, shape) -> bool:
     return type in QUANTIZED_TYPES and len(shape) == 2 and shape[0] % 8 == 0
 
 
-def _x8_fields(type: int):
-    """(bytes per block, header fields (fp16 each), quant bytes per block)"""
-    bs = BLOCK_SIZES[type][1]
-    heads = 2 if type == Q4_1 else 1
-    return bs, heads, bs - 2 * heads
+def _x8_order(type: int) -> np.ndarray:
+    """Byte positions in a block, in x8 order: the fp16 header fields, then the other
+    bytes in block order (csrc/quants.h lc_x8_copy)."""
+    t = TYPES[type]
+    hdr = [p for h in t.hdr for p in (h, h + 1)]
+    rest = [p for p in range(t.block_bytes) if p not in hdr]
+    return np.array(hdr + rest), len(t.hdr), len(rest)
 
 
 def x8_pack(raw: np.ndarray, type: int) -> np.ndarray:
     """Row-major blocks uint8 (rows, row_bytes), rows % 8 == 0 -> the x8 layout, uint8
-    (rows / 8, 8 * row_bytes). Per group of 8 rows and block column: the 8 fp16 d
-    (Q4_1: then the 8 fp16 m), then the quant bytes in chunks of 32, chunk c = bytes
-    4c..4c+3 of each row's qs, row after row (csrc/quants.h)."""
+    (rows / 8, 8 * row_bytes). Per group of 8 rows and block column: each fp16 header
+    field of the 8 rows (row 0 first), then the other bytes of the blocks in chunks of
+    32, chunk c = the c-th 4 of those bytes of each row, row after row (csrc/quants.h)."""
     rows, rb = raw.shape
-    bs, heads, qb = _x8_fields(type)
+    order, nh, nrest = _x8_order(type)
+    bs = TYPES[type].block_bytes
     nb, g = rb // bs, rows // 8
-    a = raw.reshape(g, 8, nb, bs)
-    parts = [a[..., 2 * h:2 * h + 2].transpose(0, 2, 1, 3).reshape(g, nb, 16) for h in range(heads)]
-    q = a[..., 2 * heads:].reshape(g, 8, nb, qb // 4, 4).transpose(0, 2, 3, 1, 4).reshape(g, nb, 8 * qb)
+    a = raw.reshape(g, 8, nb, bs)[..., order]  # (g, row, nb, bytes in x8 order)
+    parts = [a[..., 2 * h:2 * h + 2].transpose(0, 2, 1, 3).reshape(g, nb, 16) for h in range(nh)]
+    q = a[..., 2 * nh:].reshape(g, 8, nb, nrest // 4, 4).transpose(0, 2, 3, 1, 4).reshape(g, nb, 8 * nrest)
     return np.concatenate(parts + [q], axis=-1).reshape(g, nb * 8 * bs)
 
 
 def x8_unpack(packed: np.ndarray, type: int, rows: int) -> np.ndarray:
     """The inverse of x8_pack: uint8 (rows, row_bytes) in the GGUF row-major layout."""
-    bs, heads, qb = _x8_fields(type)
+    order, nh, nrest = _x8_order(type)
+    bs = TYPES[type].block_bytes
     g = rows // 8
     a = np.asarray(packed, dtype=np.uint8).reshape(g, -1, 8 * bs)
     nb = a.shape[1]
-    out = np.empty((g, 8, nb, bs), dtype=np.uint8)
-    for h in range(heads):
-        out[..., 2 * h:2 * h + 2] = a[..., 16 * h:16 * h + 16].reshape(g, nb, 8, 2).transpose(0, 2, 1, 3)
-    q = a[..., 16 * heads:].reshape(g, nb, qb // 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(g, 8, nb, qb)
-    out[..., 2 * heads:] = q
+    blocks = np.empty((g, 8, nb, bs), dtype=np.uint8)  # in x8 byte order
+    for h in range(nh):
+        blocks[..., 2 * h:2 * h + 2] = a[..., 16 * h:16 * h + 16].reshape(g, nb, 8, 2).transpose(0, 2, 1, 3)
+    blocks[..., 2 * nh:] = a[..., 16 * nh:].reshape(g, nb, nrest // 4, 8, 4).transpose(0, 3, 1, 2, 4) \
+        .reshape(g, 8, nb, nrest)
+    out = np.empty_like(blocks)
+    out[..., order] = blocks
     return out.reshape(rows, nb * bs)
 
 
@@ -682,9 +729,9 @@ def check_tensor_set(config: dict, tensors: dict) -> None:
         if len(shape) == 1 and ttype != F32:
             raise ModelFormatError(f"tensor {name!r} is {TYPE_NAMES.get(ttype, ttype)}, "
                                    "norms must be F32")
-        if ttype in QUANTIZED_TYPES and (len(shape) != 2 or shape[-1] % QK):
+        if ttype in QUANTIZED_TYPES and (len(shape) != 2 or shape[-1] % TYPES[ttype].block_elems):
             raise ModelFormatError(f"tensor {name!r}: {TYPE_NAMES[ttype]} only on 2-D "
-                                   f"weights with cols % {QK} == 0")
+                                   f"weights with cols % {TYPES[ttype].block_elems} == 0")
     missing = [n for n in want if n not in tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

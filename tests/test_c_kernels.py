@@ -38,7 +38,7 @@ def test_native_kernels(tmp_path):
     if platform.machine() in ("x86_64", "AMD64"):
         srcs += [CSRC / "kernels_avx2.c", CSRC / "kernels_avx512vnni.c"]
     if platform.machine() in ("aarch64", "arm64"):
-        srcs.append(CSRC / "kernels_neon.c")
+        srcs += [CSRC / "kernels_neon.c", CSRC / "kernels_neon_dotprod.c"]
     r = build_and_run(shutil.which("cc") or "gcc", srcs, tmp_path / "tk")
     passed, failed = summary(r.stdout)
     assert r.returncode == 0 and failed == 0 and passed > 500
@@ -51,7 +51,7 @@ def test_aarch64_kernels_under_qemu(tmp_path, cpu, tables):
         if os.environ.get("LLAMACPU_REQUIRE_QEMU") == "1":
             pytest.fail("aarch64-linux-gnu-gcc and qemu-aarch64 are required (LLAMACPU_REQUIRE_QEMU=1)")
         pytest.skip("no aarch64 cross compiler / qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)")
-    srcs = [CSRC / "kernels_scalar.c", CSRC / "dispatch.c", CSRC / "kernels_neon.c"]
+    srcs = [CSRC / "kernels_scalar.c", CSRC / "dispatch.c", CSRC / "kernels_neon.c", CSRC / "kernels_neon_dotprod.c"]
     r = build_and_run(cc, srcs, tmp_path / "tk_arm", runner=(qemu, "-L", "/usr/aarch64-linux-gnu", "-cpu", cpu))
     passed, failed = summary(r.stdout)
     assert r.returncode == 0 and failed == 0

@@ -97,7 +97,15 @@ def entry_offset(raw: bytes, i: int) -> int:
 def test_constants():
     assert fmt.MAGIC == b"LLAMACPU" and fmt.FORMAT_VERSION == 1
     assert (fmt.F32, fmt.F16, fmt.Q4_0, fmt.Q4_1, fmt.Q8_0, fmt.Q6_0) == (0, 1, 2, 3, 8, 100)
-    assert fmt.TYPE_NAMES == {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 100: "Q6_0"}
+    assert fmt.TYPE_NAMES == {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0",
+                              12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 20: "IQ4_NL", 23: "IQ4_XS", 100: "Q6_0"}
+    # ids, names and block sizes are GGUF's (the `gguf` package, maintained with llama.cpp)
+    gguf = pytest.importorskip("gguf")
+    for tid, t in fmt.TYPES.items():
+        if tid != fmt.Q6_0:
+            gt = gguf.GGMLQuantizationType(tid)
+            assert gt.name == t.name and gguf.GGML_QUANT_SIZES[gt] == (t.block_elems, t.block_bytes)
+    assert fmt.row_bytes(fmt.Q4_K, 512) == 288 and fmt.row_bytes(fmt.Q6_K, 256) == 210
     assert fmt.row_bytes(fmt.Q6_0, 64) == 52
     assert fmt.row_bytes(F32, 7) == 28 and fmt.row_bytes(F16, 7) == 14
     assert fmt.row_bytes(Q4_0, 64) == 36 and fmt.row_bytes(Q4_1, 64) == 40
@@ -324,7 +332,7 @@ def test_overlapping_tensors(valid, tmp_path):
     (0, "<64s", b"\0", "empty"),
     (0, "<64s", b"\xff\xfe", "UTF-8"),
     (64, "<I", 5, "type"),
-    (64, "<I", 12, "type"),
+    (64, "<I", 9, "type"),  # Q8_1: a GGUF type with no kernels
     (68, "<I", 3, "n_dims"),
     (68, "<I", 0, "n_dims"),
     (88, "<Q", 2, "unused"),

@@ -9,14 +9,15 @@ import pytest
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from llamacpu import _core
+from llamacpu import format as fmt
 
 gguf = pytest.importorskip("gguf")  # test-only dependency, installed by .ci/run
 from gguf import GGMLQuantizationType as GT, quants  # noqa: E402
 
-SIMD_REL = 2e-5   # max |simd - scalar| / max |scalar|
-REF_REL = 2e-5    # max |scalar - numpy| / max |numpy|
+SIMD_REL = 2e-5   # |simd - scalar| / the magnitudes summed (sum |w| |x|), per output
+REF_REL = 2e-5    # |scalar - numpy| / the magnitudes summed, per output; elsewhere / max |numpy|
 SIMD = [k for k in _core.available_kernels() if k != "scalar"]
-QTYPES = {_core.Q4_0: GT.Q4_0, _core.Q4_1: GT.Q4_1, _core.Q8_0: GT.Q8_0}
+QTYPES = {fmt.Q4_0: GT.Q4_0, fmt.Q4_1: GT.Q4_1, fmt.Q8_0: GT.Q8_0}
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -26,12 +27,18 @@ def rel(a, b):
     return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
+def assert_within_magnitudes(got, ref, w, x, tol):
+    """got and ref (nt, rows) agree within tol of the magnitudes each output sums, sum |w| |x|:
+    a dot product may cancel far below its terms (a sparse row against one token did: 2.2e-5
+    of max |y|; a Q4_1 row 2.6e-5), so a bound relative to max |y| is flaky. w: the
+    dequantized weights (rows, cols), x: the activations (nt, cols)."""
+    mag = np.abs(np.asarray(w, np.float64)) @ np.abs(np.asarray(x, np.float64)).T
+    assert np.all(np.abs(np.asarray(got, np.float64) - ref) <= tol * mag.T + 1e-30)
+
+
 def assert_summation_order_only(got, ref, w, x):
-    """got and ref (nt, rows) differ by summation order only: each output within SIMD_REL of
-    the magnitudes it sums, sum |w| |x|, since results may cancel far below them (a sparse
-    row against one token did: 2.2e-5 of max |y|). w: the dequantized weights (rows, cols)."""
-    mag = np.abs(np.asarray(w, np.float64)) @ np.abs(x).T.astype(np.float64)
-    assert np.all(np.abs(np.asarray(got, np.float64) - ref) <= SIMD_REL * mag.T + 1e-30)
+    """SIMD against scalar: they differ by summation order only."""
+    assert_within_magnitudes(got, ref, w, x, SIMD_REL)
 
 
 @st.composite
@@ -89,7 +96,7 @@ def test_dequantize_simd_matches_scalar(impl, x):
         q = _core.quantize(x, t)
         np.testing.assert_array_equal(_core.dequantize(q, t, x.shape[1], impl), _core.dequantize(q, t, x.shape[1], "scalar"))
     h = x.astype(np.float16)
-    np.testing.assert_array_equal(_core.dequantize(h, _core.F16, x.shape[1], impl), h.astype(np.float32))
+    np.testing.assert_array_equal(_core.dequantize(h, fmt.F16, x.shape[1], impl), h.astype(np.float32))
 
 
 def q8a_numpy(x):
@@ -153,7 +160,7 @@ def test_gemm_scalar_matches_numpy(w, nt, seed, t):
     xd = np.stack([q8a_dequantize_numpy(d, qq) for d, qq in xs])
     ref = xd @ wd.T
     got = _core.gemm(q, t, rows, cols, x, "scalar")
-    assert rel(got, ref) < REF_REL
+    assert_within_magnitudes(got, ref, wd, xd, REF_REL)
 
 
 @pytest.mark.parametrize("impl", SIMD)
@@ -166,7 +173,7 @@ def test_gemm_simd_matches_scalar(impl, w, nt, seed):
         q = _core.quantize(w, t)
         assert_summation_order_only(_core.gemm(q, t, rows, cols, x, impl), _core.gemm(q, t, rows, cols, x, "scalar"),
                                     quants.dequantize(q, QTYPES[t]), x)
-    for t, arr in ((_core.F16, w.astype(np.float16)), (_core.F32, w)):
+    for t, arr in ((fmt.F16, w.astype(np.float16)), (fmt.F32, w)):
         ref = x.astype(np.float64) @ arr.astype(np.float64).T
         assert rel(_core.gemm(arr, t, rows, cols, x, "scalar"), ref) < REF_REL
         assert rel(_core.gemm(arr, t, rows, cols, x, impl), ref) < REF_REL
@@ -180,7 +187,7 @@ def test_float_gemm_odd_cols(impl, n, seed):
     w = rng.standard_normal((5, n)).astype(np.float32)
     x = rng.standard_normal((3, n)).astype(np.float32)
     ref = x.astype(np.float64) @ w.T.astype(np.float64)
-    assert rel(_core.gemm(w, _core.F32, 5, n, x, impl), ref) < REF_REL
+    assert rel(_core.gemm(w, fmt.F32, 5, n, x, impl), ref) < REF_REL
 
 
 @pytest.mark.parametrize("impl", ["scalar"] + SIMD)
@@ -285,11 +292,11 @@ def test_quantize_q6_0_matches_numpy_model(x):
     """Q6_0 (llamacpu's own type): the C quantizer and dequantizer against tests/reference.py,
     written from docs/FORMAT.md."""
     import reference
-    q = _core.quantize(x, _core.Q6_0)
+    q = _core.quantize(x, fmt.Q6_0)
     assert q.tobytes() == reference.quantize_q6_0(x).tobytes()
-    np.testing.assert_array_equal(_core.dequantize(q, _core.Q6_0, x.shape[1]), reference.dequantize_q6_0(q, x.shape[1]))
+    np.testing.assert_array_equal(_core.dequantize(q, fmt.Q6_0, x.shape[1]), reference.dequantize_q6_0(q, x.shape[1]))
     for impl in SIMD:  # SIMD tables fall back to (or equal) scalar here
-        np.testing.assert_array_equal(_core.dequantize(q, _core.Q6_0, x.shape[1], impl),
+        np.testing.assert_array_equal(_core.dequantize(q, fmt.Q6_0, x.shape[1], impl),
                                       reference.dequantize_q6_0(q, x.shape[1]))
 
 
@@ -304,21 +311,96 @@ def test_gemm_q6_0_x8(impl, w, nt, seed):
     w = np.tile(w, (8, 1))[: 8 * w.shape[0]]
     rows, cols = w.shape
     x = np.random.default_rng(seed).standard_normal((nt, cols)).astype(np.float32)
-    q = _core.quantize(w, _core.Q6_0)
-    p = x8_pack(q, _core.Q6_0)
+    q = _core.quantize(w, fmt.Q6_0)
+    p = x8_pack(q, fmt.Q6_0)
     wd = reference.dequantize_q6_0(q, cols).astype(np.float64)
     xd = np.stack([q8a_dequantize_numpy(*q8a_numpy(row)) for row in x])
     ref = xd @ wd.T
-    got = _core.gemm(p, _core.Q6_0, rows, cols, x, impl, layout=1)
+    got = _core.gemm(p, fmt.Q6_0, rows, cols, x, impl, layout=1)
     if impl == "scalar":
-        assert rel(got, ref) < REF_REL
+        assert_within_magnitudes(got, ref, wd, xd, REF_REL)
     else:
-        assert_summation_order_only(got, _core.gemm(p, _core.Q6_0, rows, cols, x, "scalar", layout=1), wd, x)
-    with pytest.raises(ValueError, match="layout 1"):
-        _core.gemm(q, _core.Q6_0, rows, cols, x, impl)
+        assert_summation_order_only(got, _core.gemm(p, fmt.Q6_0, rows, cols, x, "scalar", layout=1), wd, x)
+    with pytest.raises(ValueError, match="no kernel for Q6_0 in layout 0"):
+        _core.gemm(q, fmt.Q6_0, rows, cols, x, impl)
 
 
 def test_x8_layout_needs_quantized_rows_multiple_of_8():
     w = np.zeros((12, 32), np.float32)
     with pytest.raises(ValueError, match="layout"):
-        _core.gemm(_core.quantize(w, _core.Q8_0), _core.Q8_0, 12, 32, np.zeros((1, 32), np.float32), layout=1)
+        _core.gemm(_core.quantize(w, fmt.Q8_0), fmt.Q8_0, 12, 32, np.zeros((1, 32), np.float32), layout=1)
+
+
+# ---------------------------------------------------------------- every quantized type
+# Weights as random valid blocks (every bit pattern of the quants and scales; the fp16
+# header fields finite), the reference their dequantization by `gguf` (independent of
+# llamacpu; tests/reference.py for Q6_0, which GGUF lacks).
+
+GGUF_OF = {fmt.Q4_0: GT.Q4_0, fmt.Q4_1: GT.Q4_1, fmt.Q5_0: GT.Q5_0, fmt.Q5_1: GT.Q5_1, fmt.Q8_0: GT.Q8_0,
+           fmt.Q4_K: GT.Q4_K, fmt.Q5_K: GT.Q5_K, fmt.Q6_K: GT.Q6_K, fmt.IQ4_NL: GT.IQ4_NL, fmt.IQ4_XS: GT.IQ4_XS}
+ALL_QTYPES = sorted(fmt.QUANTIZED_TYPES)
+
+
+def random_blocks(rng, t, rows, nblocks):
+    """uint8 (rows, nblocks * block bytes): random bytes, fp16 headers set to finite scales."""
+    info = fmt.TYPES[t]
+    raw = rng.integers(0, 256, (rows, nblocks, info.block_bytes), dtype=np.uint8)
+    for i, off in enumerate(info.hdr):
+        # d in +-[1e-4, 0.05] (Q4_1/Q5_1's m and the K-quants' dmin likewise, either sign)
+        v = (rng.uniform(1e-4, 0.05, (rows, nblocks)) * rng.choice([-1, 1], (rows, nblocks))).astype(np.float16)
+        raw[..., off:off + 2] = v.view(np.uint8).reshape(rows, nblocks, 2)
+    return raw.reshape(rows, -1)
+
+
+def dequantize_reference(raw, t):
+    if t == fmt.Q6_0:
+        import reference
+        return reference.dequantize_q6_0(raw, raw.shape[1] // fmt.TYPES[t].block_bytes * fmt.QK)
+    return quants.dequantize(raw, GGUF_OF[t])
+
+
+def test_every_kernel_type_has_a_reference():
+    assert set(ALL_QTYPES) == set(GGUF_OF) | {fmt.Q6_0}
+
+
+@pytest.mark.parametrize("impl", ["scalar"] + SIMD)
+@pytest.mark.parametrize("t", ALL_QTYPES, ids=lambda t: fmt.TYPE_NAMES[t])
+@SETTINGS
+@given(groups=st.integers(1, 3), nblocks=st.integers(1, 3), nt=st.integers(1, 9), seed=st.integers(0, 2**32 - 1))
+def test_dequantize_and_dequantize_gemm_match_reference(impl, t, groups, nblocks, nt, seed):
+    """Every quantized type, every table, every layout it has: dequantize bit-exact against
+    the reference; gemm (scalar) against NumPy on the reference weights and the q8a
+    activations, SIMD against scalar (summation order only)."""
+    rng = np.random.default_rng(seed)
+    info = fmt.TYPES[t]
+    rows, cols = 8 * groups, nblocks * info.block_elems
+    raw = random_blocks(rng, t, rows, nblocks)
+    wd = dequantize_reference(raw, t).astype(np.float64)
+    np.testing.assert_array_equal(_core.dequantize(raw, t, cols, impl), wd.astype(np.float32))
+    x = (rng.standard_normal((nt, cols)) * np.exp(rng.uniform(-2, 2, (nt, 1)))).astype(np.float32)
+    xd = np.stack([q8a_dequantize_numpy(*q8a_numpy(row)) for row in x])
+    for layout in ((0, 1) if info.row_major else (1,)):
+        w = fmt.x8_pack(raw, t) if layout else raw
+        got = _core.gemm(w, t, rows, cols, x, impl, layout=layout)
+        if impl == "scalar":
+            assert_within_magnitudes(got, xd @ wd.T, wd, xd, REF_REL)
+        else:
+            assert_summation_order_only(got, _core.gemm(w, t, rows, cols, x, "scalar", layout=layout), wd, xd)
+    if not info.row_major:
+        with pytest.raises(ValueError, match=f"no kernel for {info.name} in layout 0"):
+            _core.gemm(raw, t, rows, cols, x, impl)
+
+
+@pytest.mark.parametrize("t", ALL_QTYPES, ids=lambda t: fmt.TYPE_NAMES[t])
+def test_x8_pack_is_a_byte_permutation(t):
+    """x8_pack moves bytes and nothing else, and x8_unpack undoes it (docs/FORMAT.md, layout 1)."""
+    info = fmt.TYPES[t]
+    rows, nblocks = 16, 3
+    idx = np.arange(rows * nblocks * info.block_bytes, dtype=np.int64)
+    raw = (idx % 251).astype(np.uint8).reshape(rows, -1)
+    p = fmt.x8_pack(raw, t)
+    assert sorted(p.reshape(-1).tolist()) == sorted(raw.reshape(-1).tolist())
+    np.testing.assert_array_equal(fmt.x8_unpack(p, t, rows), raw)
+    # the first 16 bytes of a block group are the 8 rows' first header field (fp16 d)
+    h = info.hdr[0]
+    assert p[0, :16].tobytes() == b"".join(raw[r, h:h + 2].tobytes() for r in range(8))

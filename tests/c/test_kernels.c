@@ -32,58 +32,107 @@ static double max_rel(const float *a, const float *b, int64_t n) {
     return m / s;
 }
 
-/* Q6_0 (x8 layout only, so no row-major gemm to compare with): wq holds the rows'
- * blocks as lc_quantize_row_q6_0_ref wrote them from w, ya the scalar x8 gemm of
- * them with xa. Checks the scalar dequantize_row against quants.h's definition
- * x = (q - 32) * d, k's against the scalar one, the quantizer's round trip and the
- * scalar x8 gemm against the dot products of the dequantized operands. */
-static void q6_0_checks(const lc_kernels *r, const lc_kernels *k, const float *w, const uint8_t *wq,
-                        const block_q8a *xa, const float *ya, int rows, int cols, int nt) {
-    const int nb = cols / QK;
-    float *da = malloc(sizeof(float) * rows * cols), *db = malloc(sizeof(float) * cols);
-    int def_ok = 1, same = 1, trip_ok = 1;
-    double trip = 0; /* the worst round-trip error over its bound */
-    for (int i = 0; i < rows; i++) {
-        const block_q6_0 *blk = (const block_q6_0 *)wq + (int64_t)i * nb;
-        float *d = da + (int64_t)i * cols;
-        r->dequantize_row(LC_TYPE_Q6_0, blk, d, cols);
-        k->dequantize_row(LC_TYPE_Q6_0, blk, db, cols);
-        same &= memcmp(d, db, sizeof(float) * cols) == 0;
-        for (int b = 0; b < nb; b++) {
-            const float s = lc_fp16_to_fp32(blk[b].d);
-            for (int j = 0; j < QK; j++) {
-                const int q = lc_q6_0_get(blk + b, j);
-                const float v = d[b * QK + j];
-                def_ok &= v == (float)(q - 32) * s;
-                /* |x - v| <= |d| / 2, where x / d rounds to q - 32, plus 33 times the
-                 * fp16 rounding of d (2^-11 relative, 2^-25 where subnormal); d is
-                 * chosen so that the largest |x| is q = 0, and a value of the other
-                 * sign as large rounds to 32, clamped to 31: q = 63 is within |d| */
-                const double bound = fabs(s) * (q == 63 ? 1.0 : 0.5) + 33 * fmax(fabs(s) / 2048, 0x1p-25) +
-                                     1e-6 * fabs(w[(int64_t)i * cols + b * QK + j]);
-                const double err = fabs((double)w[(int64_t)i * cols + b * QK + j] - v);
-                trip = fmax(trip, err / bound);
-                trip_ok &= err <= bound;
+/* Random valid blocks of a quantized type: random bytes (every bit pattern of the
+ * quants and scales), the fp16 header fields set to finite scales of either sign. */
+static void random_blocks(int type, uint8_t *w, int64_t nblocks) {
+    const lc_type_info *t = lc_type_info_of(type);
+    for (int64_t b = 0; b < nblocks; b++) {
+        uint8_t *blk = w + b * t->block_bytes;
+        for (int i = 0; i < t->block_bytes; i++) blk[i] = (uint8_t)((frand() + 1.0f) * 128.0f);
+        for (int h = 0; h < t->n_hdr; h++) {
+            const uint16_t d = lc_fp32_to_fp16(frand() * 0.05f + (frand() > 0 ? 1e-3f : -1e-3f));
+            memcpy(blk + t->hdr[h], &d, 2);
+        }
+    }
+}
+
+/* Named tolerance for quantized matmuls: |simd - scalar| over the magnitudes the output
+ * sums (sum |w| |x|, from the dequantized operands): summation order only gives ~1e-7,
+ * a wrong element or block O(1e-2) or more. */
+#define QTOL 2e-5
+
+static double max_err_over_magnitude(const float *y, const float *ref, const float *wd, const float *xd,
+                                     int rows, int64_t cols, int nt) {
+    double worst = 0;
+    for (int t = 0; t < nt; t++)
+        for (int r = 0; r < rows; r++) {
+            double mag = 1e-30;
+            for (int64_t c = 0; c < cols; c++) mag += fabs((double)wd[(int64_t)r * cols + c] * xd[(int64_t)t * cols + c]);
+            worst = fmax(worst, fabs((double)y[t * rows + r] - ref[t * rows + r]) / mag);
+        }
+    return worst;
+}
+
+/* Every quantized type with kernels: the table's gemms (x8, and row-major where the type
+ * has it) against the scalar ones, dequantize_row bit-exact, the x8 packing round trip,
+ * row ranges (as threads split them) and a tile of 3 tokens. */
+static void test_quantized(const lc_kernels *k) {
+    const lc_kernels *r = &lc_kernels_scalar;
+    for (int ti = 0; ti < LC_N_TYPES; ti++) {
+        const lc_type_info *t = &lc_types[ti];
+        if (!r->gemm_x8[ti]) continue;
+        char what[64];
+        for (int m = 1; m <= 3; m++) {
+            const int64_t cols = t->block_elems == QK ? (int64_t)(2 * m - 1) * 5 * QK : (int64_t)m * t->block_elems;
+            const int64_t nb = cols / t->block_elems, rb = lc_row_bytes(t->type, cols);
+            for (int rows = 8; rows <= 16; rows += 8) for (int nt = 1; nt <= 7; nt += 3) {
+                uint8_t *wq = malloc((size_t)rows * rb), *wx = malloc((size_t)rows * rb), back[LC_MAX_BLOCK_BYTES];
+                float *x = malloc(sizeof(float) * nt * cols), *wd = malloc(sizeof(float) * rows * cols);
+                float *xd = malloc(sizeof(float) * nt * cols), *wd2 = malloc(sizeof(float) * cols);
+                float *ya = malloc(sizeof(float) * nt * rows), *yb = malloc(sizeof(float) * nt * rows);
+                block_q8a *xa = malloc(sizeof(block_q8a) * nt * (cols / QK));
+                random_blocks(t->type, wq, rows * nb);
+                fill(x, nt * cols, 3.0f);
+                for (int i = 0; i < nt; i++) r->quantize_act(x + i * cols, xa + i * (cols / QK), cols);
+                for (int64_t j = 0; j < nt * cols; j++) {
+                    const block_q8a *q = xa + j / QK;
+                    xd[j] = q->qs[j % QK] * q->d[lc_q8a_group((int)(j % QK))];
+                }
+                int trip = 1, same = 1;
+                for (int i = 0; i < rows; i++) {
+                    r->dequantize_row(t->type, wq + i * rb, wd + i * cols, cols);
+                    k->dequantize_row(t->type, wq + i * rb, wd2, cols);
+                    same &= memcmp(wd + i * cols, wd2, sizeof(float) * cols) == 0;
+                    for (int64_t b = 0; b < nb; b++) {
+                        uint8_t *g = wx + ((int64_t)(i / 8) * nb + b) * 8 * t->block_bytes;
+                        lc_x8_insert(t->type, g, i % 8, wq + i * rb + b * t->block_bytes);
+                    }
+                }
+                for (int i = 0; i < rows; i++)
+                    for (int64_t b = 0; b < nb; b++) {
+                        lc_x8_extract(t->type, wx + ((int64_t)(i / 8) * nb + b) * 8 * t->block_bytes, i % 8, back);
+                        trip &= memcmp(back, wq + i * rb + b * t->block_bytes, t->block_bytes) == 0;
+                    }
+                snprintf(what, sizeof what, "dequantize_row %s", t->name);
+                check(same, k->name, what, (int)cols, 0, 0);
+                snprintf(what, sizeof what, "x8 round trip %s", t->name);
+                check(trip, "layout", what, rows, (int)cols, 0);
+                r->gemm_x8[ti](wx, cols, xa, nt, ya, rows, 0, rows);
+                if (t->row_major) {
+                    r->gemm_rows[ti](wq, cols, xa, nt, yb, rows, 0, rows);
+                    snprintf(what, sizeof what, "scalar gemm %s x8 == rows", t->name);
+                    check(memcmp(ya, yb, sizeof(float) * nt * rows) == 0, "scalar", what, (int)cols, nt, 0);
+                    k->gemm_rows[ti](wq, cols, xa, nt, yb, rows, 0, rows);
+                    const double e = max_err_over_magnitude(yb, ya, wd, xd, rows, cols, nt);
+                    snprintf(what, sizeof what, "gemm %s rows", t->name);
+                    check(e < QTOL, k->name, what, (int)cols, nt, e);
+                }
+                for (int i = 0; i < nt * rows; i++) yb[i] = -1.0f;
+                k->gemm_x8[ti](wx, cols, xa, nt, yb, rows, 8, rows); /* a row range, as threads split it */
+                k->gemm_x8[ti](wx, cols, xa, nt, yb, rows, 0, 8);
+                double e = max_err_over_magnitude(yb, ya, wd, xd, rows, cols, nt);
+                snprintf(what, sizeof what, "gemm %s x8", t->name);
+                check(e < QTOL, k->name, what, (int)cols, nt, e);
+                if (nt > 3) { /* the first 3 tokens alone: a tile of 3 (nt 1 and 7 give 1, 4 and 3) */
+                    for (int i = 0; i < nt * rows; i++) yb[i] = -1.0f;
+                    k->gemm_x8[ti](wx, cols, xa, 3, yb, rows, 0, rows);
+                    e = max_err_over_magnitude(yb, ya, wd, xd, rows, cols, 3);
+                    check(e < QTOL, k->name, what, (int)cols, 3, e);
+                }
+                free(wq); free(wx); free(x); free(wd); free(xd); free(wd2); free(ya); free(yb); free(xa);
             }
         }
     }
-    check(def_ok, "scalar", "dequantize_row Q6_0 == (q - 32) * d", rows, cols, 0);
-    check(same, k->name, "dequantize_row Q6_0", rows, cols, 0);
-    check(trip_ok, "scalar", "quantize_row_q6_0 round trip", rows, cols, trip);
-    /* the scalar x8 gemm against double sums of the dequantized operands */
-    float *yd = malloc(sizeof(float) * nt * rows);
-    for (int t = 0; t < nt; t++)
-        for (int i = 0; i < rows; i++) {
-            double sum = 0;
-            for (int j = 0; j < cols; j++) {
-                const block_q8a *xb = xa + (int64_t)t * nb + j / QK;
-                sum += (double)da[(int64_t)i * cols + j] * xb->qs[j % QK] * xb->d[lc_q8a_group(j % QK)];
-            }
-            yd[t * rows + i] = (float)sum;
-        }
-    const double e = max_rel(ya, yd, (int64_t)nt * rows);
-    check(e < TOL, "scalar", "gemm_q6_0_x8 vs dequantized", cols, nt, e);
-    free(da); free(db); free(yd);
 }
 
 static void test_table(const lc_kernels *k) {
@@ -101,31 +150,7 @@ static void test_table(const lc_kernels *k) {
             }
             check(memcmp(xa, xb, sizeof(block_q8a) * nt * nb) == 0, k->name, "quantize_act bit-exact", cols, nt, 0);
             float *ya = malloc(sizeof(float) * nt * rows), *yb = malloc(sizeof(float) * nt * rows);
-            void *wq = malloc((size_t)rows * nb * 34);
-            const int types[] = {LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0};
-            for (int ti = 0; ti < 3; ti++) {
-                const int64_t rb = lc_row_bytes(types[ti], cols);
-                for (int i = 0; i < rows; i++) {
-                    if (types[ti] == LC_TYPE_Q4_0) lc_quantize_row_q4_0_ref(w + i * cols, (block_q4_0 *)((char *)wq + i * rb), cols);
-                    if (types[ti] == LC_TYPE_Q4_1) lc_quantize_row_q4_1_ref(w + i * cols, (block_q4_1 *)((char *)wq + i * rb), cols);
-                    if (types[ti] == LC_TYPE_Q8_0) lc_quantize_row_q8_0_ref(w + i * cols, (block_q8_0 *)((char *)wq + i * rb), cols);
-                }
-                void (*ga)(const void *, int64_t, const block_q8a *, int, float *, int64_t, int64_t, int64_t) =
-                    ti == 0 ? r->gemm_q4_0 : ti == 1 ? r->gemm_q4_1 : r->gemm_q8_0;
-                void (*gb)(const void *, int64_t, const block_q8a *, int, float *, int64_t, int64_t, int64_t) =
-                    ti == 0 ? k->gemm_q4_0 : ti == 1 ? k->gemm_q4_1 : k->gemm_q8_0;
-                ga(wq, cols, xa, nt, ya, rows, 0, rows);
-                gb(wq, cols, xa, nt, yb, rows, 0, rows);
-                double e = max_rel(yb, ya, (int64_t)nt * rows);
-                check(e < TOL, k->name, types[ti] == 2 ? "gemm_q4_0" : types[ti] == 3 ? "gemm_q4_1" : "gemm_q8_0", cols, nt, e);
-                float *da = malloc(sizeof(float) * cols), *db = malloc(sizeof(float) * cols);
-                r->dequantize_row(types[ti], wq, da, cols);
-                k->dequantize_row(types[ti], wq, db, cols);
-                check(memcmp(da, db, sizeof(float) * cols) == 0, k->name, "dequantize_row", types[ti], cols, 0);
-                free(da); free(db);
-            }
-            /* float weights */
-            uint16_t *wh = malloc(sizeof(uint16_t) * rows * cols);
+            uint16_t *wh = malloc(2 * (size_t)rows * cols);
             r->f32_to_f16(wh, w, (int64_t)rows * cols);
             r->gemm_f16(wh, cols, x, nt, ya, rows, 0, rows);
             k->gemm_f16(wh, cols, x, nt, yb, rows, 0, rows);
@@ -133,68 +158,10 @@ static void test_table(const lc_kernels *k) {
             r->gemm_f32(w, cols, x, nt, ya, rows, 0, rows);
             k->gemm_f32(w, cols, x, nt, yb, rows, 0, rows);
             check(max_rel(yb, ya, (int64_t)nt * rows) < TOL, k->name, "gemm_f32", cols, nt, max_rel(yb, ya, (int64_t)nt * rows));
-            free(w); free(x); free(xa); free(xb); free(ya); free(yb); free(wq); free(wh);
+            free(w); free(x); free(xa); free(xb); free(ya); free(yb); free(wh);
         }
     }
-    /* x8 layout: scalar and SIMD x8 gemms against the scalar row-major one (Q6_0,
-     * which has no row-major gemm: the scalar x8 one against the dequantized
-     * weights and activations, the SIMD one against the scalar x8 one). */
-    for (unsigned ci = 0; ci < sizeof cols_list / sizeof *cols_list; ci++) {
-        const int cols = cols_list[ci], nb = cols / QK;
-        for (int rows = 8; rows <= 24; rows += 16) for (int nt = 1; nt <= 6; nt += 5) {
-            float *w = malloc(sizeof(float) * rows * cols), *x = malloc(sizeof(float) * nt * cols);
-            fill(w, (int64_t)rows * cols, 1.0f); fill(x, (int64_t)nt * cols, 3.0f);
-            block_q8a *xa = malloc(sizeof(block_q8a) * nt * nb);
-            for (int t = 0; t < nt; t++) r->quantize_act(x + t * cols, xa + t * nb, cols);
-            float *ya = malloc(sizeof(float) * nt * rows), *yb = malloc(sizeof(float) * nt * rows);
-            float *yc = malloc(sizeof(float) * nt * rows);
-            uint8_t *wq = malloc((size_t)rows * nb * 34), *wx = malloc((size_t)rows * nb * 34);
-            const int types[] = {LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q8_0, LC_TYPE_Q6_0};
-            const char *names[] = {"gemm_q4_0_x8", "gemm_q4_1_x8", "gemm_q8_0_x8", "gemm_q6_0_x8"};
-            for (int ti = 0; ti < 4; ti++) {
-                const int type = types[ti], bs = lc_block_bytes(type);
-                const int64_t rb = lc_row_bytes(type, cols);
-                for (int i = 0; i < rows; i++) {
-                    if (type == LC_TYPE_Q4_0) lc_quantize_row_q4_0_ref(w + i * cols, (block_q4_0 *)(wq + i * rb), cols);
-                    if (type == LC_TYPE_Q4_1) lc_quantize_row_q4_1_ref(w + i * cols, (block_q4_1 *)(wq + i * rb), cols);
-                    if (type == LC_TYPE_Q8_0) lc_quantize_row_q8_0_ref(w + i * cols, (block_q8_0 *)(wq + i * rb), cols);
-                    if (type == LC_TYPE_Q6_0) lc_quantize_row_q6_0_ref(w + i * cols, (block_q6_0 *)(wq + i * rb), cols);
-                }
-                for (int i = 0; i < rows; i++)
-                    for (int b = 0; b < nb; b++) {
-                        uint8_t *g = wx + ((int64_t)(i / 8) * nb + b) * 8 * bs;
-                        lc_x8_insert(type, g, i % 8, wq + i * rb + b * bs);
-                        uint8_t back[34];
-                        lc_x8_extract(type, g, i % 8, back);
-                        if (memcmp(back, wq + i * rb + b * bs, bs) != 0) { failed++; printf("FAIL x8 round trip\n"); }
-                    }
-                typedef void (*gemm_fn)(const void *, int64_t, const block_q8a *, int, float *, int64_t, int64_t, int64_t);
-                const gemm_fn x8_ref = ti == 0 ? r->gemm_q4_0_x8 : ti == 1 ? r->gemm_q4_1_x8 : ti == 2 ? r->gemm_q8_0_x8 : r->gemm_q6_0_x8;
-                const gemm_fn x8 = ti == 0 ? k->gemm_q4_0_x8 : ti == 1 ? k->gemm_q4_1_x8 : ti == 2 ? k->gemm_q8_0_x8 : k->gemm_q6_0_x8;
-                if (type != LC_TYPE_Q6_0) {
-                    const gemm_fn rows_ref = ti == 0 ? r->gemm_q4_0 : ti == 1 ? r->gemm_q4_1 : r->gemm_q8_0;
-                    rows_ref(wq, cols, xa, nt, ya, rows, 0, rows);
-                    x8_ref(wx, cols, xa, nt, yb, rows, 0, rows);
-                    check(memcmp(ya, yb, sizeof(float) * nt * rows) == 0, k->name, "scalar gemm x8 == rows", cols, nt, 0);
-                } else {
-                    x8_ref(wx, cols, xa, nt, ya, rows, 0, rows);
-                    q6_0_checks(r, k, w, wq, xa, ya, rows, cols, nt);
-                }
-                for (int i = 0; i < nt * rows; i++) yc[i] = -1.0f;
-                x8(wx, cols, xa, nt, yc, rows, 8, rows); /* a row range, as threads split it */
-                x8(wx, cols, xa, nt, yc, rows, 0, 8);
-                double e = max_rel(yc, ya, (int64_t)nt * rows);
-                check(e < TOL, k->name, names[ti], cols, nt, e);
-                if (nt > 3) { /* the first 3 tokens alone: a tile of 3 (nt 1 and 6 give 1, 4 and 2) */
-                    for (int i = 0; i < nt * rows; i++) yc[i] = -1.0f;
-                    x8(wx, cols, xa, 3, yc, rows, 0, rows);
-                    e = max_rel(yc, ya, (int64_t)3 * rows);
-                    check(e < TOL, k->name, names[ti], cols, 3, e);
-                }
-            }
-            free(w); free(x); free(xa); free(ya); free(yb); free(yc); free(wq); free(wx);
-        }
-    }
+    test_quantized(k);
     /* element-wise kernels over odd sizes */
     for (int n = 2; n <= 300; n += 37) {
         float *x = malloc(sizeof(float) * n), *w = malloc(sizeof(float) * n);

@@ -1,0 +1,96 @@
+# cython: language_level=3
+# Declarations of csrc/llamacpu.h (and the parts of csrc/quants.h it exposes), one to
+# one: keep them in step with the header. _core.pyx cimports these automatically.
+from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
+
+
+cdef extern from "llamacpu.h" nogil:
+    int QK, QK_K
+    int LC_TYPE_F32, LC_TYPE_F16, LC_TYPE_Q4_0, LC_TYPE_Q4_1, LC_TYPE_Q5_0, LC_TYPE_Q5_1, LC_TYPE_Q8_0
+    int LC_TYPE_Q2_K, LC_TYPE_Q3_K, LC_TYPE_Q4_K, LC_TYPE_Q5_K, LC_TYPE_Q6_K, LC_TYPE_IQ4_NL, LC_TYPE_IQ4_XS
+    int LC_TYPE_Q6_0
+    int LC_LAYOUT_ROWS, LC_LAYOUT_X8
+    int LC_N_TYPES
+    int LC_OK, LC_E_CTX, LC_E_TOKEN, LC_E_ARG
+
+    ctypedef struct block_q8a:
+        int8_t qs[32]
+        float d[4]
+        float s
+        float s16[2]
+        float pad
+
+    ctypedef struct lc_type_info:
+        int type
+        const char *name
+        int block_elems
+        int block_bytes
+        int n_hdr
+        int hdr[2]
+        int row_major
+
+    const lc_type_info lc_types[]
+    const lc_type_info *lc_type_info_of(int type)
+    int64_t lc_row_bytes(int type, int64_t cols)
+
+    ctypedef void (*lc_gemm_q8a)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,
+                                 int64_t r0, int64_t r1) noexcept nogil
+    ctypedef void (*lc_gemm_f)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy,
+                               int64_t r0, int64_t r1) noexcept nogil
+
+    ctypedef struct lc_kernels:
+        const char *name
+        void (*quantize_act)(const float *x, block_q8a *y, int64_t n) noexcept nogil
+        lc_gemm_q8a gemm_rows[15]
+        lc_gemm_q8a gemm_x8[15]
+        lc_gemm_f gemm_f16
+        lc_gemm_f gemm_f32
+        void (*dequantize_row)(int type, const void *row, float *y, int64_t n) noexcept nogil
+        void (*rmsnorm)(float *out, const float *x, const float *w, int n, float eps) noexcept nogil
+        void (*rope)(float *x, int n_heads, int head_dim, int pos, const float *inv_freq) noexcept nogil
+        void (*attention)(float *out, const float *q, const uint16_t *K, const uint16_t *V, int n, int head_dim,
+                          float scale, float *scratch) noexcept nogil
+        void (*f32_to_f16)(uint16_t *y, const float *x, int64_t n) noexcept nogil
+        void (*swiglu)(float *hb, const float *hb2, int64_t n) noexcept nogil
+
+    ctypedef struct lc_gemm:
+        lc_gemm_q8a q
+        lc_gemm_f f
+
+    lc_gemm lc_gemm_of(const lc_kernels *k, int type, int layout)
+    int lc_quantize_row_ref(int type, const float *x, void *y, int64_t n)
+
+    const lc_kernels *lc_kernels_best()
+    const lc_kernels *lc_kernels_by_name(const char *name)
+
+    ctypedef struct lc_tensor:
+        const void *data
+        int type
+        int64_t rows, cols
+        int layout
+
+    ctypedef struct lc_layer_weights:
+        const float *attention_norm
+        const float *ffn_norm
+        lc_tensor wq, wk, wv, wo, w1, w2, w3
+
+    ctypedef struct lc_config:
+        int vocab_size, dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim
+        float norm_eps
+        int n_ctx, n_batch, n_threads
+
+    ctypedef struct lc_weights:
+        lc_tensor tok_embeddings
+        lc_tensor output
+        const float *norm
+        lc_layer_weights *layers
+        const float *inv_freq
+
+    ctypedef struct lc_model:
+        pass
+
+    lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kernels *k, char *err, size_t errlen)
+    void lc_model_free(lc_model *m)
+    const lc_kernels *lc_model_kernels(const lc_model *m)
+    void lc_model_set_threads(lc_model *m, int n_threads)
+    int lc_forward(lc_model *m, const int32_t *tokens, int n, int pos, float *logits, int all_logits)
