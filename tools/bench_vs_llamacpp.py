@@ -73,6 +73,35 @@ CMAKE_FLAGS = {
     "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
              "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"],
 }
+# llama.cpp 0.3.36's AMX matmuls die with SIGILL (tilezero) on AMX machines: the tile config
+# and the XTILEDATA permission are not set up in the worker threads (ggml-org/llama.cpp PR
+# #26954, open). There the "native" build is GGML_NATIVE=OFF with every ISA extension the CPU
+# has except AMX: llama.cpp's fastest build that runs.
+NATIVE_ISA_FLAGS = {"avx": "GGML_AVX", "avx2": "GGML_AVX2", "fma": "GGML_FMA", "f16c": "GGML_F16C",
+                    "bmi2": "GGML_BMI2", "avx512f": "GGML_AVX512", "avx512vbmi": "GGML_AVX512_VBMI",
+                    "avx512_vnni": "GGML_AVX512_VNNI", "avx512_bf16": "GGML_AVX512_BF16", "avx_vnni": "GGML_AVX_VNNI"}
+
+
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_variant() -> str:
+    """'native', or 'native-noamx' on a CPU with AMX (see NATIVE_ISA_FLAGS)."""
+    return "native-noamx" if "amx_int8" in cpu_flags() else "native"
+
+
+CMAKE_FLAGS["native-noamx"] = ["-DGGML_NATIVE=OFF"] + [
+    f"-D{opt}={'ON' if flag in cpu_flags() else 'OFF'}" for flag, opt in NATIVE_ISA_FLAGS.items()] + [
+    "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+
 # what build_llamacpp builds; llama-perplexity and llama-tokenize serve tools/quality_vs_llamacpp.py
 LLAMA_TARGETS = ["llama-bench", "llama-quantize", "llama-perplexity", "llama-tokenize"]
 COMMON_CMAKE_FLAGS = ["-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
@@ -776,9 +805,10 @@ def main(argv=None) -> int:
         flags["llama"] = f"given: {args.llama_bench}"
         quantize = args.llama_quantize or args.llama_bench.parent / "llama-quantize"
     else:
-        d = build_llamacpp("native")
+        variant = native_variant()
+        d = build_llamacpp(variant)
         bins["llama"] = d / "llama-bench"
-        flags["llama"] = " ".join(CMAKE_FLAGS["native"] + COMMON_CMAKE_FLAGS)
+        flags["llama"] = " ".join(CMAKE_FLAGS[variant] + COMMON_CMAKE_FLAGS)
         quantize = args.llama_quantize or d / "llama-quantize"
     engines.append(("llama", "llama.cpp"))
     if args.avx2:

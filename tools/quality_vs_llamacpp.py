@@ -222,7 +222,7 @@ def render(ctx: dict) -> str:
                  f"half of each scored ({ref['n_scored']} tokens in all). ± is llama.cpp's: the standard "
                  f"error of the mean log-likelihood over the scored tokens, times PPL.")
     L.append(f"- Engines: llama.cpp from llama-cpp-python=={bv.LLAMA_CPP_PYTHON_VERSION} "
-             f"(`{' '.join(bv.CMAKE_FLAGS['native'] + bv.COMMON_CMAKE_FLAGS)}`, its defaults otherwise: "
+             f"(`{' '.join(bv.CMAKE_FLAGS[bv.native_variant()] + bv.COMMON_CMAKE_FLAGS)}`, its defaults otherwise: "
              f"F16 KV cache, -b 2048 so {max(1, 2048 // ctx['n_ctx'])} chunk(s) per batch); llamacpu {ctx['version']} (git {ctx['git']}), "
              f"kernels `{ctx['kernels']}`; {ctx['threads']} threads each.")
     L.append(f"- Machine: {cpu['model']}, {cpu['cpus']} CPUs, Linux {platform.release()}.")
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
         res = {tuple(k.split("|")): v for k, v in saved["res"].items()}
 
     gguf = fetch_assets.asset_path(GGUF_NAME)
-    bindir = bv.build_llamacpp("native")
+    bindir = bv.build_llamacpp(bv.native_variant())
     ours = our_files(gguf, types)
     ggufs = llama_files(gguf, types, bindir / "llama-quantize")
     files = {}
