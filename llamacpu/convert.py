@@ -200,7 +200,7 @@ def convert(src, out, type: str | None = None, progress=True, overwrite: bool = 
             "special_tokens": plan.special_tokens,
             "provenance": {
                 "source_format": plan.source_format,
-                "source": src.resolve().name,
+                "source": Path(os.path.abspath(src)).name,  # a symlink's name, not its blob's
                 "source_sha256": sha,
                 "files": file_entries,
                 "converter": f"llamacpu {__version__}",

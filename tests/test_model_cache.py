@@ -179,3 +179,15 @@ def test_model_and_info_name_the_way_to_run_a_gguf(tmp_path, cache):
     assert r.returncode == 2 and "GGUF" in r.stderr and "Traceback" not in r.stderr
     assert not cache.exists()  # Model and info never write into the cache
 
+
+def test_a_symlinked_gguf_keeps_its_name(tmp_path, cache):
+    """huggingface_hub's cache: snapshots/REV/NAME.gguf -> ../../blobs/SHA256. The model is
+    named after the link, as the user typed it, not after the blob."""
+    blob = tiny_gguf(tmp_path / "0123abcd", seed=3)
+    (tmp_path / "snap").mkdir()
+    link = tmp_path / "snap" / "Tiny-Q4_0.gguf"
+    link.symlink_to(blob)
+    out = resolve_model(link, quiet=True)
+    assert out.name.startswith("Tiny-Q4_0-")
+    with read_model(out) as m:
+        assert m.meta["provenance"]["source"] == "Tiny-Q4_0.gguf"
