@@ -36,7 +36,7 @@ def register_bench(sub) -> None:
         description="Measure prompt processing (ppP: one forward of P random tokens from an empty "
                     "cache) and text generation (tgN: N tokens decoded one at a time from an empty "
                     "cache) in tokens/s, plus load time and peak RSS. One warm-up run per test.")
-    p.add_argument("model", help="llamacpu model file")
+    p.add_argument("model", help="llamacpu model file or GGUF file (converted once into the cache)")
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0 = skip pp; default 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0 = skip tg; default 128)")
     p.add_argument("-t", "--threads", default=None,
@@ -282,13 +282,16 @@ def format_table(res: dict) -> str:
 
 
 def cmd_bench(args) -> int:
+    from .model_cache import resolve_model
+
     threads = _thread_list(args.threads)
     _check_counts(args.n_prompt, args.n_gen, args.repetitions, args.loads)  # before any output
-    _check_context(_describe(args.model), args.n_prompt + args.n_gen)
+    path = resolve_model(args.model)  # a GGUF: converted once into the cache, not timed
+    _check_context(_describe(path), args.n_prompt + args.n_gen)
     if not args.json:
         print(f"llamacpu bench: {args.model}, threads {','.join(map(str, threads))}, "
               f"-p {args.n_prompt} -n {args.n_gen} -r {args.repetitions} ...", file=sys.stderr, flush=True)
-    res = run_bench(args.model, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads,
+    res = run_bench(path, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads,
                     repetitions=args.repetitions, loads=args.loads, seed=args.seed)
     if args.json:
         print(json.dumps(res, indent=2))

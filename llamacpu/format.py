@@ -410,6 +410,10 @@ def read_model(path) -> ModelFile:
 def _validate(mm, size: int):
     (magic, version, header_size, meta_offset, meta_size, dir_offset, n_tensors,
      data_offset, file_size) = _HEADER.unpack_from(mm, 0)
+    if magic[:4] == b"GGUF":
+        raise ModelFormatError("magic 'GGUF': a GGUF file, not a llamacpu model file; "
+                               "llamacpu.Llama and `llamacpu run|serve|bench|perplexity` take "
+                               "it directly, or `llamacpu convert` it")
     if magic != MAGIC:
         raise ModelFormatError(f"bad magic {magic!r}, not a llamacpu model file")
     if version != FORMAT_VERSION:

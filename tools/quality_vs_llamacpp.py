@@ -100,7 +100,7 @@ def same_weights(our_file: Path, gguf: Path) -> tuple[int, int]:
     """(tensors whose bytes are identical in both files, tensors): our quantized matrices
     are unpacked from the x8 layout to GGUF's row-major blocks first (docs/FORMAT.md)."""
     import numpy as np
-    from llamacpu.convert import GGUF_LAYER_NAMES, GGUF_NAMES, _GGUF_LAYER_RE, _map_name
+    from llamacpu.convert_gguf import internal_name
     from llamacpu.format import read_model, x8_unpack
     from llamacpu.gguf import GGUFFile
 
@@ -108,7 +108,7 @@ def same_weights(our_file: Path, gguf: Path) -> tuple[int, int]:
     with read_model(our_file) as m, GGUFFile(gguf) as g:
         n_layers = m.config["num_hidden_layers"]
         for name, gt in g.tensors.items():
-            ours = _map_name(name, GGUF_NAMES, GGUF_LAYER_NAMES, _GGUF_LAYER_RE, n_layers)
+            ours = internal_name(name, n_layers)
             total += 1
             if ours not in m.tensors or m.tensors[ours].type != gt.type:
                 continue
