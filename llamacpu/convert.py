@@ -55,15 +55,15 @@ def tensor_type(name: str, src_type: int, target: str | None, config: dict,
     if head and head_type is not None:
         t = HEAD_TYPES[head_type]
     elif target is None and source_format == "gguf":
-        return F32 if src_type == BF16 else src_type  # carry blocks over untouched
+        t = F32 if src_type == BF16 else src_type  # carry blocks over untouched
     else:
         t = TARGET_TYPES[target or DEFAULT_HF_TYPE]
         if t in (Q4_0, Q4_1) and head:
             t = Q6_0  # the output head produces every logit: 6 bits, as llama.cpp's Q4 files
-    if t == Q6_0 and rows % 8:
-        t = Q8_0  # Q6_0 exists in the x8 layout only (rows % 8 == 0: every real vocabulary)
-    if t in fmt.QUANTIZED_TYPES and cols % fmt.QK:
-        t = F16  # blocks need cols % 32 == 0 (never the case for real Llama shapes)
+    if t in fmt.X8_ONLY_TYPES and rows % 8:
+        t = Q8_0  # kernels for the x8 layout only (rows % 8 == 0: every real Llama matrix)
+    if t in fmt.QUANTIZED_TYPES and cols % fmt.TYPES[t].block_elems:
+        t = F16  # blocks need whole rows of blocks (never the case for real Llama shapes)
     return t
 
 

@@ -18,29 +18,26 @@ import numpy as np
 from .convert_source import (BF16, Plan, SourceTensor, checked_config, drop_pages, map_name,
                              ordered_tensors, tokenizer_within_vocab)
 from .errors import ModelFormatError
-from .format import F16, F32, Q4_0, Q4_1, Q8_0
+from .format import TYPE_NAMES
 from .gguf import GGML_TYPE_NAMES, GGUFFile
 from .gguf_tokenizer import tokenizer_from_gguf
 
 # ----------------------------------------------------------------------------- types
 
-# GGUF type id -> the type a tensor is read as (its blocks are kept bit-exact)
-_GGUF_SUPPORTED = {0: F32, 1: F16, 2: Q4_0, 3: Q4_1, 8: Q8_0, 30: BF16}
-_K_QUANTS = {10, 11, 12, 13, 14, 15}  # Q2_K .. Q8_K
+# The GGUF types a tensor may have: every type the engine has kernels for (format.TYPE_NAMES,
+# the ids are GGUF's; their blocks are kept bit-exact), and BF16 (read as float).
+_GGUF_SUPPORTED = {tid for tid in TYPE_NAMES if tid < 100} | {BF16}
+SUPPORTED_NAMES = ", ".join(GGML_TYPE_NAMES[t] for t in sorted(_GGUF_SUPPORTED))
 
 
 def _check_types(g, where: str) -> None:
     """Refuse a tensor type we cannot read, before anything else is parsed."""
     for t in g.tensors.values():
-        if t.type in _K_QUANTS:
-            raise ModelFormatError(
-                f"{where}: tensor {t.name!r} is {GGML_TYPE_NAMES.get(t.type, t.type)}: "
-                "K-quant tensors are not supported yet; use a Q4_0/Q4_1/Q8_0/F16 GGUF")
         if t.type not in _GGUF_SUPPORTED:
             raise ModelFormatError(
-                f"{where}: tensor {t.name!r} has type "
-                f"{GGML_TYPE_NAMES.get(t.type, t.type)}, which is not supported; use a "
-                "Q4_0/Q4_1/Q8_0/F16 GGUF")
+                f"{where}: tensor {t.name!r} has type {GGML_TYPE_NAMES.get(t.type, t.type)}, which "
+                f"llamacpu cannot run; it runs GGUF files whose tensors are {SUPPORTED_NAMES} "
+                "(Q4_K_M, Q5_K_M, Q6_K and Q8_0 files, for example)")
 
 # ----------------------------------------------------------------------------- name map
 
@@ -198,7 +195,7 @@ def _check_tokenizer_kv_types(kv: dict, where: str) -> None:
 
 def _gguf_source(t, name: str, mm) -> SourceTensor:
     """t: a GGUFTensor of the GGUF file mapped by mm."""
-    type = _GGUF_SUPPORTED[t.type]
+    type = t.type
     shape = tuple(t.shape)
     rb = t.nbytes // math.prod(shape[:-1])
     data = t.data

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import format as fmt
 from .errors import ModelFormatError
-from .format import F16, F32, Q4_0, Q4_1, Q8_0
+from .format import F16, F32
 
 BF16 = 30  # GGUF's id; accepted only as an input type
 
@@ -29,7 +29,7 @@ class SourceTensor:
     """One tensor to read: where it lives and how to decode rows of it."""
     name: str  # internal name
     src_name: str
-    type: int  # source type id (F32/F16/BF16/Q4_0/Q4_1/Q8_0)
+    type: int  # source type id (F32, F16, BF16 or a GGUF block type: format.TYPES)
     shape: tuple
     raw: Callable  # (r0, r1) -> uint8 array of the raw rows (a view)
     release: Callable  # (r0, r1) -> None, the rows are no longer needed
@@ -89,30 +89,17 @@ def bf16_to_f32(u16: np.ndarray) -> np.ndarray:
 
 
 def dequantize_blocks(raw: np.ndarray, type: int, cols: int) -> np.ndarray:
-    """GGUF/ggml blocks -> float32, in NumPy (mirrors ggml's dequantize_row_*).
+    """GGUF/ggml blocks -> float32 with the scalar reference dequantizer of the C core
+    (ggml's dequantize_row_* formulas; tested bit-exact against the `gguf` package).
 
     raw: uint8 [rows, row_bytes] -> float32 [rows, cols].
     """
-    rows = raw.shape[0]
-    nb = cols // 32
-    if type == Q8_0:
-        b = raw.reshape(rows, nb, 34)
-        d = b[:, :, 0:2].copy().view(np.float16).astype(np.float32)  # [rows, nb, 1]
-        q = b[:, :, 2:34].view(np.int8).astype(np.float32)
-        return (q * d).reshape(rows, cols)
-    if type in (Q4_0, Q4_1):
-        bs = 18 if type == Q4_0 else 20
-        b = raw.reshape(rows, nb, bs)
-        d = b[:, :, 0:2].copy().view(np.float16).astype(np.float32)
-        qs = b[:, :, bs - 16:bs]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=2)  # element j low, j + 16 high
-        if type == Q4_0:
-            x = (q.astype(np.float32) - np.float32(8)) * d
-        else:
-            m = b[:, :, 2:4].copy().view(np.float16).astype(np.float32)
-            x = q.astype(np.float32) * d + m
-        return x.reshape(rows, cols)
-    raise ModelFormatError(f"cannot dequantize type {type}")
+    try:
+        from . import _core
+    except ImportError as e:  # pragma: no cover - depends on the build
+        raise RuntimeError("dequantizing needs the compiled core (llamacpu._core): "
+                           "build it with `pip install -e .`") from e
+    return _core.dequantize(np.ascontiguousarray(raw), type, cols, "scalar")
 
 
 # ----------------------------------------------------------------------------- mmap pages
