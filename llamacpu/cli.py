@@ -27,7 +27,7 @@ from .errors import ModelFormatError
 # ----------------------------------------------------------------------------- convert
 
 def register_convert(sub) -> None:
-    from .convert import HEAD_TYPES, TARGET_TYPES
+    from .convert import HEAD_TYPES, MIX_TYPES, TARGET_TYPES
 
     p = sub.add_parser(
         "convert", help="convert a Hugging Face Llama folder or a GGUF file",
@@ -36,8 +36,11 @@ def register_convert(sub) -> None:
                     "head q6_0); a GGUF keeps each tensor's type, blocks copied bit-exact.")
     p.add_argument("src", help="Hugging Face model folder or .gguf file")
     p.add_argument("out", help="output model file")
-    p.add_argument("--type", choices=sorted(TARGET_TYPES), default=None,
-                   help="weight type (norms stay f32; with q4_0/q4_1 the output head is q6_0)")
+    p.add_argument("--type", choices=sorted(TARGET_TYPES) + list(MIX_TYPES), default=None,
+                   help="weight type (norms stay f32; with q4_0/q4_1 the output head is q6_0), or "
+                        "a K-quant mixture: q4_k_m, q4_k_s, q5_k_m, q6_k give each tensor the type "
+                        "llama-quantize gives it (no importance matrix), with the same bytes. "
+                        "Default: q4_0 for a Hugging Face folder, each tensor's own type for a GGUF")
     p.add_argument("--head-type", choices=sorted(HEAD_TYPES), default=None,
                    help="type of the output head (the embedding table when tied) instead of the "
                         "default: q6_0 with q4_0/q4_1, else the --type. Every token reads the "

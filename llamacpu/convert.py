@@ -29,16 +29,19 @@ import numpy as np
 
 from . import __version__
 from . import format as fmt
+from . import quant_mix
 from .convert_gguf import plan_gguf
 from .convert_hf import hf_rope_permute, plan_hf
 from .convert_source import BF16, Plan, SourceTensor
 from .format import F16, F32, Q4_0, Q4_1, Q6_0, Q8_0, TYPE_NAMES
 from .progress import Progress, fmt_bytes
 
-__all__ = ["convert", "tensor_type", "TARGET_TYPES", "HEAD_TYPES", "DEFAULT_HF_TYPE",
+__all__ = ["convert", "tensor_type", "TARGET_TYPES", "MIX_TYPES", "HEAD_TYPES", "DEFAULT_HF_TYPE",
            "hf_rope_permute"]
 
 TARGET_TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q4_0": Q4_0, "q4_1": Q4_1}
+#: llama-quantize's K-quant mixtures (quant_mix.py): a type per tensor, as llama-quantize gives it
+MIX_TYPES = tuple(quant_mix.FTYPES)
 #: choices for the output head's type (convert(head_type=...), --head-type)
 HEAD_TYPES = {"f32": F32, "f16": F16, "q8_0": Q8_0, "q6_0": Q6_0}
 DEFAULT_HF_TYPE = "q4_0"
@@ -47,13 +50,17 @@ DEFAULT_HF_TYPE = "q4_0"
 # ----------------------------------------------------------------------------- policy
 
 def tensor_type(name: str, src_type: int, target: str | None, config: dict,
-                source_format: str, cols: int = 0, rows: int = 0, head_type: str | None = None) -> int:
-    """The output type of one tensor (docs/FORMAT.md, "Type policy")."""
+                source_format: str, cols: int = 0, rows: int = 0, head_type: str | None = None,
+                mix: dict | None = None) -> int:
+    """The output type of one tensor (docs/FORMAT.md, "Type policy"). With a K-quant
+    target, `mix` is quant_mix.mixture(config, target)."""
     if fmt.is_norm(name) or name == "rope_freqs.weight":
         return F32
     head = name == fmt.output_head_name(config)
     if head and head_type is not None:
         t = HEAD_TYPES[head_type]
+    elif target in MIX_TYPES:
+        t = mix[name]
     elif target is None and source_format == "gguf":
         t = F32 if src_type == BF16 else src_type  # carry blocks over untouched
     else:
@@ -69,14 +76,29 @@ def tensor_type(name: str, src_type: int, target: str | None, config: dict,
 
 # ----------------------------------------------------------------------------- encoding
 
+_POOL = None
+
+
 def _quantize(x: np.ndarray, type: int) -> np.ndarray:
-    """float32 [rows, cols] -> uint8 [rows, row_bytes] with ggml's reference quantizer."""
+    """float32 [rows, cols] -> uint8 [rows, row_bytes] with ggml's reference quantizer, the
+    rows split over the cores (rows are independent and _core.quantize releases the GIL;
+    the K-quant quantizers search for their scales, ~1 us per 256 elements)."""
+    global _POOL
     try:
         from . import _core
     except ImportError as e:  # pragma: no cover - depends on the build
         raise RuntimeError("quantizing needs the compiled core (llamacpu._core): "
                            "build it with `pip install -e .`") from e
-    return _core.quantize(np.ascontiguousarray(x, dtype=np.float32), type)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = min(os.cpu_count() or 1, max(1, x.shape[0] // 64))
+    if n == 1:
+        return _core.quantize(x, type)
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="llamacpu-quantize")
+    bounds = [x.shape[0] * i // n for i in range(n + 1)]
+    parts = _POOL.map(lambda i: _core.quantize(x[bounds[i]:bounds[i + 1]], type), range(n))
+    return np.concatenate(list(parts))
 
 
 def _encode(x: np.ndarray, type: int):
@@ -160,7 +182,9 @@ def convert(src, out, type: str | None = None, progress=True, overwrite: bool = 
     """Convert SRC (an HF Llama folder or a .gguf file) to a llamacpu model file OUT.
 
     type: None (HF: q4_0; GGUF: keep each tensor's type), "f32", "f16", "q8_0",
-    "q4_0" or "q4_1" (with q4_0 / q4_1 the output head is q6_0). head_type: the
+    "q4_0" or "q4_1" (with q4_0 / q4_1 the output head is q6_0), or a K-quant mixture
+    "q4_k_m", "q4_k_s", "q5_k_m", "q6_k" (a type per tensor, as llama-quantize gives it
+    without an importance matrix, with its quantizers: the same bytes). head_type: the
     output head's type instead ("q6_0", "q8_0", "f16", "f32"). progress: True (a bar on stderr when it is a TTY), False, or
     a callable(phase, done_tensors, total_tensors, done_bytes, total_bytes).
     quiet: print nothing at all (not even the final summary line).
@@ -169,8 +193,8 @@ def convert(src, out, type: str | None = None, progress=True, overwrite: bool = 
     src, out = Path(src), Path(out)
     if type is not None:
         type = type.lower()
-        if type not in TARGET_TYPES:
-            raise ValueError(f"unknown type {type!r}; choose from {', '.join(TARGET_TYPES)}")
+        if type not in TARGET_TYPES and type not in MIX_TYPES:
+            raise ValueError(f"unknown type {type!r}; choose from {', '.join((*TARGET_TYPES, *MIX_TYPES))}")
     if head_type is not None:
         head_type = head_type.lower()
         if head_type not in HEAD_TYPES:
@@ -187,8 +211,9 @@ def convert(src, out, type: str | None = None, progress=True, overwrite: bool = 
         _resolve_out(src, out, plan.files, overwrite)
         prog = Progress(progress, quiet)
         sha, file_entries = _hash_files(plan.files, prog)
+        mix = quant_mix.mixture(plan.config, type) if type in MIX_TYPES else None
         out_types = {s.name: tensor_type(s.name, s.type, type, plan.config, plan.source_format,
-                                         s.cols, s.rows, head_type)
+                                         s.cols, s.rows, head_type, mix)
                      for s in plan.tensors}
         meta = {
             "format_version": fmt.FORMAT_VERSION,

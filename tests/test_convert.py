@@ -159,6 +159,27 @@ def test_hf_every_type(tiny, tiny_src, tmp_path, type):
             assert m.rows_array(name).tobytes() == encode(x, t), name
 
 
+@pytest.mark.parametrize("ftype", ["q4_k_m", "q4_k_s", "q5_k_m", "q6_k"])
+def test_hf_kquant_mixtures(tiny, tiny_src, tmp_path, ftype):
+    """--type q4_k_m etc.: each tensor gets llama-quantize's type (quant_mix, pinned against
+    llama-quantize's choices in tests/test_quantize_k.py) and the bytes of the reference
+    quantizer (pinned against llama-quantize's bytes there) of the bf16 values."""
+    from llamacpu import _core
+    from llamacpu.quant_mix import mixture
+    src, config = tiny_src
+    out = convert(tiny, tmp_path / "m.lcpu", type=ftype, progress=False, quiet=True)
+    want = expected_f32(src, config)
+    with read_model(out) as m:
+        mix = mixture(m.config, ftype)
+        assert m.meta["provenance"]["type"] == ftype
+        assert {TYPE_NAMES[t.type] for t in m.tensors.values()} >= {"Q6_K"}  # the head, at least
+        for name, x in want.items():
+            t = m.tensors[name].type
+            assert t == mix[name], name
+            if x.ndim == 2:
+                assert m.rows_array(name).tobytes() == _core.quantize(x, t).tobytes(), name
+
+
 @pytest.mark.parametrize("head_type,want", [("q8_0", Q8_0), ("q6_0", Q6_0), ("f16", F16)])
 def test_head_type_option(tiny, tiny_src, tmp_path, head_type, want):
     """--head-type sets the output head's type (tied: the embedding table), nothing else."""
@@ -422,13 +443,14 @@ def write_gguf(path, tensor_type=GQ.Q4_K, arch="llama"):
     return path
 
 
-def test_gguf_refuses_k_quants(tmp_path):
-    p = write_gguf(tmp_path / "k.gguf", GQ.Q4_K)
-    with pytest.raises(ModelFormatError, match="K-quant tensors are not supported yet; use a "
-                                               "Q4_0/Q4_1/Q8_0/F16 GGUF"):
-        convert(p, tmp_path / "k.lcpu", quiet=True)
-    p = write_gguf(tmp_path / "q5.gguf", GQ.Q5_0)
-    with pytest.raises(ModelFormatError, match="Q5_0"):
+@pytest.mark.parametrize("qtype", [GQ.Q2_K, GQ.Q3_K, GQ.IQ2_XS, GQ.TQ1_0])
+def test_gguf_refuses_types_without_kernels(tmp_path, qtype):
+    """A tensor type llamacpu cannot run: one message naming it and the types it runs."""
+    p = write_gguf(tmp_path / "k.gguf", qtype)
+    with pytest.raises(ModelFormatError, match=f"tensor 'token_embd.weight' has type {qtype.name}, which "
+                                               "llamacpu cannot run; it runs GGUF files whose tensors are "
+                                               "F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, "
+                                               "IQ4_NL, IQ4_XS, BF16"):
         convert(p, tmp_path / "k.lcpu", quiet=True)
     assert not (tmp_path / "k.lcpu").exists()
 
@@ -553,8 +575,8 @@ def test_cli_errors_are_friendly(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "bad.lcpu" in r.stderr
     r = run_cli("convert", tmp_path / "nope.gguf", tmp_path / "x.lcpu")
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    k = write_gguf(tmp_path / "k.gguf")
+    k = write_gguf(tmp_path / "k.gguf", GQ.Q3_K)
     r = run_cli("convert", k, tmp_path / "x.lcpu")
-    assert r.returncode == 2 and "K-quant" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Q3_K, which llamacpu cannot run" in r.stderr and "Traceback" not in r.stderr
     r = run_cli()
     assert r.returncode == 2  # argparse: a subcommand is required
