@@ -1,11 +1,16 @@
 /* Runtime choice of the kernel table: cpuid on x86-64, hwcaps on aarch64.
- * LLAMACPU_KERNELS=scalar (or avx2, avx512vnni, neon, neon-dotprod) overrides. */
+ * LLAMACPU_KERNELS=scalar (or avx2, avx512vnni, avx512amx, neon, neon-dotprod) overrides. */
+#define _GNU_SOURCE /* syscall() under -std=c11 */
 #include <stdlib.h>
 #include <string.h>
 #include "llamacpu.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 static int cpu_has_avx2_fma_f16c(void) {
     unsigned a, b, c, d;
@@ -29,6 +34,29 @@ static int cpu_has_avx512vnni(void) {
     __cpuid_count(7, 0, a, b, c, d);
     const int f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1, vnni = (c >> 11) & 1;
     return f && bw && vl && vnni;
+}
+
+/* AMX tiles with bf16 (Sapphire Rapids and later) and AVX512-BF16, the XTILECFG/XTILEDATA
+ * state enabled (XCR0 bits 17-18), and Linux's permission for this process to use it
+ * (arch_prctl ARCH_REQ_XCOMP_PERM: the tile data is 8 KB of state per thread that the
+ * kernel only allocates for processes that ask; once granted it covers every thread). */
+static int cpu_has_amx(void) {
+    if (!LC_HAVE_AMX || !cpu_has_avx512vnni()) return 0;
+    unsigned a, b, c, d, xlo, xhi;
+    __cpuid_count(7, 0, a, b, c, d);
+    const int tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;
+    __cpuid_count(7, 1, a, b, c, d);
+    const int avx512bf16 = (a >> 5) & 1;
+    if (!(tile && bf16 && avx512bf16)) return 0;
+    __asm__ volatile("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+    if ((xlo & 0x60000) != 0x60000) return 0;
+#if defined(__linux__)
+    static int granted = -1;
+    if (granted < 0) granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+    return granted;
+#else
+    return 0;
+#endif
 }
 #endif
 
@@ -58,6 +86,9 @@ const lc_kernels *lc_kernels_by_name(const char *name) {
 #if defined(__x86_64__) || defined(_M_X64)
     if (strcmp(name, "avx2") == 0) return cpu_has_avx2_fma_f16c() ? &lc_kernels_avx2 : NULL;
     if (strcmp(name, "avx512vnni") == 0) return cpu_has_avx512vnni() ? &lc_kernels_avx512vnni : NULL;
+#if LC_HAVE_AMX
+    if (strcmp(name, "avx512amx") == 0) return cpu_has_amx() ? &lc_kernels_avx512amx : NULL;
+#endif
 #endif
 #if defined(__aarch64__)
     if (strcmp(name, "neon") == 0) return &lc_kernels_neon;
@@ -73,6 +104,9 @@ const lc_kernels *lc_kernels_best(void) {
         return k ? k : &lc_kernels_scalar;
     }
 #if defined(__x86_64__) || defined(_M_X64)
+#if LC_HAVE_AMX
+    if (cpu_has_amx()) return &lc_kernels_avx512amx;
+#endif
     if (cpu_has_avx512vnni()) return &lc_kernels_avx512vnni;
     if (cpu_has_avx2_fma_f16c()) return &lc_kernels_avx2;
 #endif

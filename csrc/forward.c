@@ -41,6 +41,14 @@ struct lc_model {
     float *vb2;    /* (B, kv_dim) */
     float *att;    /* (n_scratch_threads, n_ctx) attention scores */
     int n_scratch_threads;
+    /* AMX prefill (kernel tables with gemm_amx): a chunk of >= LC_AMX_MIN_TOKENS tokens takes
+     * its matmul inputs as bf16 (xbf) instead of q8a, and each thread dequantizes W's panels
+     * into its amx scratch */
+    int amx;        /* this chunk uses gemm_amx */
+    uint16_t *xbf;  /* LC_AMX_ACT(B, widest): the activations in AMX tiles */
+    uint8_t *amx_scratch; /* (n_scratch_threads, LC_AMX_SCRATCH(widest)) */
+    float *zeros;   /* (widest,) zeros: the padding tokens' activations */
+    int64_t widest;
 };
 
 static void *xalloc(size_t n) {
@@ -73,16 +81,24 @@ void lc_model_free(lc_model *m) {
     free(m->kcache); free(m->vcache);
     free(m->x); free(m->xb); free(m->q); free(m->kb); free(m->vb);
     free(m->hb); free(m->hb2); free(m->proj); free(m->xq); free(m->att);
-    free(m->res); free(m->xq2); free(m->vb2);
+    free(m->res); free(m->xq2); free(m->vb2); free(m->xbf); free(m->amx_scratch); free(m->zeros);
     free(m);
 }
 
+/* the per-thread scratch: attention scores, and the AMX panels */
 static int alloc_att(lc_model *m, int threads) {
     if (threads <= m->n_scratch_threads) return 0;
     float *a = xalloc((size_t)threads * m->c.n_ctx * sizeof(float));
-    if (!a) return -1;
+    uint8_t *s = m->k->gemm_amx ? xalloc((size_t)threads * LC_AMX_SCRATCH(m->widest)) : NULL;
+    if (!a || (m->k->gemm_amx && !s)) {
+        free(a);
+        free(s);
+        return -1;
+    }
     free(m->att);
+    free(m->amx_scratch);
     m->att = a;
+    m->amx_scratch = s;
     m->n_scratch_threads = threads;
     return 0;
 }
@@ -148,9 +164,15 @@ lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kerne
     m->res = xalloc(B * c.dim * 4);
     m->xq2 = xalloc(B * (c.dim / QK + 1) * sizeof(block_q8a));
     m->vb2 = xalloc(B * m->kv_dim * 4);
+    m->widest = (int64_t)widest;
+    if (k->gemm_amx) {
+        m->xbf = xalloc(LC_AMX_ACT(B, widest) * 2);
+        m->zeros = calloc(widest, sizeof(float));
+    }
     int th = c.n_threads > max_threads() ? c.n_threads : max_threads();
     if (!m->w.layers || !inv || !m->kcache || !m->vcache || !m->x || !m->xb || !m->q || !m->kb || !m->vb ||
-        !m->hb || !m->hb2 || !m->proj || !m->xq || !m->res || !m->xq2 || !m->vb2 || alloc_att(m, th) != 0) {
+        !m->hb || !m->hb2 || !m->proj || !m->xq || !m->res || !m->xq2 || !m->vb2 || (k->gemm_amx && (!m->xbf || !m->zeros)) ||
+        alloc_att(m, th) != 0) {
         snprintf(err, errlen, "out of memory allocating the KV cache (%.1f MiB) and buffers",
                  cache * 4.0 / (1024.0 * 1024.0));
         lc_model_free(m);
@@ -187,12 +209,13 @@ static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
     const lc_kernels *k = m->k;
     const int nth = m->c.n_threads;
     int64_t chunk[4], first[5];
+    const int64_t unit = m->amx ? 32 : 8; /* AMX panels are 32 rows; x8 groups 8 */
     first[0] = 0;
     for (int i = 0; i < n; i++) {
         const int64_t rows = mm[i].W->rows;
         int64_t c = (rows + (int64_t)nth * 8 - 1) / ((int64_t)nth * 8);
-        c = (c + 7) / 8 * 8;
-        chunk[i] = c < 8 ? 8 : c;
+        c = (c + unit - 1) / unit * unit;
+        chunk[i] = c < unit ? unit : c;
         first[i + 1] = first[i] + (rows + chunk[i] - 1) / chunk[i];
     }
     const int64_t total = first[n];
@@ -206,7 +229,10 @@ static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
         const int64_t ldy = mm[i].ldy, rows = W->rows;
         const int64_t r0 = (ci - first[i]) * chunk[i], r1 = r0 + chunk[i] < rows ? r0 + chunk[i] : rows;
         const lc_gemm g = lc_gemm_of(k, W->type, W->layout); /* checked in lc_model_new */
-        if (g.q) g.q(W->data, W->cols, xq, nt, Y, ldy, r0, r1);
+        if (g.q && m->amx) /* x8 layout: every quantized tensor with rows % 8 == 0 */
+            k->gemm_amx(W->type, W->data, W->cols, m->xbf, nt, Y, ldy, r0, r1,
+                        m->amx_scratch + (size_t)thread_id() * LC_AMX_SCRATCH(m->widest));
+        else if (g.q) g.q(W->data, W->cols, xq, nt, Y, ldy, r0, r1);
         else g.f(W->data, W->cols, mm[i].xf, nt, Y, ldy, r0, r1);
     }
 }
@@ -232,9 +258,17 @@ static void embed_row(const lc_model *m, const lc_tensor *E, int64_t row, float 
     }
 }
 
-/* Quantize nt rows of `cols` floats to q8a (when any consumer needs it). */
+/* Quantize nt rows of `cols` floats to q8a (when any consumer needs it); for an AMX
+ * chunk, to bf16 in xbf, zero rows after them up to a multiple of 32 (gemm_amx's tiles). */
 static void quantize_rows(lc_model *m, const float *x, int nt, int cols, int needed) {
     if (!needed) return;
+    if (m->amx) {
+        const int ntp = (nt + 31) / 32 * 32;
+#pragma omp parallel for num_threads(m->c.n_threads) schedule(static) if (m->c.n_threads > 1)
+        for (int t = 0; t < ntp; t++) /* tokens after nt: zero */
+            m->k->act_to_amx(m->xbf, t < nt ? x + (int64_t)t * cols : m->zeros, cols, t);
+        return;
+    }
     const int64_t nb = cols / QK;
 #pragma omp parallel for num_threads(m->c.n_threads) schedule(static) if (nt > 1 && m->c.n_threads > 1)
     for (int t = 0; t < nt; t++) m->k->quantize_act(x + (int64_t)t * cols, m->xq + t * nb, cols);
@@ -271,6 +305,7 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
     const int par = nt > 1 && nth > 1;
 
     for (int t = 0; t < nt; t++) embed_row(m, &m->w.tok_embeddings, tokens[t], m->x + (int64_t)t * dim);
+    m->amx = k->gemm_amx != NULL && nt >= LC_AMX_MIN_TOKENS;
 
     for (int l = 0; l < c->n_layers; l++) {
         const lc_layer_weights *L = &m->w.layers[l];
@@ -283,7 +318,7 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
         for (int t = 0; t < nt; t++)
             k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, L->attention_norm, dim, c->norm_eps);
         quantize_rows(m, m->xb, nt, dim, lc_is_quantized(L->wq.type) || lc_is_quantized(L->wk.type) || lc_is_quantized(L->wv.type));
-        const int vres = lc_is_quantized(L->wv.type);
+        const int vres = lc_is_quantized(L->wv.type) && !m->amx; /* bf16 inputs: no 8-bit rounding to undo */
         if (vres) value_residual_input(m, nt);
         const lc_mm qkv[4] = {{&L->wq, m->xb, m->xq, m->q, qd}, {&L->wk, m->xb, m->xq, m->kb, kvd},
                               {&L->wv, m->xb, m->xq, m->vb, kvd}, {&L->wv, NULL, m->xq2, m->vb2, kvd}};
@@ -339,6 +374,7 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
         quantize_rows(m, m->xb, nt, dim, lc_is_quantized(O->type));
         matmul(m, O, m->xb, m->xq, nt, logits, c->vocab_size);
     } else if (want_last) {
+        m->amx = 0; /* one row: the q8a gemm */
         k->rmsnorm(m->xb, m->x + (int64_t)(nt - 1) * dim, m->w.norm, dim, c->norm_eps);
         quantize_rows(m, m->xb, 1, dim, lc_is_quantized(O->type));
         matmul(m, O, m->xb, m->xq, 1, logits, c->vocab_size);

@@ -99,17 +99,16 @@
 /* A kernel table from a file's static kernels: every file defines the row-major
  * gemms of Q4_0, Q4_1, Q8_0, the x8 gemms of every quantized type with kernels,
  * and the float ones (the one list of which (type, layout) pairs have kernels). */
-#define LC_KERNEL_TABLE(NAME)                                                                      \
-    {                                                                                              \
-        .name = NAME, .quantize_act = quantize_act,                                                \
-        .gemm_rows = {[LC_I_Q4_0] = gemm_q4_0, [LC_I_Q4_1] = gemm_q4_1, [LC_I_Q8_0] = gemm_q8_0},   \
-        .gemm_x8 = {[LC_I_Q4_0] = gemm_q4_0_x8, [LC_I_Q4_1] = gemm_q4_1_x8, [LC_I_Q5_0] = gemm_q5_0_x8, \
-                    [LC_I_Q5_1] = gemm_q5_1_x8, [LC_I_Q8_0] = gemm_q8_0_x8, [LC_I_Q6_0] = gemm_q6_0_x8, \
-                    [LC_I_Q4_K] = gemm_q4_k_x8, [LC_I_Q5_K] = gemm_q5_k_x8, [LC_I_Q6_K] = gemm_q6_k_x8, \
-                    [LC_I_IQ4_NL] = gemm_iq4_nl_x8, [LC_I_IQ4_XS] = gemm_iq4_xs_x8},               \
-        .gemm_f16 = gemm_f16, .gemm_f32 = gemm_f32, .dequantize_row = dequantize_row,               \
-        .rmsnorm = rmsnorm, .rope = rope, .attention = attention, .f32_to_f16 = f32_to_f16,          \
-        .swiglu = swiglu,                                                                          \
-    }
+#define LC_KERNEL_FIELDS(NAME)                                                                     \
+    .name = NAME, .quantize_act = quantize_act,                                                    \
+    .gemm_rows = {[LC_I_Q4_0] = gemm_q4_0, [LC_I_Q4_1] = gemm_q4_1, [LC_I_Q8_0] = gemm_q8_0},       \
+    .gemm_x8 = {[LC_I_Q4_0] = gemm_q4_0_x8, [LC_I_Q4_1] = gemm_q4_1_x8, [LC_I_Q5_0] = gemm_q5_0_x8,  \
+                [LC_I_Q5_1] = gemm_q5_1_x8, [LC_I_Q8_0] = gemm_q8_0_x8, [LC_I_Q6_0] = gemm_q6_0_x8,  \
+                [LC_I_Q4_K] = gemm_q4_k_x8, [LC_I_Q5_K] = gemm_q5_k_x8, [LC_I_Q6_K] = gemm_q6_k_x8,  \
+                [LC_I_IQ4_NL] = gemm_iq4_nl_x8, [LC_I_IQ4_XS] = gemm_iq4_xs_x8},                    \
+    .gemm_f16 = gemm_f16, .gemm_f32 = gemm_f32, .dequantize_row = dequantize_row,                   \
+    .rmsnorm = rmsnorm, .rope = rope, .attention = attention, .f32_to_f16 = f32_to_f16,              \
+    .swiglu = swiglu
+#define LC_KERNEL_TABLE(NAME) {LC_KERNEL_FIELDS(NAME)}
 
 #endif

@@ -56,7 +56,26 @@ typedef struct lc_kernels {
 
     /* hb (n,) = silu(hb) * hb2 */
     void (*swiglu)(float *hb, const float *hb2, int64_t n);
+
+    /* Prefill on Intel AMX (the avx512amx table; NULL in the others). Y[t*ldy + r] =
+     * W[r,:] . X[t,:] for W of a quantized type in the x8 layout, rows [r0, r1) (multiples
+     * of 8). X: the nt tokens' activations as act_to_amx writes them (LC_AMX_ACT(nt, cols)
+     * elements, tokens after nt zero). scratch: LC_AMX_SCRATCH(cols) bytes, for the
+     * dequantized weights. cols % 32 == 0. */
+    void (*gemm_amx)(int type, const void *W, int64_t cols, const uint16_t *X, int nt, float *Y, int64_t ldy,
+                     int64_t r0, int64_t r1, void *scratch);
+    /* token t's activations x (cols,) -> X, as two bf16 terms (x = hi + lo to 16
+     * significant bits) in AMX tiles of 16 tokens x 32 elements */
+    void (*act_to_amx)(uint16_t *X, const float *x, int64_t cols, int t);
 } lc_kernels;
+
+/* bytes of gemm_amx's scratch for `cols` columns: a 32-row panel of bf16 */
+#define LC_AMX_SCRATCH(cols) ((size_t)(cols) * 64)
+/* elements (uint16) of gemm_amx's X for nt tokens: two bf16 terms, tokens padded to 32 */
+#define LC_AMX_ACT(nt, cols) ((size_t)(((nt) + 31) / 32 * 32) * (size_t)(cols) * 2)
+/* tokens from which a forward uses gemm_amx when the table has it (below: the q8a gemms,
+ * whose tiles of 4 tokens need no per-matmul dequantization) */
+#define LC_AMX_MIN_TOKENS 16
 
 /* The one mapping from a weight's (type, layout) to its matmul: exactly one of q
  * (quantized types) and f (F16, F32) is set, or neither when the table has no
@@ -80,13 +99,20 @@ extern const lc_kernels lc_kernels_scalar;
 #if defined(__x86_64__) || defined(_M_X64)
 extern const lc_kernels lc_kernels_avx2;
 extern const lc_kernels lc_kernels_avx512vnni;
+/* AMX intrinsics need GCC 11 or clang 12; with older compilers there is no avx512amx table */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define LC_HAVE_AMX 1
+extern const lc_kernels lc_kernels_avx512amx;
+#else
+#define LC_HAVE_AMX 0
+#endif
 #endif
 #if defined(__aarch64__)
 extern const lc_kernels lc_kernels_neon;
 extern const lc_kernels lc_kernels_neon_dotprod;
 #endif
 
-/* Best kernel table for this CPU; LLAMACPU_KERNELS=scalar|avx2|avx512vnni|neon|neon-dotprod
+/* Best kernel table for this CPU; LLAMACPU_KERNELS=scalar|avx2|avx512vnni|avx512amx|neon|neon-dotprod
  * overrides (an unsupported request falls back to scalar). */
 const lc_kernels *lc_kernels_best(void);
 /* Table by name, or NULL when it is not compiled in or the CPU lacks it. */

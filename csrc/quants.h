@@ -240,6 +240,14 @@ static inline uint16_t lc_fp32_to_fp16(float f) {
     return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
 }
 
+/* float -> bfloat16 (the top 16 bits), round to nearest even; NaN stays a quiet NaN (as
+ * AVX512-BF16's vcvtne2ps2bf16) */
+static inline uint16_t lc_fp32_to_bf16(float f) {
+    const uint32_t u = lc_f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
 /* ---- the type table: the one place that says what each weight type is ----
  * The x8 layout (docs/FORMAT.md, layout 1) groups rows by 8. For each block column
  * b, the 8 rows' blocks are stored as one block group: first the block's fp16 header

@@ -77,7 +77,8 @@ cdef const lc_kernels *_kernels(impl) except NULL:
 
 def available_kernels():
     """Names of the kernel tables this CPU can run, best last."""
-    return [n for n in ("scalar", "avx2", "avx512vnni", "neon", "neon-dotprod") if lc_kernels_by_name(n.encode()) != NULL]
+    return [n for n in ("scalar", "avx2", "avx512vnni", "avx512amx", "neon", "neon-dotprod")
+            if lc_kernels_by_name(n.encode()) != NULL]
 
 
 def best_kernels():
@@ -182,6 +183,40 @@ def gemm(w, int type, int64_t rows, int64_t cols, x, impl=None, int layout=0):
             g.q(W.data, cols, xq, nt, <float *>Y.data, rows, 0, rows)
         else:
             g.f(W.data, cols, <const float *>X.data, nt, <float *>Y.data, rows, 0, rows)
+    return Y
+
+
+AMX_MIN_TOKENS = LC_AMX_MIN_TOKENS
+
+
+def has_amx(impl=None):
+    """Whether the kernel table has the AMX prefill gemm (the avx512amx table)."""
+    return _kernels(impl).gemm_amx != NULL
+
+
+def gemm_amx(w, int type, int64_t rows, int64_t cols, x, impl="avx512amx", int64_t r0=0, int64_t r1=-1):
+    """Y (nt, rows) = X (nt, cols) @ W^T on AMX: W in the x8 layout, X as two bf16 terms (the
+    table's act_to_amx); rows [r0, r1) computed (multiples of 8), the others left 0."""
+    cdef const lc_kernels *k = _kernels(impl)
+    if k.gemm_amx == NULL:
+        raise ValueError(f"kernels {k.name.decode()!r} have no AMX gemm (only avx512amx)")
+    if r1 < 0:
+        r1 = rows
+    cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] X = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, cols)
+    cdef int nt = X.shape[0], t
+    cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] W = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
+    if type not in QUANTIZED or rows % 8 or cols % _fmt.TYPES[type].block_elems or W.shape[0] != rows * row_bytes(type, cols):
+        raise ValueError("gemm_amx: a quantized W in the x8 layout (rows % 8 == 0) of rows x cols")
+    if r0 < 0 or r0 > r1 or r1 > rows or r0 % 8 or r1 % 8:
+        raise ValueError("gemm_amx: r0 <= r1 <= rows, multiples of 8")
+    cdef int ntp = (nt + 31) // 32 * 32
+    cdef cnp.ndarray[cnp.uint16_t, ndim=1, mode="c"] XB = np.zeros(LC_AMX_ACT(nt, cols), dtype=np.uint16)
+    cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] S = np.empty(LC_AMX_SCRATCH(cols), dtype=np.uint8)
+    cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] Y = np.zeros((nt, rows), dtype=np.float32)
+    with nogil:
+        for t in range(nt):  # the padding tokens stay zero
+            k.act_to_amx(<uint16_t *>XB.data, <const float *>X.data + t * cols, cols, t)
+        k.gemm_amx(type, W.data, cols, <const uint16_t *>XB.data, nt, <float *>Y.data, rows, r0, r1, S.data)
     return Y
 
 

@@ -18,6 +18,31 @@ for p in (ROOT / "tools", ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
+def _invariant_kernels():
+    """The best kernel table whose results do not depend on how a prompt is split into
+    chunks (every table but avx512amx, whose prefill of 16+ tokens runs on bf16 AMX tiles
+    while fewer tokens and decode use the q8a kernels: docs/ARCHITECTURE.md)."""
+    from llamacpu import _core
+    return [k for k in _core.available_kernels() if k != "avx512amx"][-1]
+
+
+INVARIANT_KERNELS = _invariant_kernels()
+
+
+@pytest.fixture(scope="module")
+def chunk_invariant_kernels():
+    """For a test module that compares answers reached through different prompt chunkings
+    (a prompt cache hit against a fresh prefill, a server against an in-process Llama):
+    LLAMACPU_KERNELS pinned to INVARIANT_KERNELS for the module, subprocesses included."""
+    old = os.environ.get("LLAMACPU_KERNELS")
+    os.environ["LLAMACPU_KERNELS"] = INVARIANT_KERNELS
+    yield INVARIANT_KERNELS
+    if old is None:
+        del os.environ["LLAMACPU_KERNELS"]
+    else:
+        os.environ["LLAMACPU_KERNELS"] = old
+
+
 ASSET_NAMES = ("SmolLM2-135M-Instruct.Q4_1.gguf", "llama3.2-tokenizer.json", "llama3.2-tokenizer_config.json")
 
 

@@ -13,6 +13,12 @@ import pytest
 RUN = [sys.executable, "-m", "llamacpu", "run"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _chunk_invariant(chunk_invariant_kernels):
+    """Answers are compared across different prompt chunkings (prompt-cache hits against
+    fresh prefills): a chunk-invariant kernel table (conftest.chunk_invariant_kernels)."""
+
+
 @pytest.fixture(scope="module")
 def smol_path(smollm_model):
     return str(smollm_model)

@@ -13,6 +13,8 @@ import pytest
 
 import llamacpu
 from llamacpu.format import read_model
+from conftest import INVARIANT_KERNELS
+from llamacpu import _core
 from reference import ReferenceLlama, dequantize_q6_0, load_hf_checkpoint, weights_from_gguf
 
 gguf = pytest.importorskip("gguf")
@@ -33,6 +35,8 @@ PREFILL_REL = 1e-5
 N_PROMPT = 64
 
 PRESETS = ["tiny64", "tiny128"]
+# the best table, and the best chunk-invariant one where they differ (AMX prefill: both paths)
+TABLES = list(dict.fromkeys([_core.best_kernels(), INVARIANT_KERNELS]))
 QUANT = ["q8_0", "q4_0", "q4_1", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k"]
 _GT = {t.value: t for t in (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0, GT.Q4_K, GT.Q5_K, GT.Q6_K,
                             GT.IQ4_NL, GT.IQ4_XS)}
@@ -134,21 +138,22 @@ def test_float_logits_match_reference(checkpoint, converted, preset, type, tol):
     assert err < tol
 
 
+@pytest.mark.parametrize("kernels", TABLES)
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("type", QUANT)
-def test_quantized_logits_match_reference_on_dequantized_weights(checkpoint, converted, preset, type):
+def test_quantized_logits_match_reference_on_dequantized_weights(checkpoint, converted, preset, type, kernels):
     path = converted(preset, type)
     cfg, w = weights_of_file(path)
     ref = ReferenceLlama(cfg, w, rope_pairing="adjacent")
     toks = prompt(cfg["vocab_size"])
     expected = ref.forward(toks)
-    with llamacpu.Model(path, n_ctx=256) as m:
+    with llamacpu.Model(path, n_ctx=256, kernels=kernels) as m:
         got = m.forward(toks, all_logits=True)
     cos = cosines(got, expected)
     # reported, not gated: distance of this quantized file from the f32 model
     _, ref32 = hf_reference(checkpoint, preset)
     cos32 = cosines(got, ref32.forward(toks))
-    print(f"\n{preset} {type}: cosine vs reference on its own weights mean {cos.mean():.5f} min {cos.min():.5f};"
+    print(f"\n{preset} {type} {kernels}: cosine vs reference on its own weights mean {cos.mean():.5f} min {cos.min():.5f};"
           f" vs the f32 model mean {cos32.mean():.4f} min {cos32.min():.4f}")
     assert cos.mean() >= COS_MEAN
     assert cos.min() >= COS_MIN
@@ -156,8 +161,9 @@ def test_quantized_logits_match_reference_on_dequantized_weights(checkpoint, con
 
 @pytest.mark.parametrize("type", ["f32", "q4_0"])
 def test_prefill_equals_token_by_token(converted, type):
+    """With a chunk-invariant table (every table but avx512amx: test_amx_prefill_* below)."""
     path = converted("tiny64", type)
-    with llamacpu.Model(path, n_ctx=128) as m:
+    with llamacpu.Model(path, n_ctx=128, kernels=INVARIANT_KERNELS) as m:
         toks = prompt(m.vocab_size, 24, seed=3)
         batch = m.forward(toks, all_logits=True)
         m.reset()
@@ -168,7 +174,8 @@ def test_prefill_equals_token_by_token(converted, type):
 def test_chunked_prefill_and_last_logits(converted):
     path = converted("tiny128", "q8_0")
     toks = prompt(128256, 40, seed=4)
-    with llamacpu.Model(path, n_ctx=64) as a, llamacpu.Model(path, n_ctx=64, n_batch=7) as b:
+    with llamacpu.Model(path, n_ctx=64, kernels=INVARIANT_KERNELS) as a, \
+            llamacpu.Model(path, n_ctx=64, n_batch=7, kernels=INVARIANT_KERNELS) as b:
         full = a.forward(toks, all_logits=True)
         chunked = b.forward(toks, all_logits=True)
         b.reset()
@@ -200,7 +207,7 @@ def test_continuation_and_rewind(converted):
     """Decoding on top of a prefill, and rewinding to reuse a prefix, match a fresh run."""
     path = converted("tiny64", "q4_0")
     toks = prompt(128256, 20, seed=6)
-    with llamacpu.Model(path, n_ctx=64) as m:
+    with llamacpu.Model(path, n_ctx=64, kernels=INVARIANT_KERNELS) as m:
         fresh = m.forward(toks, all_logits=True)
         m.reset()
         m.forward(toks[:12])
@@ -288,21 +295,23 @@ def chat_ids(model, text):
     return tok.encode(s, add_special_tokens=False).ids
 
 
-def test_smollm2_logits_match_reference(smollm):
+@pytest.mark.parametrize("kernels", TABLES)
+def test_smollm2_logits_match_reference(smollm, kernels):
     path, ref = smollm
-    with llamacpu.Model(path, n_ctx=512) as m:
+    with llamacpu.Model(path, n_ctx=512, kernels=kernels) as m:
         for text in CHAT_PROMPTS:
             ids = chat_ids(m, text)
             m.reset()
             got = m.forward(ids, all_logits=True)
             cos = cosines(got, ref.forward(ids))
-            print(f"\nSmolLM2 '{text[:20]}': cosine mean {cos.mean():.6f} min {cos.min():.6f}")
+            print(f"\nSmolLM2 {kernels} '{text[:20]}': cosine mean {cos.mean():.6f} min {cos.min():.6f}")
             assert cos.mean() >= COS_MEAN
             assert cos.min() >= COS_MIN
 
 
+@pytest.mark.parametrize("kernels", TABLES)
 @pytest.mark.parametrize("ftype", ["q4_k_m", "q5_k_m"])
-def test_smollm2_kquant_mixtures_match_reference_on_their_weights(smollm_gguf, tmp_path, ftype):
+def test_smollm2_kquant_mixtures_match_reference_on_their_weights(smollm_gguf, tmp_path, ftype, kernels):
     """SmolLM2 (hidden size 576, not a multiple of 256) made into llama-quantize's K-quant
     mixtures holds Q4_K/Q5_K/Q6_K and the fallbacks Q5_0/Q5_1/Q8_0: the engine against the
     reference on the file's own dequantized weights."""
@@ -313,7 +322,7 @@ def test_smollm2_kquant_mixtures_match_reference_on_their_weights(smollm_gguf, t
         types = {t.type for t in f.tensors.values()}
     assert {6, 12, 14} <= types or {7, 13} <= types  # Q5_0, Q4_K, Q6_K (q4_k_m) / Q5_1, Q5_K (q5_k_m)
     ref = ReferenceLlama(cfg, w, rope_pairing="adjacent")
-    with llamacpu.Model(path, n_ctx=512) as m:
+    with llamacpu.Model(path, n_ctx=512, kernels=kernels) as m:
         for text in CHAT_PROMPTS[:2]:
             ids = chat_ids(m, text)
             m.reset()

@@ -66,8 +66,10 @@ def test_simd_is_available_on_this_machine():
             assert "avx2" in _core.available_kernels()
             vnni = all(f" {f} " in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"))
             assert ("avx512vnni" in _core.available_kernels()) == vnni
-            best = "avx512vnni" if vnni else "avx2"
-            assert _core.best_kernels() in (best, "scalar")  # scalar only when forced by LLAMACPU_KERNELS
+            amx = vnni and all(f" {f} " in flags for f in ("amx_tile", "amx_bf16", "avx512_bf16"))
+            # avx512amx also needs the OS's permission to use the tiles: its absence is allowed
+            best = ("avx512amx", "avx512vnni") if amx else ("avx512vnni",) if vnni else ("avx2",)
+            assert _core.best_kernels() in best + ("scalar",)  # scalar only when forced by LLAMACPU_KERNELS
 
 
 @SETTINGS
@@ -404,3 +406,55 @@ def test_x8_pack_is_a_byte_permutation(t):
     # the first 16 bytes of a block group are the 8 rows' first header field (fp16 d)
     h = info.hdr[0]
     assert p[0, :16].tobytes() == b"".join(raw[r, h:h + 2].tobytes() for r in range(8))
+
+
+# ---------------------------------------------------------------- AMX prefill (avx512amx)
+# The activations as two bf16 terms (hi = bf16(x), lo = bf16(x - hi)) and the weights
+# dequantized to bf16, products summed in fp32: against float64 sums of exactly those
+# rounded operands, AMX_REL of the magnitudes summed (fp32 accumulation order only).
+
+AMX_REL = 1e-6
+needs_amx = pytest.mark.skipif("avx512amx" not in _core.available_kernels(),
+                               reason="no AMX tiles on this CPU (or no permission from the OS)")
+
+
+def bf16_round(a):
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    return ((((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32)).view(np.float32)
+
+
+@needs_amx
+@pytest.mark.parametrize("t", ALL_QTYPES, ids=lambda t: fmt.TYPE_NAMES[t])
+@SETTINGS
+@given(groups=st.integers(1, 9), nblocks=st.integers(1, 3), nt=st.integers(1, 70), seed=st.integers(0, 2**32 - 1),
+       split=st.integers(0, 9))
+def test_amx_gemm_matches_bf16_reference(t, groups, nblocks, nt, seed, split):
+    """Every quantized type on AMX, over odd token counts (partial tiles) and row ranges
+    (as threads split rows: r0, r1 multiples of 8; the rows outside stay untouched)."""
+    rng = np.random.default_rng(seed)
+    info = fmt.TYPES[t]
+    rows, cols = 8 * groups, nblocks * info.block_elems
+    raw = random_blocks(rng, t, rows, nblocks)
+    wd = bf16_round(dequantize_reference(raw, t)).astype(np.float64)
+    x = (rng.standard_normal((nt, cols)) * np.exp(rng.uniform(-3, 3, (1, cols)))).astype(np.float32)
+    hi = bf16_round(x)
+    xd = hi.astype(np.float64) + bf16_round(x - hi)
+    r0 = 8 * min(split, groups - 1) if split % 2 else 0
+    got = _core.gemm_amx(fmt.x8_pack(raw, t), t, rows, cols, x, r0=r0, r1=rows)
+    assert_within_magnitudes(got[:, r0:], (xd @ wd.T)[:, r0:], wd[r0:], xd, AMX_REL)
+    assert not got[:, :r0].any()
+
+
+@needs_amx
+def test_amx_activations_are_hi_plus_lo_bf16():
+    """The activations reach the tiles as hi + lo, to 16 significant bits: a gemm against
+    identity weights (Q8_0, d = 1/64, q = 64: exactly 1.0 in bf16) returns them so rounded."""
+    x = (np.random.default_rng(5).standard_normal((20, 64)) * 1e3).astype(np.float32)
+    raw = np.zeros((64, 2, 34), np.uint8)
+    raw[:, :, 0:2] = np.array([1 / 64], np.float16).view(np.uint8)
+    for r in range(64):
+        raw[r, r // 32, 2 + r % 32] = 64
+    got = _core.gemm_amx(fmt.x8_pack(raw.reshape(64, -1), fmt.Q8_0), fmt.Q8_0, 64, 64, x)
+    hi = bf16_round(x)
+    np.testing.assert_array_equal(got, (hi.astype(np.float64) + bf16_round(x - hi)).astype(np.float32))
+    assert np.all(np.abs(got - x) <= 2.0 ** -16 * np.abs(x))

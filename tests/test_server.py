@@ -80,6 +80,12 @@ class Server:
                 self.proc.wait()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _chunk_invariant(chunk_invariant_kernels):
+    """Answers are compared across different prompt chunkings (prompt-cache hits against
+    fresh prefills): a chunk-invariant kernel table (conftest.chunk_invariant_kernels)."""
+
+
 @pytest.fixture(scope="module")
 def server(smollm_model, tmp_path_factory):
     s = Server(smollm_model, tmp_path_factory.mktemp("serve") / "server.log")

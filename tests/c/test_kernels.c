@@ -200,7 +200,7 @@ static void test_table(const lc_kernels *k) {
 }
 
 int main(void) {
-    const char *names[] = {"scalar", "avx2", "avx512vnni", "neon", "neon-dotprod"};
+    const char *names[] = {"scalar", "avx2", "avx512vnni", "avx512amx", "neon", "neon-dotprod"};
     for (int i = 0; i < (int)(sizeof names / sizeof names[0]); i++) {
         const lc_kernels *k = lc_kernels_by_name(names[i]);
         if (!k) { printf("kernels %s: not available here\n", names[i]); continue; }
