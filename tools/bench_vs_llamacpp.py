@@ -2,44 +2,65 @@
 """llamacpu against llama.cpp on the same checkpoint, side by side; writes BENCHMARKS.md.
 
     python tools/bench_vs_llamacpp.py                 # the full comparison (-r 3, pp512, tg128, t=1,2)
+    python tools/bench_vs_llamacpp.py --preset 3b     # the 3B config (default types: q4_k_m)
     python tools/bench_vs_llamacpp.py --quick         # smoke test: -p 64 -n 16 -r 1, prints only
     python tools/bench_vs_llamacpp.py --llama-bench /path/to/llama-bench [--llama-quantize PATH]
     python tools/bench_vs_llamacpp.py --avx2          # also an AVX2-only build of llama.cpp
+    python tools/bench_vs_llamacpp.py --build-only --preset 3b --types q4_k_m   # make the files only
 
-Steps (each cached; the cache is ~/.cache/llamacpu, or $LLAMACPU_CACHE):
+Weight types (--types; default q4_0,q8_0,q4_k_m,q6_k for --preset 1b, q4_k_m for 3b):
+  q4_0, q8_0        each engine converts the checkpoint with its own tools: llama.cpp's file
+                    is llama-quantize's, llamacpu's is `llamacpu convert CKPT --type T`
+                    (its own quantizers and type policy: a Q6_0 head with q4_0).
+  q4_k_m, q6_k,     the GGUF files people download: llama-quantize makes the file, and
+  q5_k_m, q4_k_s    llamacpu runs that very GGUF, imported (`llamacpu convert GGUF OUT`:
+                    every tensor keeps its type, blocks bit-exact, in the x8 layout). Both
+                    engines run the same weights; the report checks that tensor by tensor.
+
+Steps (each cached; the cache is ~/.cache/llamacpu, or $LLAMACPU_CACHE; file names carry
+the preset, e.g. llamacpp-3b-q4_k_m.gguf):
   1. llama.cpp: the source distribution of llama-cpp-python==0.3.36 from PyPI (folder
      vendor/llama.cpp), built with cmake (-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
      -DLLAMA_BUILD_TESTS=OFF; targets llama-bench llama-quantize, and llama-perplexity
      llama-tokenize for tools/quality_vs_llamacpp.py; about 10 minutes on 2 cores, a
-     missing target is added by an incremental build) under llama.cpp-0.3.36/. cmake comes from PyPI when the machine has none.
+     missing target is added by an incremental build) under llama.cpp-0.3.36/. cmake comes
+     from PyPI when the machine has none. On a CPU with AMX the "native" build is
+     native-noamx (NATIVE_ISA_FLAGS below).
      --llama-bench PATH skips the build (the source is still fetched, for the converter).
-  2. The checkpoint: tools/make_checkpoint.py --preset 1b (random weights, the exact Llama
-     3.2 1B config, Hugging Face layout, bf16).
+  2. The checkpoint: tools/make_checkpoint.py --preset 1b|3b (random weights, the exact
+     Llama 3.2 1B or 3B config, Hugging Face layout, bf16).
   3. llama.cpp's files: its own convert_hf_to_gguf.py (PYTHONPATH=vendor/llama.cpp/gguf-py)
-     to a BF16 GGUF (lossless from the bf16 checkpoint), then llama-quantize to Q4_0 and
-     Q8_0. The converter imports torch at the top and does every tensor operation in
-     torch, so it needs torch: it runs in a venv of its own (convert-venv, made with
-     --system-site-packages so it reuses numpy/transformers) with the CPU wheel
-     `pip install torch==2.13.0`; the project's environment stays torch-free.
-     --convert-python PATH uses another interpreter.
-     Ours: `python -m llamacpu convert CKPT OUT --type q4_0|q8_0`, redone whenever the
-     converter, the format or the C headers change (the file name carries their hash).
+     to a BF16 GGUF (lossless from the bf16 checkpoint), then `llama-quantize BF16GGUF OUT
+     TYPE` for every type (Q4_0, Q8_0, Q4_K_M, ...). The converter imports torch at the
+     top and does every tensor operation in torch, so it needs torch: it runs in a venv of
+     its own (convert-venv, made with --system-site-packages so it reuses
+     numpy/transformers) with the CPU wheel `pip install torch==2.13.0`; the project's
+     environment stays torch-free. --convert-python PATH uses another interpreter.
+     Ours: q4_0/q8_0 `python -m llamacpu convert CKPT OUT --type q4_0|q8_0`; the K-quants
+     `python -m llamacpu convert llamacpp-PRESET-TYPE.gguf OUT` (the import). Redone
+     whenever the converter, the format or the C headers change, or the source file
+     does (the file name carries their hash).
   4. Read bandwidth: a small C program (OpenMP, AVX2 loads summing a 1 GiB buffer, 10
      passes, best pass) for each thread count, before every round of runs and after the
-     last; the largest figure is the one used for the bound.
+     last; the median sample is the one used for the bound.
   5. Runs alternate between the engines (the order flips every run), each run a fresh
      process: `llama-bench -m GGUF -p P -n N -t T -r 1 -o json` and
      `python -m llamacpu bench FILE -p P -n N -t T -r 1 --json`. Both do one warm-up per
-     test. The table shows medians over the runs and the ratio ours / llama.cpp.
-  6. Decode bound: bytes read per token / bandwidth. Bytes per token = every tensor of
-     the file once (each matrix of every layer, the norms, the output head: the tied
-     embedding matrix when there is no output.weight) plus one row of the embedding
-     (the token lookup). The KV cache (at most 4 MB per token at tg128 for 1B) is left out.
+     test. The table shows medians over the runs and the ratio ours / llama.cpp. Before
+     each run the tool waits for a quiet machine; a run that other jobs disturbed is run
+     again (--quiet-wait, --busy-threshold, --redo).
+  6. Decode bound, per type and file: bytes read per token / bandwidth. Bytes per token =
+     every tensor of the file once (each matrix of every layer, the norms, the output
+     head: the tied embedding matrix when there is no output.weight) plus one row of the
+     embedding (the token lookup). The KV cache (at most 4.2 MB per token at tg128 for
+     1B, 14.7 MB for 3B) is left out.
   7. BENCHMARKS.md: the generated part lies between <!-- bench:begin --> and
-     <!-- bench:end -->; the rest of the file is kept (created with an intro when missing).
+     <!-- bench:end --> (1B), <!-- bench:3b:begin --> and <!-- bench:3b:end --> (3B, put
+     after the 1B part the first time); the rest of the file is kept (created with an
+     intro when missing). Each part starts with a heading naming its config.
 
 The machine is shared: timings are noisy, which is why runs alternate and medians are
-reported; the 1-minute load average at each run is recorded.
+reported; the CPU other jobs used during each run is recorded.
 """
 from __future__ import annotations
 
@@ -66,6 +87,22 @@ LLAMA_DIR = CACHE / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
 LLAMA_SRC = LLAMA_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}" / "vendor" / "llama.cpp"
 BENCH_DIR = CACHE / "bench"
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+# llamacpu converts the checkpoint itself (its own quantizers and type policy)
+OWN_TYPES = ("q4_0", "q8_0")
+# llama-quantize's mixtures: llamacpu imports llama.cpp's GGUF (the same blocks)
+GGUF_TYPES = ("q4_k_m", "q6_k", "q5_k_m", "q4_k_s")
+PRESETS = ("1b", "3b")
+DEFAULT_TYPES = {"1b": "q4_0,q8_0,q4_k_m,q6_k", "3b": "q4_k_m"}
+
+
+def markers(preset: str) -> tuple[str, str]:
+    """The begin/end markers of a preset's part of BENCHMARKS.md (1B: the original ones)."""
+    return (BEGIN, END) if preset == "1b" else (f"<!-- bench:{preset}:begin -->", f"<!-- bench:{preset}:end -->")
+
+
+def preset_label(preset: str) -> str:
+    return f"Llama 3.2 {preset.upper()}"
 
 CMAKE_FLAGS = {
     "native": ["-DGGML_NATIVE=ON"],
@@ -380,15 +417,15 @@ def convert_python(explicit) -> str:
 
 # ----------------------------------------------------------------------------- model files
 
-def ensure_checkpoint() -> Path:
-    ck = BENCH_DIR / "ckpt-1b"
+def ensure_checkpoint(preset: str = "1b") -> Path:
+    ck = BENCH_DIR / f"ckpt-{preset}"
     if (ck / "config.json").exists() and (ck / "model.safetensors").exists():
         return ck
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     sh([sys.executable, REPO / "tools" / "fetch_assets.py"])
-    tmp = BENCH_DIR / "ckpt-1b.tmp"
+    tmp = BENCH_DIR / f"ckpt-{preset}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    sh([sys.executable, REPO / "tools" / "make_checkpoint.py", "--preset", "1b", "--out", tmp])
+    sh([sys.executable, REPO / "tools" / "make_checkpoint.py", "--preset", preset, "--out", tmp])
     tmp.rename(ck)
     return ck
 
@@ -402,7 +439,7 @@ def llamacpp_input(ck: Path) -> Path:
     links every file of the checkpoint except the tokenizer files, which lose the ids
     >= vocab_size (what the text model's own tokenizer.json has). Weights are shared.
     """
-    d = BENCH_DIR / "ckpt-1b-for-llamacpp"
+    d = BENCH_DIR / f"{ck.name}-for-llamacpp"
     vocab = json.loads((ck / "config.json").read_text())["vocab_size"]
     tmp = d.with_name(d.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -425,35 +462,44 @@ def llamacpp_input(ck: Path) -> Path:
     return d
 
 
-def ensure_llamacpp_files(ck: Path, types, quantize: Path, conv_py: str) -> dict:
+def llama_quantize(quantize: Path, src: Path, out: Path, typ: str, logfile: Path, requantize=False) -> Path:
+    """`llama-quantize [--allow-requantize] SRC OUT TYPE NTHREADS` once (cached: an existing OUT
+    is kept), through a temporary file. Shared with tools/quality_vs_llamacpp.py."""
+    if not out.exists():
+        tmp = out.with_suffix(".gguf.tmp")
+        sh([quantize, *(["--allow-requantize"] if requantize else []), src, tmp, typ.upper(),
+            str(os.cpu_count() or 2)], logfile=logfile)
+        tmp.rename(out)
+    return out
+
+
+def ensure_llamacpp_files(ck: Path, types, quantize: Path, conv_py: str, preset: str = "1b") -> dict:
+    """llama.cpp's file of each type: its BF16 GGUF of the checkpoint, llama-quantize'd."""
     src = fetch_llama_source()
-    bf16 = BENCH_DIR / "llamacpp-1b-bf16.gguf"
+    bf16 = BENCH_DIR / f"llamacpp-{preset}-bf16.gguf"
     if not bf16.exists():
         env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"))
         tmp = bf16.with_suffix(".gguf.tmp")
         sh([conv_py, src / "convert_hf_to_gguf.py", llamacpp_input(ck), "--outtype", "bf16", "--outfile", tmp],
-           logfile=BENCH_DIR / "convert_hf_to_gguf.log", env=env)
+           logfile=BENCH_DIR / f"convert_hf_to_gguf-{preset}.log", env=env)
         tmp.rename(bf16)
-    out = {}
-    for t in types:
-        q = BENCH_DIR / f"llamacpp-1b-{t}.gguf"
-        if not q.exists():
-            tmp = q.with_suffix(".gguf.tmp")
-            sh([quantize, bf16, tmp, t.upper(), str(os.cpu_count() or 2)],
-               logfile=BENCH_DIR / f"llama-quantize-{t}.log")
-            tmp.rename(q)
-        out[t] = q
-    return out
+    return {t: llama_quantize(quantize, bf16, BENCH_DIR / f"llamacpp-{preset}-{t}.gguf", t,
+                              BENCH_DIR / f"llama-quantize-{preset}-{t}.log") for t in types}
 
 
 def converted_files(src: Path, directory: Path, stem: str, type_args: dict) -> dict:
     """`llamacpu convert` of src once per type (type -> its extra convert arguments), cached
-    in directory as {stem}-{type}-{hash}.bin and redone when the converter, the format or the
-    C headers change. Shared with tools/quality_vs_llamacpp.py."""
+    in directory as {stem}-{type}-{hash}.bin and redone when the converter, the format, the
+    C headers or the source file (size, mtime) change. Shared with tools/quality_vs_llamacpp.py."""
     deps = sorted((REPO / "llamacpu").glob("convert*.py"))
-    deps += [REPO / "llamacpu" / n for n in ("format.py", "_core.pyx")]
+    deps += [REPO / "llamacpu" / n for n in ("format.py", "_core.pyx", "quant_mix.py", "gguf.py",
+                                                 "gguf_tokenizer.py")]
     deps += sorted((REPO / "csrc").glob("*.h"))
     h = src_hash([p for p in deps if p.exists()])
+    src = Path(src)
+    if src.is_file():  # a GGUF remade by llama-quantize must be imported again
+        st = src.stat()
+        h = hashlib.sha256(f"{h}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
     out = {}
     for t, extra in type_args.items():
         f = directory / f"{stem}-{t}-{h}.bin"
@@ -466,8 +512,61 @@ def converted_files(src: Path, directory: Path, stem: str, type_args: dict) -> d
     return out
 
 
-def ensure_our_files(ck: Path, types) -> dict:
-    return converted_files(ck, BENCH_DIR, "llamacpu-1b", {t: ["--type", t] for t in types})
+def ensure_our_files(ck: Path, types, ggufs: dict, preset: str = "1b") -> dict:
+    """llamacpu's file of each type: its own conversion of the checkpoint (OWN_TYPES), or
+    llama.cpp's GGUF of that type imported, every tensor's type and blocks kept (GGUF_TYPES)."""
+    stem = f"llamacpu-{preset}"
+    out = converted_files(ck, BENCH_DIR, stem, {t: ["--type", t] for t in types if t in OWN_TYPES})
+    for t in types:
+        if t in GGUF_TYPES:
+            out.update(converted_files(ggufs[t], BENCH_DIR, stem, {t: []}))
+    return out
+
+
+def made_by(typ: str, engine: str, preset: str) -> str:
+    """How a file of the report was made, in words."""
+    if engine != "ours":
+        return f"llama-quantize llamacpp-{preset}-bf16.gguf → {typ.upper()}"
+    if typ in OWN_TYPES:
+        return f"own conversion: `llamacpu convert ckpt-{preset} --type {typ}`"
+    return f"the llama.cpp file imported: `llamacpu convert llamacpp-{preset}-{typ}.gguf`"
+
+
+def identical_tensors(our_file: Path, gguf: Path) -> tuple[int, int]:
+    """(tensors whose bytes are identical in both files, tensors of the GGUF): our quantized
+    matrices are unpacked from the x8 layout to GGUF's row-major blocks first (docs/FORMAT.md).
+    Shared with tools/quality_vs_llamacpp.py.
+
+    It reads both files whole, so it runs in a process of its own: Linux carries a process's
+    peak RSS over fork + exec into the child's ru_maxrss, and the benchmark processes started
+    from this one would report at least the pages this comparison touched."""
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(_identical_tensors, str(our_file), str(gguf)).result()
+
+
+def _identical_tensors(our_file: str, gguf: str) -> tuple[int, int]:
+    sys.path.insert(0, str(REPO))
+    import numpy as np
+    from llamacpu.convert_gguf import internal_name
+    from llamacpu.format import read_model, x8_unpack
+    from llamacpu.gguf import GGUFFile
+
+    same = total = 0
+    with read_model(our_file) as m, GGUFFile(gguf) as g:
+        n_layers = m.config["num_hidden_layers"]
+        for name, gt in g.tensors.items():
+            ours = internal_name(name, n_layers)
+            total += 1
+            if ours not in m.tensors or m.tensors[ours].type != gt.type:
+                continue
+            t = m.tensors[ours]
+            a = np.asarray(m.array(ours)).view(np.uint8).reshape(-1)
+            if t.layout == 1:
+                a = x8_unpack(a, t.type, t.shape[0]).reshape(-1)
+            same += a.tobytes() == np.asarray(gt.data).view(np.uint8).reshape(-1).tobytes()
+    return same, total
 
 
 def our_env() -> dict:
@@ -568,6 +667,10 @@ def render(ctx: dict) -> str:
     engines = ctx["engines"]           # [(key, label)], llama.cpp variants first, ours last
     llamas = [e for e in engines if e[0] != "ours"]
     p, n = ctx["p"], ctx["n"]
+    preset, cfg = ctx["preset"], ctx["config"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    L.append(f"### {preset_label(preset)} config")
+    L.append("")
     L.append(f"Measured {ctx['date']} by `python tools/bench_vs_llamacpp.py {ctx['argv']}`"
              f" ({ctx['elapsed_min']:.0f} min).")
     L.append("")
@@ -592,9 +695,25 @@ def render(ctx: dict) -> str:
     L.append(f"- llamacpu {om.get('version')} (git {ctx['git']}), kernels `{om.get('kernels')}`."
              + (" **Warning: the llamacpu extension was rebuilt during the runs; the llamacpu column mixes "
                 "two builds. Run again.**" if ctx["engine_changed"] else ""))
-    L.append(f"- Model: random weights, exact Llama 3.2 1B config (tools/make_checkpoint.py --preset 1b, "
-             f"bf16 safetensors). llama.cpp: its convert_hf_to_gguf.py --outtype bf16, then llama-quantize; "
-             f"llamacpu: `llamacpu convert --type`.")
+    L.append(f"- Model: random weights, the exact {preset_label(preset)} config (tools/make_checkpoint.py "
+             f"--preset {preset}, bf16 safetensors: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} "
+             f"layers, {cfg['num_attention_heads']} / {cfg['num_key_value_heads']} heads (q / kv), head_dim "
+             f"{head_dim}, FFN {cfg['intermediate_size']}, vocab {cfg['vocab_size']}, tied "
+             f"embedding). llama.cpp's files: its convert_hf_to_gguf.py --outtype bf16, then llama-quantize "
+             f"to each type.")
+    for typ in ctx["types"]:
+        same, total = ctx["identical"][typ]
+        if typ in OWN_TYPES:
+            L.append(f"- {typ.upper()}: each engine's own conversion of the checkpoint. llama.cpp: "
+                     f"`llama-quantize llamacpp-{preset}-bf16.gguf OUT {typ.upper()}`; llamacpu: "
+                     f"`llamacpu convert ckpt-{preset} OUT --type {typ}` (its own type policy; "
+                     f"{same} / {total} tensors byte-identical to llama.cpp's file).")
+        else:
+            L.append(f"- {typ.upper()}: one GGUF, run by both. llama.cpp: `llama-quantize "
+                     f"llamacpp-{preset}-bf16.gguf OUT {typ.upper()}` (no importance matrix); llamacpu: that "
+                     f"same GGUF imported, `llamacpu convert llamacpp-{preset}-{typ}.gguf OUT` (each "
+                     f"tensor keeps its type, blocks copied bit-exact into the x8 layout; {same} / {total} "
+                     f"tensors byte-identical once unpacked).")
     L.append(f"- Tests as llama-bench defines them: pp{p} = one batch of {p} random tokens from an empty "
              f"cache; tg{n} = {n} tokens decoded one at a time from an empty cache. Each run is a fresh "
              f"process with one warm-up per test (`llama-bench -r 1 -o json`, "
@@ -629,30 +748,39 @@ def render(ctx: dict) -> str:
     L.append("")
 
     # files
-    L.append("Files (the same bf16 checkpoint; sizes in 10^6 bytes):")
+    L.append(f"Files (all from the same bf16 checkpoint; sizes in 10^6 bytes; bound t/s = the decode "
+             f"bound at {', '.join(str(t) for t in ctx['threads'])} thread(s)):")
     L.append("")
-    L.append("| type | engine | file | file size | tensor bytes | types (tensors, bytes) | decode bytes/token |")
-    L.append("|---|---|---|---:|---:|---|---:|")
+    L.append("| type | engine | made by | file | file size | tensor bytes | types (tensors, bytes) | "
+             "decode bytes/token | bound t/s |")
+    L.append("|---|---|---|---|---:|---:|---|---:|---:|")
     for typ in ctx["types"]:
         for key, label in [llamas[0], ("ours", "llamacpu")]:
             f = ctx["files"][(key, typ)]
             tys = ", ".join(f"{k} ×{v[0]} {fmt_mb(v[1])}" for k, v in
                             sorted(f["types"].items(), key=lambda kv: -kv[1][1]))
-            L.append(f"| {typ.upper()} | {label if key == 'ours' else 'llama.cpp'} | {f['name']} | "
+            bounds = " / ".join(f"{ctx['bw_used'][t] * 1e9 / f['bytes_per_token']:.1f}" for t in ctx["threads"])
+            L.append(f"| {typ.upper()} | {label if key == 'ours' else 'llama.cpp'} | "
+                     f"{made_by(typ, key, preset)} | {f['name']} | "
                      f"{fmt_mb(f['file_size'])} | {fmt_mb(f['tensor_bytes'])} | {tys} | "
-                     f"{fmt_mb(f['bytes_per_token'])} |")
+                     f"{fmt_mb(f['bytes_per_token'])} | {bounds} |")
     L.append("")
     L.append("Output head: " + "; ".join(
         f"{typ.upper()} llama.cpp {ctx['files'][(llamas[0][0], typ)]['head_type']}, "
         f"llamacpu {ctx['files'][('ours', typ)]['head_type']}" for typ in ctx["types"])
-        + " (both files tie it to the embedding). llama-quantize gives the tied embedding/output Q6_K "
-          "when asked for Q4_0; llamacpu gives it Q6_0, its own 6-bit type (docs/FORMAT.md), with q4_0.")
+        + " (both files tie it to the embedding)."
+        + (" llama-quantize gives the tied embedding/output Q6_K when asked for Q4_0; llamacpu gives it "
+           "Q6_0, its own 6-bit type (docs/FORMAT.md), with q4_0." if "q4_0" in ctx["types"] else "")
+        + (" The K-quant files are llama-quantize's per-tensor mixtures (the types column), one file "
+           "run as it is by both engines."
+           if any(t in GGUF_TYPES for t in ctx["types"]) else ""))
     L.append("")
+    kv = cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2 * 2 * n
     L.append("Decode bound: bound t/s = read bandwidth (threads) / bytes per token; bytes per token = "
              "Σ nbytes of every tensor in the file (each matrix of every layer, norms, the tied "
              "embedding read once as the output head) + one embedding row (the lookup). The KV cache "
-             "(< 4 MB per token at this length) and activations are left out, so the bound is a little "
-             "optimistic.")
+             f"(F16 K and V: at most {fmt_mb(kv)} per token at tg{n}) and activations are left out, so the "
+             "bound is a little optimistic.")
     L.append("")
 
     # bandwidth
@@ -703,21 +831,23 @@ def render(ctx: dict) -> str:
 INTRO = """# Benchmarks
 
 llamacpu against llama.cpp on this machine, side by side: the same random-weight checkpoint
-with the exact Llama 3.2 1B configuration, converted by each engine's own tools, Q4_0 and
-Q8_0, prompt processing (pp512) and generation (tg128) with 1 and 2 threads.
+with the exact Llama 3.2 1B configuration (and the 3B one for Q4_K_M), Q4_0 and Q8_0
+converted by each engine's own tools, Q4_K_M and Q6_K made by llama-quantize and run as the
+same GGUF by both; prompt processing (pp512) and generation (tg128) with 1 and 2 threads.
 
 ## How to rerun
 
 ```bash
 python tools/bench_vs_llamacpp.py            # full: builds llama.cpp once (cached in ~/.cache/llamacpu), -r 3
+python tools/bench_vs_llamacpp.py --preset 3b   # the 3B config (Q4_K_M by default)
 python tools/bench_vs_llamacpp.py --avx2     # also an AVX2-only llama.cpp build (llamacpu's x86 ISA)
-python tools/bench_vs_llamacpp.py -r 5 -t 1,2,4
+python tools/bench_vs_llamacpp.py -r 5 -t 1,2,4 --types q4_k_m,q5_k_m
 python tools/bench_vs_llamacpp.py --quick    # smoke test (-p 64 -n 16 -r 1), prints the table only
 llamacpu bench MODEL -p 512 -n 128 -t 1,2 -r 5   # our engine alone, llama-bench style
 ```
 
-The tool writes the section between the `bench:begin` / `bench:end` markers below and keeps
-the rest of this file.
+The tool writes the sections between the `bench:begin` / `bench:end` markers (1B) and the
+`bench:3b:begin` / `bench:3b:end` markers (3B) below and keeps the rest of this file.
 
 ## Results
 
@@ -730,16 +860,21 @@ TRIED = """
 """
 
 
-def write_marked(path: Path, begin: str, end: str, body: str, new_file) -> None:
+def write_marked(path: Path, begin: str, end: str, body: str, new_file, after: str | None = None) -> None:
     """Put `body` between the begin/end marker lines of the file at `path`, keeping the
-    rest; without markers, append them under "## Results"; a missing file becomes
-    new_file(block). Shared with tools/quality_vs_llamacpp.py."""
+    rest; without markers, put them right after the line `after` when the file has it, else
+    append them under "## Results"; a missing file becomes new_file(block). Shared with
+    tools/quality_vs_llamacpp.py."""
     block = f"{begin}\n{body}\n{end}"
     if path.exists():
         text = path.read_text()
         i, j = text.find(begin), text.find(end)
+        k = text.find(after) if after else -1
         if i >= 0 and j > i:
             text = text[:i] + block + text[j + len(end):]
+        elif k >= 0:
+            k += len(after)
+            text = text[:k] + "\n\n" + block + text[k:]
         else:
             text = text.rstrip("\n") + "\n\n## Results\n\n" + block + "\n"
     else:
@@ -747,9 +882,11 @@ def write_marked(path: Path, begin: str, end: str, body: str, new_file) -> None:
     path.write_text(text)
 
 
-def write_benchmarks(path: Path, body: str) -> None:
-    write_marked(path, BEGIN, END, body, lambda block: INTRO + block + TRIED)
-    log(f"wrote {path}")
+def write_benchmarks(path: Path, body: str, preset: str = "1b") -> None:
+    begin, end = markers(preset)
+    write_marked(path, begin, end, body, lambda block: INTRO + block + TRIED,
+                 after=None if preset == "1b" else END)
+    log(f"wrote {path} ({preset_label(preset)} part)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -761,7 +898,13 @@ def main(argv=None) -> int:
     ap.add_argument("-n", type=int, default=128, help="generated tokens (default 128)")
     ap.add_argument("-t", "--threads", default="1,2", help="thread counts (default 1,2)")
     ap.add_argument("-r", "--runs", type=int, default=3, help="alternating runs per engine (default 3)")
-    ap.add_argument("--types", default="q4_0,q8_0", help="weight types (default q4_0,q8_0)")
+    ap.add_argument("--preset", default="1b", choices=PRESETS,
+                    help="the checkpoint's config: the exact Llama 3.2 1B or 3B one (default 1b)")
+    ap.add_argument("--types", default=None,
+                    help=f"weight types, of {', '.join(OWN_TYPES + GGUF_TYPES)} (default "
+                         f"{DEFAULT_TYPES['1b']} for 1b, {DEFAULT_TYPES['3b']} for 3b). "
+                         f"{', '.join(OWN_TYPES)}: each engine converts the checkpoint; the others: "
+                         f"llama-quantize's GGUF, imported by llamacpu")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: -p 64 -n 16 -r 1; prints the table, writes no file unless --out")
     ap.add_argument("--llama-bench", type=Path, help="use this llama-bench instead of building one")
@@ -789,12 +932,14 @@ def main(argv=None) -> int:
         args.quiet_wait, args.redo = min(args.quiet_wait, 10), 0
     out_path = args.out if args.out is not None else (None if args.quick else REPO / "BENCHMARKS.md")
     threads = [int(x) for x in args.threads.split(",") if x.strip()]
-    types = [x.strip().lower() for x in args.types.split(",") if x.strip()]
+    types = [x.strip().lower() for x in (args.types or DEFAULT_TYPES[args.preset]).split(",") if x.strip()]
     if not threads or min(threads) < 1 or args.runs < 1 or args.p < 1 or args.n < 1:
         ap.error("need threads >= 1, -r >= 1, -p >= 1, -n >= 1")
     for t in types:
-        if t not in ("q4_0", "q8_0"):
-            ap.error(f"--types: {t} (q4_0, q8_0)")
+        if t not in OWN_TYPES + GGUF_TYPES:
+            ap.error(f"--types: {t} ({', '.join(OWN_TYPES + GGUF_TYPES)})")
+    if len(set(types)) != len(types):
+        ap.error("--types: a type is given twice")
     t_start = time.time()
 
     # 1. llama.cpp
@@ -822,15 +967,23 @@ def main(argv=None) -> int:
         raise SystemExit(f"bench_vs_llamacpp: no llama-quantize at {quantize} (give --llama-quantize)")
 
     # 2-3. model files
-    ck = ensure_checkpoint()
+    ck = ensure_checkpoint(args.preset)
+    config = json.loads((ck / "config.json").read_text())
     conv_py = convert_python(args.convert_python)
-    ggufs = ensure_llamacpp_files(ck, types, Path(quantize), conv_py)
-    ours = ensure_our_files(ck, types)
+    ggufs = ensure_llamacpp_files(ck, types, Path(quantize), conv_py, args.preset)
+    ours = ensure_our_files(ck, types, ggufs, args.preset)
     files = {}
     for typ in types:
         for key, _ in engines:
             path = ours[typ] if key == "ours" else ggufs[typ]
             files[(key, typ)] = dict(tensor_table(path), name=path.name)
+    identical = {}
+    for typ in types:
+        identical[typ] = identical_tensors(ours[typ], ggufs[typ])
+        log(f"{typ}: {identical[typ][0]} / {identical[typ][1]} tensors of llama.cpp's file byte-identical "
+            f"in llamacpu's ({made_by(typ, 'ours', args.preset)})")
+        if typ in GGUF_TYPES and identical[typ][0] != identical[typ][1]:
+            log(f"  WARNING: {typ}: the import should keep every tensor of the GGUF bit-exact")
     if args.build_only:
         for k, v in files.items():
             log(f"{k}: {v['name']} {fmt_mb(v['file_size'])}, {fmt_mb(v['bytes_per_token'])} per token")
@@ -896,7 +1049,8 @@ def main(argv=None) -> int:
         "argv": " ".join(sys.argv[1:] if argv is None else argv),
         "elapsed_min": (time.time() - t_start) / 60,
         "cpu": cpu_info(), "engines": engines, "types": types, "threads": threads, "p": args.p, "n": args.n,
-        "reps": args.runs, "samples": samples, "rss": rss, "loads": loads, "files": files,
+        "reps": args.runs, "preset": args.preset, "config": config, "identical": identical,
+        "samples": samples, "rss": rss, "loads": loads, "files": files,
         "bw_samples": bw_samples, "bw_used": bw_used, "llama_meta": llama_meta,
         "our_meta": our_meta, "llama_flags": flags, "git": git_describe(),
         "engine_changed": engine_fingerprint() != engine_before,
@@ -904,7 +1058,8 @@ def main(argv=None) -> int:
     }
     body = render(ctx)
     print(body)
-    raw = BENCH_DIR / ("last-run-quick.json" if args.quick else "last-run.json")
+    raw = BENCH_DIR / (("last-run-quick" if args.quick else "last-run")
+                       + ("" if args.preset == "1b" else f"-{args.preset}") + ".json")
     raw.write_text(json.dumps({
         "samples": {"|".join(map(str, k)): v for k, v in samples.items()},
         "foreign_cores": {"|".join(map(str, k)): v for k, v in foreign.items()},
@@ -913,11 +1068,12 @@ def main(argv=None) -> int:
         "loads": {"|".join(map(str, k)): v for k, v in loads.items()},
         "bw_samples": bw_samples,
         "files": {"|".join(k): v for k, v in files.items()},
+        "preset": args.preset, "identical": identical,
         "llama_meta": llama_meta, "our_meta": our_meta,
     }, indent=1, default=str))
     log(f"raw results: {raw}")
     if out_path is not None:
-        write_benchmarks(out_path, body)
+        write_benchmarks(out_path, body, args.preset)
     return 0
 
 

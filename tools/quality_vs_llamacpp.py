@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Perplexity of SmolLM2-135M-Instruct in llamacpu and in llama.cpp, side by side; writes docs/QUALITY.md.
 
-    python tools/quality_vs_llamacpp.py                 # the whole table (F32, Q8_0, Q4_1, Q4_0)
+    python tools/quality_vs_llamacpp.py                 # the whole table (F32, Q8_0, Q4_1, Q4_0,
+                                                        #   Q4_K_M, Q5_K_M, Q6_K)
     python tools/quality_vs_llamacpp.py --chunks 2      # smoke test: 2 chunks, prints, writes no file
+    python tools/quality_vs_llamacpp.py --chunks 2 --types q4_k_m
     python tools/quality_vs_llamacpp.py --types q4_1 -t 1 --out /tmp/q.md
 
 Steps (files cached in ~/.cache/llamacpu/quality, or $LLAMACPU_CACHE/quality):
@@ -25,6 +27,14 @@ Steps (files cached in ~/.cache/llamacpu/quality, or $LLAMACPU_CACHE/quality):
              --allow-requantize GGUF OUT F32`): the same weights as q4_1 without the
              quantized dot products, so the difference between the q4_1 and f32 rows is
              what each engine's quantized arithmetic costs.
+       q4_k_m, q5_k_m, q6_k  the K-quant files people download, made as llama.cpp makes
+             them from float weights: `llama-quantize --allow-requantize GGUF F16GGUF F16`
+             (the dequantized Q4_1 weights, rounded to F16), then `llama-quantize F16GGUF
+             OUT Q4_K_M|Q5_K_M|Q6_K` (no importance matrix). llamacpu runs that same file,
+             imported: `llamacpu convert OUT.gguf FILE` (each tensor keeps its type, blocks
+             bit-exact). SmolLM2's 576-column matrices are no multiple of the K-quants'
+             256, so llama-quantize gives them its fallback types (Q5_0 / Q5_1 / Q8_0, the
+             file table shows them); the 1536-column ffn_down gets the K types.
   4. The text: tests/data/alice_ch1-4.txt (tests/data/README.md). Its token ids from
      `llama-tokenize --ids` and from llamacpu's tokenizer are compared; the table says
      whether they are identical.
@@ -40,7 +50,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import platform
 import re
 import subprocess
@@ -59,9 +68,13 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = REPO / "tests" / "data" / "alice_ch1-4.txt"
 QDIR = bv.CACHE / "quality"
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
-TYPES = ["f32", "q8_0", "q4_1", "q4_0"]
+TYPES = ["f32", "q8_0", "q4_1", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+# llama-quantize makes them from the F16 GGUF; llamacpu imports that same file
+KQUANT_TYPES = ("q4_k_m", "q5_k_m", "q6_k")
 LABEL = {"f32": "F32 (dequantized Q4_1)", "q8_0": "Q8_0 (requantized)", "q4_1": "Q4_1 (as imported)",
-         "q4_0": "Q4_0 (requantized)"}
+         "q4_0": "Q4_0 (requantized)", "q4_k_m": "Q4_K_M (llama-quantize of F16)",
+         "q5_k_m": "Q5_K_M (llama-quantize of F16)", "q6_k": "Q6_K (llama-quantize of F16)"}
+F16_NAME = "llamacpp-smollm2-f16.gguf"
 
 DEFAULT_Q4_0 = "q4_0-default"  # llamacpu's default q4_0 file, measured in llamacpu only
 
@@ -71,13 +84,18 @@ sh = bv.sh
 
 # ----------------------------------------------------------------------------- files
 
-def our_files(gguf: Path, types) -> dict:
-    """llamacpu files of the GGUF (q4_1: its own types kept), cached as the benchmark's are."""
-    args = {t: [] if t == "q4_1" else ["--type", t] for t in types}
+def our_files(gguf: Path, types, ggufs: dict) -> dict:
+    """llamacpu files of the GGUF (q4_1: its own types kept), cached as the benchmark's are;
+    the K-quants: llama.cpp's file of that type (ggufs) imported."""
+    args = {t: [] if t == "q4_1" else ["--type", t] for t in types if t not in KQUANT_TYPES}
     if "q4_0" in args:  # the same head type as llama-quantize's Q4_0 of this model ...
         args["q4_0"] = ["--type", "q4_0", "--head-type", "q8_0"]
         args[DEFAULT_Q4_0] = ["--type", "q4_0"]  # ... and our default (a Q6_0 head)
-    return bv.converted_files(gguf, QDIR, "llamacpu-smollm2", args)
+    out = bv.converted_files(gguf, QDIR, "llamacpu-smollm2", args)
+    for t in types:
+        if t in KQUANT_TYPES:
+            out.update(bv.converted_files(ggufs[t], QDIR, "llamacpu-smollm2", {t: []}))
+    return out
 
 
 def llama_files(gguf: Path, types, quantize: Path) -> dict:
@@ -85,39 +103,15 @@ def llama_files(gguf: Path, types, quantize: Path) -> dict:
     for t in types:
         if t == "q4_1":
             out[t] = gguf
-            continue
-        q = QDIR / f"llamacpp-smollm2-{t}.gguf"
-        if not q.exists():
-            tmp = q.with_suffix(".gguf.tmp")
-            sh([quantize, "--allow-requantize", gguf, tmp, t.upper(), str(os.cpu_count() or 2)],
-               logfile=QDIR / f"llama-quantize-{t}.log")
-            tmp.rename(q)
-        out[t] = q
+        elif t in KQUANT_TYPES:  # from float weights, as a publisher makes them
+            f16 = bv.llama_quantize(quantize, gguf, QDIR / F16_NAME, "f16", QDIR / "llama-quantize-f16.log",
+                                    requantize=True)
+            out[t] = bv.llama_quantize(quantize, f16, QDIR / f"llamacpp-smollm2-{t}.gguf", t,
+                                       QDIR / f"llama-quantize-{t}.log")
+        else:
+            out[t] = bv.llama_quantize(quantize, gguf, QDIR / f"llamacpp-smollm2-{t}.gguf", t,
+                                       QDIR / f"llama-quantize-{t}.log", requantize=True)
     return out
-
-
-def same_weights(our_file: Path, gguf: Path) -> tuple[int, int]:
-    """(tensors whose bytes are identical in both files, tensors): our quantized matrices
-    are unpacked from the x8 layout to GGUF's row-major blocks first (docs/FORMAT.md)."""
-    import numpy as np
-    from llamacpu.convert_gguf import internal_name
-    from llamacpu.format import read_model, x8_unpack
-    from llamacpu.gguf import GGUFFile
-
-    same = total = 0
-    with read_model(our_file) as m, GGUFFile(gguf) as g:
-        n_layers = m.config["num_hidden_layers"]
-        for name, gt in g.tensors.items():
-            ours = internal_name(name, n_layers)
-            total += 1
-            if ours not in m.tensors or m.tensors[ours].type != gt.type:
-                continue
-            t = m.tensors[ours]
-            a = np.asarray(m.array(ours)).view(np.uint8).reshape(-1)
-            if t.layout == 1:
-                a = x8_unpack(a, t.type, t.shape[0]).reshape(-1)
-            same += a.tobytes() == np.asarray(gt.data).view(np.uint8).reshape(-1).tobytes()
-    return same, total
 
 
 def type_summary(info: dict) -> str:
@@ -245,7 +239,20 @@ def render(ctx: dict) -> str:
     if f32:
         L.append("")
         L.append("vs F32: the PPL of the row against the same engine's F32 row, which has the same "
-                 "weights as Q4_1 (its dequantized values) and no quantized arithmetic.")
+                 "weights as Q4_1 (its dequantized values) and no quantized arithmetic."
+                 + (" The K-quant rows are quantized from those weights rounded to F16."
+                    if any(t in KQUANT_TYPES for t in ctx["types"]) else ""))
+    kq = [t for t in ctx["types"] if t in KQUANT_TYPES]
+    if kq:
+        L.append("")
+        L.append(f"Each K-quant row ({', '.join(t.upper() for t in kq)}) is one file, run by both engines: "
+                 f"llama-quantize makes an F16 GGUF of the model (`llama-quantize --allow-requantize "
+                 f"{GGUF_NAME} {F16_NAME} F16`: the dequantized Q4_1 weights), then the K-quant from it "
+                 f"(`llama-quantize {F16_NAME} OUT Q4_K_M`, no importance matrix), as a publisher makes "
+                 f"them from float weights; llamacpu imports that same GGUF (`llamacpu convert OUT.gguf "
+                 f"FILE`: each tensor keeps its type, blocks bit-exact). SmolLM2's 576-column matrices are "
+                 f"no multiple of the K-quants' 256-element super-blocks, so llama-quantize gives them its "
+                 f"fallback types (the file table); only the 1536-column ffn_down is K-quantized.")
     d = ctx["res"].get(("ours", DEFAULT_Q4_0))
     if d and ("ours", DEFAULT_Q4_0) in ctx["files"]:
         q8 = ctx["res"][("ours", "q4_0")]
@@ -344,15 +351,15 @@ def main(argv=None) -> int:
 
     gguf = fetch_assets.asset_path(GGUF_NAME)
     bindir = bv.build_llamacpp(bv.native_variant())
-    ours = our_files(gguf, types)
     ggufs = llama_files(gguf, types, bindir / "llama-quantize")
+    ours = our_files(gguf, types, ggufs)
     files = {}
     for t in types:
         files[("ours", t)] = bv.tensor_table(ours[t])
         files[("llama", t)] = bv.tensor_table(ggufs[t])
     if DEFAULT_Q4_0 in ours:
         files[("ours", DEFAULT_Q4_0)] = bv.tensor_table(ours[DEFAULT_Q4_0])
-    same = {t: same_weights(ours[t], ggufs[t]) for t in types}
+    same = {t: bv.identical_tensors(ours[t], ggufs[t]) for t in types}
     tokens = compare_tokens(bindir, gguf, ours[types[0]])
     log(f"tokens: llamacpu {tokens['ours']}, llama.cpp {tokens['llama']}, identical: {tokens['identical']}")
 
