@@ -77,25 +77,6 @@
     }
 #define LC_TILED_GEMM_X8(NAME, TYPE, TILE) LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE, 0)
 
-#define LC_DEFINE_GEMMS_X8                                       \
-    LC_TILED_GEMM_X8(gemm_q4_0_x8, LC_TYPE_Q4_0, tile_x8)        \
-    LC_TILED_GEMM_X8(gemm_q4_1_x8, LC_TYPE_Q4_1, tile_x8)        \
-    LC_TILED_GEMM_X8(gemm_q8_0_x8, LC_TYPE_Q8_0, tile_x8)        \
-    LC_TILED_GEMM_X8(gemm_q6_0_x8, LC_TYPE_Q6_0, tile_x8)
-
-/* interim: a SIMD file's gemm for a type it has no kernel for yet calls the scalar one */
-#define LC_SCALAR_GEMM_X8(NAME, IDX)                                                              \
-    static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, \
-                     int64_t r0, int64_t r1) { lc_kernels_scalar.gemm_x8[IDX](W, cols, X, nt, Y, ldy, r0, r1); }
-#define LC_SCALAR_GEMMS_NEW                                  \
-    LC_SCALAR_GEMM_X8(gemm_q5_0_x8, LC_I_Q5_0)               \
-    LC_SCALAR_GEMM_X8(gemm_q5_1_x8, LC_I_Q5_1)               \
-    LC_SCALAR_GEMM_X8(gemm_q4_k_x8, LC_I_Q4_K)               \
-    LC_SCALAR_GEMM_X8(gemm_q5_k_x8, LC_I_Q5_K)               \
-    LC_SCALAR_GEMM_X8(gemm_q6_k_x8, LC_I_Q6_K)               \
-    LC_SCALAR_GEMM_X8(gemm_iq4_nl_x8, LC_I_IQ4_NL)           \
-    LC_SCALAR_GEMM_X8(gemm_iq4_xs_x8, LC_I_IQ4_XS)
-
 /* A kernel table from a file's static kernels: every file defines the row-major
  * gemms of Q4_0, Q4_1, Q8_0, the x8 gemms of every quantized type with kernels,
  * and the float ones (the one list of which (type, layout) pairs have kernels). */
