@@ -196,6 +196,11 @@ typedef struct {
     const block_q8a *xq;
     float *Y;
     int64_t ldy;
+    /* AMX chunks: the bf16 terms of the activations used (lc_kernels.gemm_amx): 2 (16
+     * significant bits) for q/k/v, whose inputs move SmolLM2's logits most (the attention
+     * sink's massive activations), 1 elsewhere. Both terms everywhere cost ~25% of pp512
+     * for min logit cosine 0.9997 instead of 0.9990-0.9993 (docs/ARCHITECTURE.md). */
+    int amx_terms;
 } lc_mm;
 
 /* Up to 4 independent matmuls over the same tokens in one OpenMP region: their
@@ -230,7 +235,7 @@ static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
         const int64_t r0 = (ci - first[i]) * chunk[i], r1 = r0 + chunk[i] < rows ? r0 + chunk[i] : rows;
         const lc_gemm g = lc_gemm_of(k, W->type, W->layout); /* checked in lc_model_new */
         if (g.q && m->amx) /* x8 layout: every quantized tensor with rows % 8 == 0 */
-            k->gemm_amx(W->type, W->data, W->cols, m->xbf, nt, Y, ldy, r0, r1,
+            k->gemm_amx(W->type, mm[i].amx_terms, W->data, W->cols, m->xbf, nt, Y, ldy, r0, r1,
                         m->amx_scratch + (size_t)thread_id() * LC_AMX_SCRATCH(m->widest));
         else if (g.q) g.q(W->data, W->cols, xq, nt, Y, ldy, r0, r1);
         else g.f(W->data, W->cols, mm[i].xf, nt, Y, ldy, r0, r1);
@@ -238,7 +243,7 @@ static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
 }
 
 static void matmul(lc_model *m, const lc_tensor *W, const float *xf, const block_q8a *xq, int nt, float *Y, int64_t ldy) {
-    const lc_mm mm = {W, xf, xq, Y, ldy};
+    const lc_mm mm = {W, xf, xq, Y, ldy, 1};
     matmuls(m, &mm, 1, nt);
 }
 
@@ -320,8 +325,8 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
         quantize_rows(m, m->xb, nt, dim, lc_is_quantized(L->wq.type) || lc_is_quantized(L->wk.type) || lc_is_quantized(L->wv.type));
         const int vres = lc_is_quantized(L->wv.type) && !m->amx; /* bf16 inputs: no 8-bit rounding to undo */
         if (vres) value_residual_input(m, nt);
-        const lc_mm qkv[4] = {{&L->wq, m->xb, m->xq, m->q, qd}, {&L->wk, m->xb, m->xq, m->kb, kvd},
-                              {&L->wv, m->xb, m->xq, m->vb, kvd}, {&L->wv, NULL, m->xq2, m->vb2, kvd}};
+        const lc_mm qkv[4] = {{&L->wq, m->xb, m->xq, m->q, qd, 2}, {&L->wk, m->xb, m->xq, m->kb, kvd, 2},
+                              {&L->wv, m->xb, m->xq, m->vb, kvd, 2}, {&L->wv, NULL, m->xq2, m->vb2, kvd, 2}};
         matmuls(m, qkv, vres ? 4 : 3, nt);
 #pragma omp parallel for num_threads(nth) schedule(static) if (par)
         for (int t = 0; t < nt; t++) {
@@ -355,7 +360,7 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
             k->rmsnorm(m->xb + (int64_t)t * dim, x, L->ffn_norm, dim, c->norm_eps);
         }
         quantize_rows(m, m->xb, nt, dim, lc_is_quantized(L->w1.type) || lc_is_quantized(L->w3.type));
-        const lc_mm up[2] = {{&L->w1, m->xb, m->xq, m->hb, hid}, {&L->w3, m->xb, m->xq, m->hb2, hid}};
+        const lc_mm up[2] = {{&L->w1, m->xb, m->xq, m->hb, hid, 1}, {&L->w3, m->xb, m->xq, m->hb2, hid, 1}};
         matmuls(m, up, 2, nt);
 #pragma omp parallel for num_threads(nth) schedule(static) if (par)
         for (int t = 0; t < nt; t++) k->swiglu(m->hb + (int64_t)t * hid, m->hb2 + (int64_t)t * hid, hid);

@@ -55,9 +55,9 @@
 
 /* x8 layout: the same loop over groups of 8 rows; TILE(TYPE, group, x_tile, nb,
  * TN, out, ldy) writes 8 consecutive outputs per token. r0, r1: multiples of 8.
- * With PAIRS 1: pairs of groups first, for 2-4 tokens, with TILE2(TYPE, group,
- * x_tile, nb, TN, out, ldy) writing 16 outputs per token (the second group is
- * group_bytes further), then the groups left over one by one. */
+ * With PAIRS 1: pairs of groups first, for 2-4 tokens (PAIRS 2: for any number of
+ * tokens), with TILE2(TYPE, group, x_tile, nb, TN, out, ldy) writing 16 outputs per
+ * token (the second group is group_bytes further), then the groups left over one by one. */
 #define LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE2, PAIRS)                                    \
     static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, \
                      int64_t r0, int64_t r1) {                                                    \
@@ -66,7 +66,7 @@
             const int tn = nt - t0 < 4 ? nt - t0 : 4;                                             \
             const block_q8a *x = X + (int64_t)t0 * nb;                                            \
             int64_t g = r0 / 8;                                                                   \
-            if (PAIRS && tn > 1)                                                                  \
+            if (PAIRS && (tn > 1 || PAIRS == 2))                                                  \
                 for (; g + 2 <= r1 / 8; g += 2)                                                   \
                     LC_X8_DISPATCH(TILE2, TYPE, (const char *)W + g * group_bytes, x, nb, tn,     \
                                    Y + (int64_t)t0 * ldy + 8 * g, ldy)                            \

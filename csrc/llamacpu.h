@@ -60,10 +60,11 @@ typedef struct lc_kernels {
     /* Prefill on Intel AMX (the avx512amx table; NULL in the others). Y[t*ldy + r] =
      * W[r,:] . X[t,:] for W of a quantized type in the x8 layout, rows [r0, r1) (multiples
      * of 8). X: the nt tokens' activations as act_to_amx writes them (LC_AMX_ACT(nt, cols)
-     * elements, tokens after nt zero). scratch: LC_AMX_SCRATCH(cols) bytes, for the
-     * dequantized weights. cols % 32 == 0. */
-    void (*gemm_amx)(int type, const void *W, int64_t cols, const uint16_t *X, int nt, float *Y, int64_t ldy,
-                     int64_t r0, int64_t r1, void *scratch);
+     * elements, tokens after nt zero), of which `terms` are used: 2 (hi + lo, 16
+     * significant bits) or 1 (hi, bf16's 8, half the tile products). scratch:
+     * LC_AMX_SCRATCH(cols) bytes, for the dequantized weights. cols % 32 == 0. */
+    void (*gemm_amx)(int type, int terms, const void *W, int64_t cols, const uint16_t *X, int nt, float *Y,
+                     int64_t ldy, int64_t r0, int64_t r1, void *scratch);
     /* token t's activations x (cols,) -> X, as two bf16 terms (x = hi + lo to 16
      * significant bits) in AMX tiles of 16 tokens x 32 elements */
     void (*act_to_amx)(uint16_t *X, const float *x, int64_t cols, int t);

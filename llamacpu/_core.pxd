@@ -52,8 +52,8 @@ cdef extern from "llamacpu.h" nogil:
                           float scale, float *scratch) noexcept nogil
         void (*f32_to_f16)(uint16_t *y, const float *x, int64_t n) noexcept nogil
         void (*swiglu)(float *hb, const float *hb2, int64_t n) noexcept nogil
-        void (*gemm_amx)(int type, const void *W, int64_t cols, const uint16_t *X, int nt, float *Y, int64_t ldy,
-                         int64_t r0, int64_t r1, void *scratch) noexcept nogil
+        void (*gemm_amx)(int type, int terms, const void *W, int64_t cols, const uint16_t *X, int nt, float *Y,
+                         int64_t ldy, int64_t r0, int64_t r1, void *scratch) noexcept nogil
         void (*act_to_amx)(uint16_t *X, const float *x, int64_t cols, int t) noexcept nogil
 
     size_t LC_AMX_SCRATCH(int64_t cols)

@@ -194,7 +194,7 @@ def has_amx(impl=None):
     return _kernels(impl).gemm_amx != NULL
 
 
-def gemm_amx(w, int type, int64_t rows, int64_t cols, x, impl="avx512amx", int64_t r0=0, int64_t r1=-1):
+def gemm_amx(w, int type, int64_t rows, int64_t cols, x, impl="avx512amx", int64_t r0=0, int64_t r1=-1, int terms=2):
     """Y (nt, rows) = X (nt, cols) @ W^T on AMX: W in the x8 layout, X as two bf16 terms (the
     table's act_to_amx); rows [r0, r1) computed (multiples of 8), the others left 0."""
     cdef const lc_kernels *k = _kernels(impl)
@@ -207,6 +207,8 @@ def gemm_amx(w, int type, int64_t rows, int64_t cols, x, impl="avx512amx", int64
     cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] W = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
     if type not in QUANTIZED or rows % 8 or cols % _fmt.TYPES[type].block_elems or W.shape[0] != rows * row_bytes(type, cols):
         raise ValueError("gemm_amx: a quantized W in the x8 layout (rows % 8 == 0) of rows x cols")
+    if terms not in (1, 2):
+        raise ValueError("gemm_amx: terms is 1 or 2")
     if r0 < 0 or r0 > r1 or r1 > rows or r0 % 8 or r1 % 8:
         raise ValueError("gemm_amx: r0 <= r1 <= rows, multiples of 8")
     cdef int ntp = (nt + 31) // 32 * 32
@@ -216,7 +218,7 @@ def gemm_amx(w, int type, int64_t rows, int64_t cols, x, impl="avx512amx", int64
     with nogil:
         for t in range(nt):  # the padding tokens stay zero
             k.act_to_amx(<uint16_t *>XB.data, <const float *>X.data + t * cols, cols, t)
-        k.gemm_amx(type, W.data, cols, <const uint16_t *>XB.data, nt, <float *>Y.data, rows, r0, r1, S.data)
+        k.gemm_amx(type, terms, W.data, cols, <const uint16_t *>XB.data, nt, <float *>Y.data, rows, r0, r1, S.data)
     return Y
 
 
