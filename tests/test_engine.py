@@ -7,6 +7,8 @@ Named tolerances (from the engine issue):
   so only the engine's own arithmetic is measured: mean cosine of the logits rows
   >= COS_MEAN and minimum >= COS_MIN.
 - PREFILL_REL: one n-token call against n single-token calls.
+- GREEDY_TIE_GAP: greedy decoding may part from the reference's only where the reference's
+  top two logits are this close.
 """
 import numpy as np
 import pytest
@@ -32,6 +34,7 @@ COS_MIN = 0.998
 # give 0.996-0.999 (scalar, avx2 and avx512vnni differ by summation order only).
 COS_MIN_SMOL_KQUANT = 0.995
 PREFILL_REL = 1e-5
+GREEDY_TIE_GAP = 0.25  # logits: a greedy choice between two tokens this close is a coin toss
 N_PROMPT = 64
 
 PRESETS = ["tiny64", "tiny128"]
@@ -332,10 +335,15 @@ def test_smollm2_kquant_mixtures_match_reference_on_their_weights(smollm_gguf, t
             assert cos.min() >= COS_MIN_SMOL_KQUANT
 
 
-def test_smollm2_greedy_matches_reference(smollm):
+@pytest.mark.parametrize("kernels", TABLES)
+def test_smollm2_greedy_matches_reference(smollm, kernels):
+    """32 greedy tokens per prompt equal the reference's, or part from them where the
+    reference itself nearly ties: its top two logits within GREEDY_TIE_GAP and the engine
+    taking its second. (Measured: the few partings are at gaps of 0.06-0.11 logits out of
+    18-25, where a last-bit difference decides.)"""
     path, ref = smollm
     agree = 0
-    with llamacpu.Model(path, n_ctx=512) as m:
+    with llamacpu.Model(path, n_ctx=512, kernels=kernels) as m:
         for text in CHAT_PROMPTS:
             ids = chat_ids(m, text)
             m.reset()
@@ -346,9 +354,16 @@ def test_smollm2_greedy_matches_reference(smollm):
                 ours.append(nxt)
                 logits = m.forward([nxt], pos=len(ids) + i)
             theirs = ref.greedy(ids, 32)
-            agree += ours == theirs
-            print(f"\n{text[:24]!r}: {'same' if ours == theirs else 'differs'}")
-    assert agree >= 4
+            if ours == theirs:
+                agree += 1
+                print(f"\n{kernels} {text[:24]!r}: same")
+                continue
+            d = next(i for i in range(32) if ours[i] != theirs[i])
+            rl = ref.forward(ids + theirs[:d])[-1]
+            first, second = np.sort(rl)[::-1][:2]
+            print(f"\n{kernels} {text[:24]!r}: parts at token {d}, reference top-2 gap {first - second:.3f}")
+            assert first - second < GREEDY_TIE_GAP and rl[ours[d]] == second
+    assert agree >= 3
 
 
 def test_kernels_environment_variable(converted):
