@@ -1,6 +1,7 @@
 """`llamacpu serve [MODEL]`: an OpenAI-compatible HTTP server, and a chat page.
 
     llamacpu serve [MODEL] [--host 127.0.0.1] [--port 8080] [--api-key KEY] [--queue-size 16]
+                   [--allowed-host NAME] [--cors-origin ORIGIN]
 
 Endpoints (bodies and errors in OpenAI's shapes, errors as
 ``{"error": {"message", "type", "param", "code"}}``):
@@ -9,13 +10,25 @@ Endpoints (bodies and errors in OpenAI's shapes, errors as
                                 logprobs/top_logprobs, stream (SSE, stream_options.include_usage)
     POST /v1/completions        text continuation of `prompt` (text_completion objects, stream too)
     GET  /v1/models             the one model served
-    GET  /health                status, queue, counters (requests, tokens, prompt-cache use)
+    GET  /health                status, queue, counters (requests, tokens, prompt-cache use);
+                                with --api-key, only {"status": "ok"} without the key
     GET  /                      a small chat page (static HTML and JS, streamed replies)
 
-How a request flows: the asyncio side (Starlette on uvicorn) parses and checks the body
-(`parse_chat` / `parse_completion`), renders and counts the prompt in a thread
-(`_check_prompt`: a prompt that does not fit the context is a 400 before it queues), then
-submits a `Job` to the `Scheduler`. One worker thread owns the Llama and runs jobs one at a
+The modules, in the order a request meets them:
+
+    command.py    the flags; uvicorn, with deadlines for idle connections
+    guard.py      who may talk to the server: Host, Origin (CORS), API key, Content-Type
+    app.py        routes; reads the body, then prepares the job in a thread
+    parse.py      the JSON body -> the job's settings, or a 400 naming the field
+    prompts.py    does the prompt fit the context (a byte bound, then its tokens)
+    scheduler.py  Job and Scheduler: the bounded queue and the one worker thread
+    responses.py  a job's output as OpenAI's JSON objects or server-sent events
+    errors.py     APIError
+
+How a request flows: the Guard checks who is asking; the handler reads the body and, in a
+thread, parses and checks it (`parse_chat` / `parse_completion`) and renders and counts its
+prompt (`PromptCheck`: a prompt that does not fit the context is a 400 before it queues),
+then submits a `Job` to the `Scheduler`. One worker thread owns the Llama and runs jobs one at a
 time in arrival order; the C forward releases the GIL, so the event loop keeps serving. The
 worker pushes chunks into the job's asyncio queue (call_soon_threadsafe); `JobResponse`
 sends them as JSON or server-sent events. The Llama's prompt cache is reused across
@@ -32,8 +45,8 @@ logprobs on /v1/completions. The request's `model` is not checked: the one model
 Fields of llama.cpp's server `top_k`, `min_p` and `repeat_penalty` are accepted too.
 Other unknown fields are ignored.
 """
-from .app import create_app  # noqa: E402,F401
-from .command import cmd_serve, register_serve  # noqa: E402,F401
-from .errors import APIError  # noqa: E402,F401
+from .app import create_app  # noqa: F401
+from .command import cmd_serve, register_serve  # noqa: F401
+from .errors import APIError  # noqa: F401
 
 __all__ = ["create_app", "register_serve", "cmd_serve", "APIError"]

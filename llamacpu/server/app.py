@@ -1,4 +1,9 @@
-"""The ASGI app: routes, their handlers, and how errors are answered."""
+"""The ASGI app: routes, their handlers, and how errors are answered.
+
+A POST's body is read here (at most MAX_BODY_BYTES); decoding, checking and counting
+its prompt run in a thread (`prepare`), so that a large body never stalls the event
+loop, which keeps serving /health and the streams of other requests meanwhile.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -6,71 +11,86 @@ import json
 import os
 import time
 
-from .errors import APIError, bad as _bad
-from .guard import _RequireKey
-from .parse import _json_type, parse_chat, parse_completion
-from .prompts import _check_prompt
-from .responses import JobResponse, _ChatFormat, _CompletionFormat
+from .errors import APIError
+from .guard import Guard
+from .parse import parse_chat, parse_completion, parse_json
+from .prompts import PromptCheck
+from .responses import ChatFormat, CompletionFormat, JobResponse
 from .scheduler import Job, Scheduler
 
-MAX_BODY_BYTES = 32 << 20
+MAX_BODY_BYTES = 32 << 20   # a body this large is already ~8M tokens of text: far past any context
 STATIC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
 
-def create_app(llm, *, api_key: str | None = None, queue_size: int = 16, model_id: str | None = None):
-    """The ASGI application serving `llm` (a llamacpu.Llama). Its lifespan starts the
-    worker thread and stops it; `app.state.scheduler` is the queue."""
+def create_app(llm, *, api_key: str | None = None, queue_size: int = 16, model_id: str | None = None,
+               host: str = "127.0.0.1", allowed_hosts=(), cors_origins=()):
+    """The ASGI application serving `llm` (a llamacpu.Llama), behind the Guard (guard.py:
+    host, origin, API key and content type). Its lifespan starts the worker thread and
+    stops it; `app.state.scheduler` is the queue."""
     import contextlib
 
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
 
     model_id = model_id or llm.model_name
     created = int(time.time())
     scheduler = Scheduler(llm, queue_size)
+    prompts = PromptCheck(llm)
     renders_tool_calls = "tool_calls" in (llm.template.source or "")
+    vocab_size = llm.tokenizer.vocab_size
     with open(os.path.join(STATIC, "chat.html"), encoding="utf-8") as fh:
         page = fh.read()
 
     def error(e: APIError):
-        return JSONResponse(e.body(), e.status, headers=e.headers)
+        # ASCII JSON: a message may quote the request, whose strings may hold lone surrogates
+        return Response(json.dumps(e.body()).encode(), e.status, headers=e.headers, media_type="application/json")
 
-    async def read_json(request) -> dict:
+    async def read_body(request) -> bytes:
+        too_big = APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
         size = request.headers.get("content-length") or "0"
         if size.isdigit() and int(size) > MAX_BODY_BYTES:
-            raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
+            raise too_big
         raw = bytearray()
         async for piece in request.stream():
             raw += piece
             if len(raw) > MAX_BODY_BYTES:
-                raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES >> 20} MiB")
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise _bad(f"the request body is not valid JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise _bad(f"the request body must be a JSON object, got {_json_type(body)}")
-        return body
+                raise too_big
+        return bytes(raw)
 
-    async def submit(kind, settings, fmt):
-        await asyncio.to_thread(_check_prompt, llm, settings)
+    def check(settings: dict) -> None:
+        """What parse.py cannot know: the Llama's own rules for sampling, the prompt's fit."""
+        try:
+            llm.sampling_params(**settings["sampling"])
+        except (ValueError, TypeError) as e:
+            raise APIError(400, str(e)) from None
+        prompts.check(settings)
+
+    def prepare_chat(raw: bytes) -> dict:
+        settings = parse_chat(parse_json(raw), llm.n_ctx, renders_tool_calls)
+        check(settings)
+        return settings
+
+    def prepare_completion(raw: bytes) -> dict:
+        settings = parse_completion(parse_json(raw), llm.n_ctx, vocab_size)
+        check(settings)
+        p = settings["prompt"]
+        settings["echo_text"] = (p if isinstance(p, str) else llm.detokenize(p)) if settings["echo"] else None
+        return settings
+
+    def submit(kind, settings, fmt):
         job = Job(kind, settings, asyncio.get_running_loop())
         scheduler.submit(job)
         return JobResponse(scheduler, job, fmt)
 
     async def chat_completions(request):
-        settings = parse_chat(await read_json(request), llm.n_ctx, renders_tool_calls)
-        return await submit("chat", settings, _ChatFormat(model_id, settings["include_usage"]))
+        settings = await asyncio.to_thread(prepare_chat, await read_body(request))
+        return submit("chat", settings, ChatFormat(model_id, settings["include_usage"]))
 
     async def completions(request):
-        settings = parse_completion(await read_json(request), llm.n_ctx)
-        echo = None
-        if settings["echo"]:
-            p = settings["prompt"]
-            echo = p if isinstance(p, str) else llm.detokenize(p)
-        return await submit("completion", settings, _CompletionFormat(model_id, settings["include_usage"], echo))
+        s = await asyncio.to_thread(prepare_completion, await read_body(request))
+        return submit("completion", s, CompletionFormat(model_id, s["include_usage"], s["echo_text"]))
 
     def model_obj():
         return {"id": model_id, "object": "model", "created": created, "owned_by": "llamacpu"}
@@ -85,6 +105,10 @@ def create_app(llm, *, api_key: str | None = None, queue_size: int = 16, model_i
         return JSONResponse(model_obj())
 
     async def health(request):
+        if not request.scope.get("state", {}).get("authorized", True):
+            # without the key, liveness only: the token counters and the prompt cache's use
+            # would let one client test guesses about another's prompt
+            return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "ok", "model": model_id, "n_ctx": llm.n_ctx, **scheduler.snapshot()})
 
     async def index(request):
@@ -121,10 +145,8 @@ def create_app(llm, *, api_key: str | None = None, queue_size: int = 16, model_i
               Route("/v1/completions", completions, methods=["POST"])]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={APIError: on_api_error, HTTPException: on_http_error, Exception: on_crash})
+    guarded = Guard(app, host=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins, api_key=api_key)
+    guarded.state = app.state
     app.state.scheduler = scheduler
     app.state.model_id = model_id
-    if api_key:
-        outer = _RequireKey(app, api_key)
-        outer.state = app.state
-        return outer
-    return app
+    return guarded

@@ -1,10 +1,57 @@
-"""`llamacpu serve`: its flags, and uvicorn running the app."""
+"""`llamacpu serve`: its flags, and uvicorn running the app with timeouts for idle connections."""
 from __future__ import annotations
 
 import os
 import sys
 
 from .app import create_app
+from .guard import WILDCARD_HOSTS
+
+# A request's head (request line and headers) must arrive within this many seconds of the
+# connection opening or of the previous response ending; uvicorn itself times out only
+# keep-alive connections after a response, so a connection that never sent a request
+# (or sent half of one) stayed open forever. A live client sends its head at once.
+HEAD_TIMEOUT_S = 5
+KEEP_ALIVE_S = 5   # idle keep-alive connections after a response (uvicorn's default, stated)
+
+
+def _timed_h11_protocol():
+    """uvicorn's h11 protocol with the HEAD_TIMEOUT_S deadline on each request head."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _head_timer = None
+
+        def _head_too_slow(self):
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def _watch_head(self):
+            """Start the deadline when the connection waits for a request head (once per
+            request: trickling bytes does not restart it); stop it when a head came."""
+            if self.conn.their_state is not h11.IDLE:
+                if self._head_timer is not None:
+                    self._head_timer.cancel()
+                    self._head_timer = None
+            elif self._head_timer is None:
+                self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_too_slow)
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._watch_head()
+
+        def handle_events(self):   # after data came, and after a response (the next request)
+            super().handle_events()
+            self._watch_head()
+
+        def connection_lost(self, exc):
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return TimedH11Protocol
 
 
 def register_serve(sub) -> None:
@@ -26,6 +73,13 @@ def register_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to "
                         "the network, so set --api-key)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header names NAME (repeatable; localhost, IP "
+                        "addresses and --host are always answered; other names are refused, which stops "
+                        "DNS rebinding)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages of ORIGIN (e.g. http://localhost:3000; repeatable; * for any page) "
+                        "call the API from a browser, with CORS headers; pages of other origins get 403")
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one, the "
                                                           "URL printed at startup says which)")
     p.add_argument("--api-key", default=os.environ.get("LLAMACPU_API_KEY") or None,
@@ -63,7 +117,11 @@ def cmd_serve(args) -> int:
     from ..llama import Llama
     llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads)  # None: the default model
     llm.tokenize("warm up")   # the tokenizer is built on first use: not in the first request
-    app = create_app(llm, api_key=args.api_key, queue_size=args.queue_size, model_id=args.alias)
+    app = create_app(llm, api_key=args.api_key, queue_size=args.queue_size, model_id=args.alias, host=args.host,
+                     allowed_hosts=args.allowed_host, cors_origins=args.cors_origin)
+    if args.host in WILDCARD_HOSTS and not args.api_key:
+        print(f"llamacpu serve: warning: --host {args.host} without --api-key: anyone who can reach this "
+              "machine can use the model", file=sys.stderr, flush=True)
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
@@ -79,7 +137,8 @@ def cmd_serve(args) -> int:
             await super().shutdown(sockets=sockets)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5, lifespan="on")
+                            timeout_graceful_shutdown=5, lifespan="on", http=_timed_h11_protocol(),
+                            timeout_keep_alive=KEEP_ALIVE_S)
     try:
         Server(config).run()
     except KeyboardInterrupt:   # uvicorn re-raises the SIGINT it caught, once it has shut down

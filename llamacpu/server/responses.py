@@ -18,7 +18,7 @@ def _usage(info: dict) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-class _ChatFormat:
+class ChatFormat:
     """Llama.chat's output as the wire wants it: the served model name, and usage where
     stream_options.include_usage puts it (a last chunk with no choices)."""
 
@@ -46,7 +46,7 @@ class _ChatFormat:
         return []
 
 
-class _CompletionFormat:
+class CompletionFormat:
     """Text pieces from Llama.generate as text_completion objects."""
 
     def __init__(self, model_id: str, include_usage: bool, echo_text: str | None):

@@ -7,7 +7,7 @@ import math
 import threading
 import time
 
-from .errors import APIError, api_error as _api_error
+from .errors import APIError, api_error
 
 
 class Job:
@@ -120,33 +120,32 @@ class Scheduler:
                     return
                 job = self._running = self._waiting.popleft()
             t0 = time.perf_counter()
-            outcome = "failed"
+            outcome, used = "failed", (0, 0)
             try:
-                self._run(job)
+                used = self._run(job)
                 outcome = "cancelled" if job.cancelled.is_set() else "completed"
             except BaseException as e:  # noqa: BLE001 - reported to the client; the worker goes on
-                job.put("error", _api_error(e))
+                job.put("error", api_error(e))
             finally:
-                gen = getattr(self.llm, "last", None)
                 dt = time.perf_counter() - t0
                 with self._cv:
                     self._running = None
                     self.stats[outcome] += 1
-                    if outcome != "failed" and gen is not None:
-                        self.stats["prompt_tokens"] += gen.prompt_tokens
-                        self.stats["completion_tokens"] += gen.completion_tokens
+                    self.stats["prompt_tokens"] += used[0]
+                    self.stats["completion_tokens"] += used[1]
                     self._seconds = dt if self._seconds is None else 0.8 * self._seconds + 0.2 * dt
 
-    def _run(self, job: Job) -> None:
-        """Generate for one job in this (the worker) thread, putting what comes out on the job."""
+    def _run(self, job: Job) -> tuple[int, int]:
+        """Generate for one job in this (the worker) thread, putting what comes out on the job;
+        return its (prompt, completion) token counts."""
         s, llm = job.settings, self.llm
-        self.llm.last = None
         if job.kind == "chat":
             kw = dict(messages=s["messages"], tools=s["tools"], max_tokens=s["max_tokens"], stop=s["stop"],
                       logprobs=s["logprobs"], top_logprobs=s["top_logprobs"], **s["sampling"])
             if not job.stream:
-                job.put("result", llm.chat(**kw))
-                return
+                result = llm.chat(**kw)
+                job.put("result", result)
+                return result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"]
             it = llm.chat(stream=True, **kw)
             tag = "chunk"
         else:
@@ -163,3 +162,4 @@ class Scheduler:
         gen = llm.last
         job.put("end", {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
                         "finish_reason": "stop" if gen.finish_reason in (None, "cancelled") else gen.finish_reason})
+        return gen.prompt_tokens, gen.completion_tokens
