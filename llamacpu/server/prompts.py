@@ -1,9 +1,9 @@
 """Does a prompt fit the context? Checked before a request queues (a 400 now, not after the wait).
 
-Tokenizing holds the tokenizer (and, in `tokenizers`, the GIL) for as long as the text
-takes: a 4 MiB message froze every request for 22 s. No token is longer than the
-model's longest token, so a prompt of more than n_ctx * that many bytes cannot fit, and
-is refused from its length alone, before it is tokenized.
+Tokenizing costs time and memory in proportion to the text (a 4 MiB message took 22 s
+and 1 GB), and holds the tokenizer's lock meanwhile. No token is longer than the model's
+longest token, so a prompt of more than n_ctx * that many bytes cannot fit, and is
+refused from its length alone, before it is tokenized.
 """
 from __future__ import annotations
 
