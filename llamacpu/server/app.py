@@ -1,8 +1,9 @@
 """The ASGI app: routes, their handlers, and how errors are answered.
 
-A POST's body is read here (at most MAX_BODY_BYTES); decoding, checking and counting
-its prompt run in a thread (`prepare`), so that a large body never stalls the event
-loop, which keeps serving /health and the streams of other requests meanwhile.
+A POST's body is read here (at most MAX_BODY_BYTES); decoding and checking it and
+counting its prompt run in a thread (`prepare_chat`, `prepare_completion`), so that a
+large body never stalls the event loop, which keeps serving /health and the streams of
+other requests meanwhile.
 """
 from __future__ import annotations
 
