@@ -4,7 +4,7 @@
     llamacpu convert SRC OUT [--type q4_0|q4_1|q8_0|f16|f32] [--force] [--quiet]
     llamacpu info MODEL [--json]
     llamacpu bench MODEL [-p N] [-n N] [-t 1,2] [-r N]        (bench.py)
-    llamacpu serve [MODEL] [--host H] [--port P] [--api-key K] (server.py)
+    llamacpu serve [MODEL] [--host H] [--port P] [--api-key K] (server/)
     llamacpu perplexity MODEL TEXTFILE [-c N]                 (perplexity.py)
 
 Each subcommand is a `register_<name>(subparsers)` function that adds its parser

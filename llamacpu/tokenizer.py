@@ -245,14 +245,16 @@ class Tokenizer:
         try:
             # encode_special_tokens is a flag of the shared tokenizers object: every
             # encode holds the lock, so one thread's special=False never leaks into
-            # another thread's special=True call
+            # another thread's special=True call. encode_batch, unlike encode, releases
+            # the GIL: a long text no longer stalls every other Python thread (a server's
+            # event loop) while it is tokenized.
             with self._lock:
                 if special:
-                    ids = self._hf.encode(text, add_special_tokens=False).ids
+                    ids = self._hf.encode_batch([text], add_special_tokens=False)[0].ids
                 else:
                     self._hf.encode_special_tokens = True
                     try:
-                        ids = self._hf.encode(text, add_special_tokens=False).ids
+                        ids = self._hf.encode_batch([text], add_special_tokens=False)[0].ids
                     finally:
                         self._hf.encode_special_tokens = False
         except TypeError:

@@ -13,71 +13,20 @@ instead of skipping.
 """
 import json
 import os
-import re
 import select
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from serving import N_CTX, Server, raw_request, read_response
 
 from llamacpu.llama import Llama
 
-ROOT = Path(__file__).resolve().parents[1]
-N_CTX = 1024
 KEY = "sk-test-key"
-
-
-class Server:
-    """`python -m llamacpu serve MODEL --port 0 ...` with its output in a log file."""
-
-    def __init__(self, model, log: Path, *args):
-        self.log = log
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "llamacpu", "serve", str(model), "--port", "0",
-                                          "-c", str(N_CTX), "-t", "1", *args],
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
-        deadline = time.monotonic() + 60
-        while True:
-            m = re.search(r"at (http://127\.0\.0\.1:\d+)", self.output())
-            if m:
-                self.url = m.group(1)
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"the server did not start:\n{self.output()}")
-            time.sleep(0.1)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health", timeout=10).json()
-
-    def wait_idle(self, timeout=10.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            h = self.health()
-            if h["queue"]["running"] == 0 and h["queue"]["waiting"] == 0:
-                return h
-            assert time.monotonic() < deadline, f"the server is still busy: {h}"
-            time.sleep(0.02)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,7 +45,7 @@ def server(smollm_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def locked(smollm_model, tmp_path_factory):
     s = Server(smollm_model, tmp_path_factory.mktemp("serve-locked") / "server.log",
-               "--api-key", KEY, "--queue-size", "0", "--alias", "smol")
+               "--api-key", KEY, "--queue-size", "0", "--alias", "smol", key=KEY)
     yield s
     s.stop()
 
@@ -279,6 +228,7 @@ def test_sixteen_concurrent_streams(server, llm, model_id):
 # ----------------------------------------------------------------------------- raw HTTP: bad input
 
 LONG = "hello " * (N_CTX + 100)
+JSON = {"Content-Type": "application/json"}
 BAD = [
     ("chat", b'{"messages": [', None, "not valid JSON"),
     ("chat", b'[1, 2]', None, "must be a JSON object"),
@@ -316,6 +266,14 @@ BAD = [
     ("completions", {"prompt": 5}, "prompt", "string"),
     ("completions", {"prompt": LONG}, "prompt", "maximum context length is 1024"),
     ("completions", {"prompt": [10 ** 9]}, "prompt", "outside the vocabulary"),
+    # issue 14, finding 5: these were 500s
+    ("completions", {"prompt": [1, 10 ** 9], "echo": True}, "prompt", "outside the vocabulary"),
+    ("completions", {"prompt": [-1], "echo": True}, "prompt", "outside the vocabulary"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "repeat_penalty": 1e-320}, "repeat_penalty",
+     "[0.001, 1000.0]"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "temperature": 10 ** 400}, "temperature",
+     "finite number"),
+    ("completions", {"prompt": list(range(N_CTX))}, "prompt", "maximum context length is 1024"),
     ("completions", {"prompt": "hi", "logprobs": 2}, "logprobs", "not supported"),
 ]
 
@@ -323,7 +281,7 @@ BAD = [
 def test_bad_requests_get_clear_400s(server, client, model_id):
     with httpx.Client(base_url=server.url, timeout=30) as http:
         for path, body, param, words in BAD:
-            kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+            kw = {"content": body, "headers": JSON} if isinstance(body, bytes) else {"json": body}
             r = http.post(f"/v1/{path.replace('chat', 'chat/completions')}", **kw)
             assert r.status_code == 400, (body, r.text)
             err = r.json()["error"]
@@ -347,28 +305,6 @@ def test_bad_requests_get_clear_400s(server, client, model_id):
 
 # ----------------------------------------------------------------------------- queue and disconnects
 
-def _raw_request(url: str, path: str, body: dict, key: str | None = None) -> socket.socket:
-    """Send a POST on a fresh socket and return it unread (the client side of a waiting request)."""
-    host, port = url.removeprefix("http://").split(":")
-    s = socket.create_connection((host, int(port)), timeout=30)
-    data = json.dumps(body).encode()
-    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-    if key:
-        head += f"Authorization: Bearer {key}\r\n"
-    s.sendall(head.encode() + b"\r\n" + data)
-    return s
-
-
-def _read_all(s: socket.socket) -> bytes:
-    out = b""
-    while b"\r\n\r\n" not in out or len(out.split(b"\r\n\r\n", 1)[1]) < int(
-            re.search(rb"content-length: (\d+)", out.lower()).group(1)):
-        piece = s.recv(65536)
-        assert piece, out
-        out += piece
-    return out
-
-
 def _wait_for(server, pred, timeout=10.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -389,18 +325,18 @@ def test_waiting_requests_fifo_and_disconnect(server):
     with httpx.stream("POST", server.url + "/v1/completions", json=LONG_RUN, timeout=60) as first:
         lines = first.iter_lines()
         assert next(lines).startswith("data: ")
-        gone = _raw_request(server.url, "/v1/completions", {"prompt": "a", "max_tokens": 2})
+        gone = raw_request(server.url, "/v1/completions", {"prompt": "a", "max_tokens": 2})
         _wait_for(server, lambda h: h["queue"]["waiting"] == 1)
         gone.close()
         _wait_for(server, lambda h: h["queue"]["waiting"] == 0)
-        a = _raw_request(server.url, "/v1/completions", {"prompt": "1, 2,", "max_tokens": 2, "temperature": 0})
+        a = raw_request(server.url, "/v1/completions", {"prompt": "1, 2,", "max_tokens": 2, "temperature": 0})
         _wait_for(server, lambda h: h["queue"]["waiting"] == 1)
-        b = _raw_request(server.url, "/v1/completions", {"prompt": "3, 4,", "max_tokens": 2, "temperature": 0})
+        b = raw_request(server.url, "/v1/completions", {"prompt": "3, 4,", "max_tokens": 2, "temperature": 0})
         _wait_for(server, lambda h: h["queue"]["waiting"] == 2)
     # the first stream was closed: its generation stops, then a runs, then b
-    rb = _read_all(b)
+    rb = read_response(b)
     assert select.select([a], [], [], 0)[0], "b was answered before a"
-    ra = _read_all(a)
+    ra = read_response(a)
     a.close(), b.close()
     assert b" 200 " in ra.split(b"\r\n")[0] and b" 200 " in rb.split(b"\r\n")[0]
     h = server.wait_idle()
@@ -418,7 +354,14 @@ def test_auth(locked):
                                           "param": None, "code": "invalid_api_key"}}
         r = http.post("/v1/chat/completions", json={"messages": user("hi")})
         assert r.status_code == 401
-        assert http.get("/health").status_code == 200 and http.get("/").status_code == 200
+        assert http.get("/").status_code == 200
+        # /health without the key: liveness only (its token counters with the shared prompt cache
+        # would let one client test guesses about another's prompt: issue 14, finding 7)
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = http.get("/health", headers=headers)
+            assert r.status_code == 200 and r.json() == {"status": "ok"}
+        r = http.get("/health", headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and {"queue", "requests", "tokens"} <= set(r.json())
         r = http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
         assert r.status_code == 200 and r.json()["data"][0]["id"] == "smol"
     with pytest.raises(openai.AuthenticationError):
