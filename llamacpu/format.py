@@ -28,6 +28,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import ModelFormatError
+from .tokenizer import MAX_TOKENIZER_JSON_CHARS
 
 MAGIC = b"LLAMACPU"
 FORMAT_VERSION = 1
@@ -104,6 +105,9 @@ MAX_HEADS = 1024
 MAX_POSITIONS = 1 << 24
 MAX_TENSOR_ELEMENTS = 1 << 40
 MAX_META_SIZE = 1 << 30
+# A chat template is a few KB (Llama 3.2's: 3.7 KB; the longest in use ~20 KB); Jinja compiles
+# it into Python code, so a megabyte-sized one is an attack on memory and time, not a template.
+MAX_CHAT_TEMPLATE_CHARS = 256 << 10
 
 _HEADER = struct.Struct("<8sIIQQQQQQ")
 _DIR_ENTRY = struct.Struct("<64sII4QQQII")
@@ -684,6 +688,9 @@ def validate_meta(meta: dict) -> None:
     if isinstance(tok, str):
         # the tokenizer.json text: parsed when the tokenizer is first used (tokenizer_dict),
         # which keeps loading a model for logits at a few milliseconds
+        if len(tok) > MAX_TOKENIZER_JSON_CHARS:
+            raise ModelFormatError(f"metadata 'tokenizer' has {len(tok):,} characters, more than "
+                                   f"the {MAX_TOKENIZER_JSON_CHARS:,} allowed")
         if not tok.lstrip().startswith("{") or '"model"' not in tok:
             raise ModelFormatError("metadata 'tokenizer' must hold tokenizer.json text (a JSON object "
                                    "with a 'model')")
@@ -692,6 +699,9 @@ def validate_meta(meta: dict) -> None:
                                "(with a 'model') or its text")
     if meta["chat_template"] is not None and not isinstance(meta["chat_template"], str):
         raise ModelFormatError("metadata 'chat_template' must be a string or null")
+    if len(meta["chat_template"] or "") > MAX_CHAT_TEMPLATE_CHARS:
+        raise ModelFormatError(f"metadata 'chat_template' has {len(meta['chat_template']):,} characters, "
+                               f"more than the {MAX_CHAT_TEMPLATE_CHARS:,} allowed")
     if not isinstance(meta["generation"], dict):
         raise ModelFormatError("metadata 'generation' must be an object")
     st = meta["special_tokens"]
