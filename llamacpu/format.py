@@ -7,9 +7,12 @@ docs/FORMAT.md is the binary contract; this module is its only implementation.
     dir_offset  tensor directory, 128 bytes per tensor
     data_offset tensor data, each tensor 64-byte aligned
 
-`ModelWriter` streams tensor data straight into the final file: the space for the
+`ModelWriter` streams tensor data straight into the file: the space for the
 metadata and the directory is reserved up front (their sizes are known from the
-metadata and the number of tensors), so no tensor is ever held in memory whole.
+metadata and the number of tensors), so no tensor is ever held in memory whole. It
+writes a temporary file beside the target and renames it over the target when it is
+complete: a process that has the old file mapped keeps reading the old bytes (writing
+the mapped file in place would kill it with SIGBUS).
 `read_model` mmaps the file read-only and validates every byte that says where
 or what something is before it returns; any malformed content raises
 `ModelFormatError` and nothing else.
@@ -21,6 +24,7 @@ import json
 import math
 import mmap
 import os
+import secrets
 import struct
 from dataclasses import dataclass
 from typing import Iterable
@@ -216,8 +220,10 @@ class ModelWriter:
     The file layout is fixed at construction: the metadata JSON is serialized now
     and the directory is reserved for `n_tensors` entries (default: the most the
     config allows), so tensor data goes straight to its final offset.
-    `close()` writes the directory and the header. Use as a context manager; on
-    an exception the partial file is left for the caller to delete.
+    Everything goes to `.NAME.tmp-PID-XXXXXXXX` beside `path`; `close()` writes the
+    directory and the header, then renames that file over `path`. Use as a context
+    manager: on an exception (or `abort()`) the temporary file is deleted and `path`
+    is left as it was.
     """
 
     def __init__(self, path, meta: dict, n_tensors: int | None = None):
@@ -238,7 +244,9 @@ class ModelWriter:
         self._entries: list[TensorInfo] = []
         self._names: set[str] = set()
         self._pos = 0  # next free offset relative to data_offset
-        self._f = open(self.path, "wb")
+        head, name = os.path.split(self.path)
+        self._tmp = os.path.join(head, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        self._f = open(self._tmp, "xb")  # the mode open() gives any new file (0666 & ~umask)
         self._f.seek(self._data_offset)
         self._closed = False
 
@@ -306,14 +314,23 @@ class ModelWriter:
             f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, HEADER_SIZE,
                                  len(self._meta_bytes), self._dir_offset, len(self._entries),
                                  self._data_offset, file_size))
-            f.flush()
-        finally:
             f.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
 
     def abort(self) -> None:
-        """Close the file without writing the header (the caller deletes it)."""
+        """Delete the temporary file; `path` is left as it was."""
         self._closed = True
+        self._discard()
+
+    def _discard(self) -> None:
         self._f.close()
+        try:
+            os.unlink(self._tmp)
+        except OSError:
+            pass
 
     def __enter__(self):
         return self
