@@ -85,7 +85,11 @@ class Llama:
     def __init__(self, model_path, n_ctx: int = DEFAULT_N_CTX, n_threads=None, *, kernels=None):
         self.model = Model(resolve_model(model_path), n_ctx=n_ctx, n_threads=n_threads, kernels=kernels)
         meta = self.model.metadata
-        self.tokenizer = Tokenizer.from_metadata(meta)
+        try:
+            self.tokenizer = Tokenizer.from_metadata(meta)
+        except BaseException:
+            self.model.close()
+            raise
         st = meta.get("special_tokens", {})
         self._bos_text = self._token_text(st.get("bos_token_id"))
         self._eos_text = self._token_text(st.get("eos_token_id"))
@@ -258,7 +262,13 @@ class Llama:
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenize(prompt, special=True)
-        ids = [int(i) for i in prompt]
+        if isinstance(prompt, (bytes, bytearray, memoryview)) or not hasattr(prompt, "__iter__"):
+            raise TypeError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
+        ids = []
+        for i in prompt:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise TypeError(f"token ids must be integers, got {type(i).__name__} {i!r}")
+            ids.append(int(i))
         bad = [i for i in ids if not 0 <= i < self.model.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model.vocab_size})")
@@ -270,6 +280,7 @@ class Llama:
         they are decoded; stream=False returns the whole text. Sampling options:
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
         (defaults from the model's generation config)."""
+        self._check_open()
         max_tokens = _check_max_tokens(max_tokens)
         params = self.sampling_params(**sampling)
         stops = _stops(stop)
@@ -304,6 +315,7 @@ class Llama:
         "stop" / "length" / "tool_calls", usage), or with stream=True an iterator of
         chat.completion.chunk dicts. A reply in Llama 3.2's tool-call format
         ({"name": ..., "parameters": ...}) becomes message.tool_calls."""
+        self._check_open()
         max_tokens = _check_max_tokens(max_tokens)
         params = self.sampling_params(**sampling)
         stops = _stops(stop)
@@ -391,6 +403,10 @@ class Llama:
         return {"content": content}
 
     # ------------------------------------------------------------------ misc
+    def _check_open(self) -> None:
+        if self.model.closed:
+            raise ValueError("this Llama is closed")
+
     def close(self) -> None:
         self.model.close()
 
@@ -429,6 +445,13 @@ def parse_tool_calls(text: str):
     """Llama 3.2's tool-call format: a JSON object {"name": ..., "parameters": {...}}
     (optionally after <|python_tag|>, or several separated by ';' or in a list).
     Returns OpenAI-shaped tool_calls, or None when the text is not a tool call."""
+    try:
+        return _parse_tool_calls(text)
+    except RecursionError:  # JSON nested deeper than the parser's recursion limit: text
+        return None
+
+
+def _parse_tool_calls(text: str):
     s = text.strip()
     if s.startswith("<|python_tag|>"):
         s = s[len("<|python_tag|>"):].strip()
