@@ -17,6 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .chat_prompt import chat_ids
 from .chat_template import ChatTemplate
 from .model import DEFAULT_N_CTX, Model
 from .model_cache import resolve_model
@@ -127,6 +128,20 @@ class Llama:
         format fallback for models without one)."""
         _check_messages(messages)
         return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+
+    def tokenize_chat(self, messages, tools=None, add_generation_prompt: bool = True,
+                      parse_special_in_content: bool = False) -> list[int]:
+        """Token ids of the chat prompt, as chat() runs it: the template's markup becomes
+        special tokens, the text of messages and tools is tokenized as text (a message
+        cannot forge a turn with "<|eot_id|>..."; chat_prompt.py). Ids are transformers'
+        whenever that text holds no special-token text. parse_special_in_content=True
+        parses special tokens in it too, as transformers does."""
+        _check_messages(messages)
+        if not isinstance(parse_special_in_content, bool):
+            raise TypeError("parse_special_in_content must be True or False")
+        return chat_ids(self.tokenizer, lambda m, t: self.apply_chat_template(
+            m, tools=t, add_generation_prompt=add_generation_prompt), messages, tools,
+            parse_special=parse_special_in_content)
 
     def sampling_params(self, **overrides) -> SamplingParams:
         """The model's generation defaults with explicit overrides (None = default)."""
@@ -310,19 +325,20 @@ class Llama:
             self._release()
 
     def chat(self, messages, tools=None, stream: bool = False, max_tokens: int | None = 512, stop=None,
-             logprobs: bool = False, top_logprobs: int = 0, **sampling):
+             logprobs: bool = False, top_logprobs: int = 0, parse_special_in_content: bool = False, **sampling):
         """OpenAI-shaped chat completion: a dict (choices[0].message, finish_reason
         "stop" / "length" / "tool_calls", usage), or with stream=True an iterator of
         chat.completion.chunk dicts. A reply in Llama 3.2's tool-call format
-        ({"name": ..., "parameters": ...}) becomes message.tool_calls."""
+        ({"name": ..., "parameters": ...}) becomes message.tool_calls.
+        Special-token text in messages is tokenized as text unless
+        parse_special_in_content=True (tokenize_chat)."""
         self._check_open()
         max_tokens = _check_max_tokens(max_tokens)
         params = self.sampling_params(**sampling)
         stops = _stops(stop)
         if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
             raise ValueError("top_logprobs must be an integer in [0, 20]")
-        text = self.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
-        ids = self.tokenize(text, special=True)
+        ids = self.tokenize_chat(messages, tools=tools, parse_special_in_content=parse_special_in_content)
         self._check_prompt(ids)  # now, not at the first next() of a stream
         lp = top_logprobs if (logprobs or top_logprobs) else None
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]

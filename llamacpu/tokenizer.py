@@ -202,6 +202,8 @@ class Tokenizer:
         self._strings = strings
         self._added = added
         self._special = frozenset(i for i in special if i < vocab_size)
+        #: the special (control) tokens' texts: encode(special=False) reads them as text
+        self.special_texts: tuple[str, ...] = tuple(sorted({added[i] for i in special}))
         self._bytes: list[bytes] | None = None  # built on first use
         self._text_to_id = {s: i for i, s in strings.items() if i < vocab_size}
         for i, s in added.items():  # an added token's text wins over a vocab entry
