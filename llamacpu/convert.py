@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -235,23 +234,10 @@ def convert(src, out, type: str | None = None, progress=True, overwrite: bool = 
         }
         fmt.validate_meta(meta)
         _remove_stale_temps(out, prog)
-        tmp = None
-        try:
-            # OUT appears only complete: written beside it, then renamed over it. Ctrl-C
-            # (KeyboardInterrupt) deletes the temporary file; after SIGKILL it stays, named
-            # .OUT.tmp-PID-XXXXXXXX, and the next conversion to OUT removes it.
-            fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(out)}{os.getpid()}-", dir=out.parent)
-            os.close(fd)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give OUT the usual mode
-            _write(tmp, meta, plan, out_types, prog)
-            os.replace(tmp, out)
-        except BaseException:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-            raise
+        # OUT appears only complete: ModelWriter writes .OUT.tmp-PID-XXXXXXXX beside it and
+        # renames it over OUT. Ctrl-C (KeyboardInterrupt) deletes the temporary file; after
+        # SIGKILL it stays, and the next conversion to OUT removes it.
+        _write(out, meta, plan, out_types, prog)
     finally:
         plan.close()
 
@@ -302,13 +288,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write(path: str, meta: dict, plan: Plan, out_types: dict, prog: Progress) -> None:
+def _write(path, meta: dict, plan: Plan, out_types: dict, prog: Progress) -> None:
     total_b = sum(s.nbytes for s in plan.tensors)
     prog.start("converting", len(plan.tensors), total_b)
     done_b = 0

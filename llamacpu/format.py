@@ -7,9 +7,12 @@ docs/FORMAT.md is the binary contract; this module is its only implementation.
     dir_offset  tensor directory, 128 bytes per tensor
     data_offset tensor data, each tensor 64-byte aligned
 
-`ModelWriter` streams tensor data straight into the final file: the space for the
+`ModelWriter` streams tensor data straight into the file: the space for the
 metadata and the directory is reserved up front (their sizes are known from the
-metadata and the number of tensors), so no tensor is ever held in memory whole.
+metadata and the number of tensors), so no tensor is ever held in memory whole. It
+writes a temporary file beside the target and renames it over the target when it is
+complete: a process that has the old file mapped keeps reading the old bytes (writing
+the mapped file in place would kill it with SIGBUS).
 `read_model` mmaps the file read-only and validates every byte that says where
 or what something is before it returns; any malformed content raises
 `ModelFormatError` and nothing else.
@@ -21,6 +24,7 @@ import json
 import math
 import mmap
 import os
+import secrets
 import struct
 from dataclasses import dataclass
 from typing import Iterable
@@ -28,6 +32,7 @@ from typing import Iterable
 import numpy as np
 
 from .errors import ModelFormatError
+from .tokenizer import MAX_TOKENIZER_JSON_CHARS
 
 MAGIC = b"LLAMACPU"
 FORMAT_VERSION = 1
@@ -104,6 +109,9 @@ MAX_HEADS = 1024
 MAX_POSITIONS = 1 << 24
 MAX_TENSOR_ELEMENTS = 1 << 40
 MAX_META_SIZE = 1 << 30
+# A chat template is a few KB (Llama 3.2's: 3.7 KB; the longest in use ~20 KB); Jinja compiles
+# it into Python code, so a megabyte-sized one is an attack on memory and time, not a template.
+MAX_CHAT_TEMPLATE_CHARS = 256 << 10
 
 _HEADER = struct.Struct("<8sIIQQQQQQ")
 _DIR_ENTRY = struct.Struct("<64sII4QQQII")
@@ -212,8 +220,10 @@ class ModelWriter:
     The file layout is fixed at construction: the metadata JSON is serialized now
     and the directory is reserved for `n_tensors` entries (default: the most the
     config allows), so tensor data goes straight to its final offset.
-    `close()` writes the directory and the header. Use as a context manager; on
-    an exception the partial file is left for the caller to delete.
+    Everything goes to `.NAME.tmp-PID-XXXXXXXX` beside `path`; `close()` writes the
+    directory and the header, then renames that file over `path`. Use as a context
+    manager: on an exception (or `abort()`) the temporary file is deleted and `path`
+    is left as it was.
     """
 
     def __init__(self, path, meta: dict, n_tensors: int | None = None):
@@ -234,7 +244,9 @@ class ModelWriter:
         self._entries: list[TensorInfo] = []
         self._names: set[str] = set()
         self._pos = 0  # next free offset relative to data_offset
-        self._f = open(self.path, "wb")
+        head, name = os.path.split(self.path)
+        self._tmp = os.path.join(head, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        self._f = open(self._tmp, "xb")  # the mode open() gives any new file (0666 & ~umask)
         self._f.seek(self._data_offset)
         self._closed = False
 
@@ -302,14 +314,23 @@ class ModelWriter:
             f.write(_HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, HEADER_SIZE,
                                  len(self._meta_bytes), self._dir_offset, len(self._entries),
                                  self._data_offset, file_size))
-            f.flush()
-        finally:
             f.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._discard()
+            raise
 
     def abort(self) -> None:
-        """Close the file without writing the header (the caller deletes it)."""
+        """Delete the temporary file; `path` is left as it was."""
         self._closed = True
+        self._discard()
+
+    def _discard(self) -> None:
         self._f.close()
+        try:
+            os.unlink(self._tmp)
+        except OSError:
+            pass
 
     def __enter__(self):
         return self
@@ -684,6 +705,9 @@ def validate_meta(meta: dict) -> None:
     if isinstance(tok, str):
         # the tokenizer.json text: parsed when the tokenizer is first used (tokenizer_dict),
         # which keeps loading a model for logits at a few milliseconds
+        if len(tok) > MAX_TOKENIZER_JSON_CHARS:
+            raise ModelFormatError(f"metadata 'tokenizer' has {len(tok):,} characters, more than "
+                                   f"the {MAX_TOKENIZER_JSON_CHARS:,} allowed")
         if not tok.lstrip().startswith("{") or '"model"' not in tok:
             raise ModelFormatError("metadata 'tokenizer' must hold tokenizer.json text (a JSON object "
                                    "with a 'model')")
@@ -692,6 +716,9 @@ def validate_meta(meta: dict) -> None:
                                "(with a 'model') or its text")
     if meta["chat_template"] is not None and not isinstance(meta["chat_template"], str):
         raise ModelFormatError("metadata 'chat_template' must be a string or null")
+    if len(meta["chat_template"] or "") > MAX_CHAT_TEMPLATE_CHARS:
+        raise ModelFormatError(f"metadata 'chat_template' has {len(meta['chat_template']):,} characters, "
+                               f"more than the {MAX_CHAT_TEMPLATE_CHARS:,} allowed")
     if not isinstance(meta["generation"], dict):
         raise ModelFormatError("metadata 'generation' must be an object")
     st = meta["special_tokens"]

@@ -19,6 +19,7 @@ import json
 import operator
 
 from .errors import ModelFormatError
+from .tokenizer import MAX_TOKENIZER_MERGES, MAX_TOKENIZER_TOKENS
 
 __all__ = ["tokenizer_from_gguf", "LLAMA3_SPLIT_REGEX"]
 
@@ -129,6 +130,9 @@ def tokenizer_from_gguf(kv: dict) -> dict:
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise ModelFormatError("tokenizer.ggml.tokens must be a non-empty array of strings")
     n = len(tokens)
+    if n > MAX_TOKENIZER_TOKENS:
+        raise ModelFormatError(f"tokenizer.ggml.tokens has {n:,} tokens, more than the "
+                               f"{MAX_TOKENIZER_TOKENS:,} allowed")
 
     types = kv.get("tokenizer.ggml.token_type")
     if types is None:
@@ -157,6 +161,9 @@ def tokenizer_from_gguf(kv: dict) -> dict:
     if not isinstance(merges_in, list) or not all(isinstance(m, str) for m in merges_in):
         raise ModelFormatError("tokenizer.ggml.merges must be an array of strings "
                                "(required for a gpt2 tokenizer)")
+    if len(merges_in) > MAX_TOKENIZER_MERGES:
+        raise ModelFormatError(f"tokenizer.ggml.merges has {len(merges_in):,} merges, more than the "
+                               f"{MAX_TOKENIZER_MERGES:,} allowed")
     merges = []
     for k, m in enumerate(merges_in):
         sp = m.find(" ", 1)  # like llama.cpp: the first space after the first character

@@ -17,6 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .chat_prompt import chat_ids
 from .chat_template import ChatTemplate
 from .model import DEFAULT_N_CTX, Model
 from .model_cache import resolve_model
@@ -85,7 +86,11 @@ class Llama:
     def __init__(self, model_path, n_ctx: int = DEFAULT_N_CTX, n_threads=None, *, kernels=None):
         self.model = Model(resolve_model(model_path), n_ctx=n_ctx, n_threads=n_threads, kernels=kernels)
         meta = self.model.metadata
-        self.tokenizer = Tokenizer.from_metadata(meta)
+        try:
+            self.tokenizer = Tokenizer.from_metadata(meta)
+        except BaseException:
+            self.model.close()
+            raise
         st = meta.get("special_tokens", {})
         self._bos_text = self._token_text(st.get("bos_token_id"))
         self._eos_text = self._token_text(st.get("eos_token_id"))
@@ -123,6 +128,20 @@ class Llama:
         format fallback for models without one)."""
         _check_messages(messages)
         return self.template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt)
+
+    def tokenize_chat(self, messages, tools=None, add_generation_prompt: bool = True,
+                      parse_special_in_content: bool = False) -> list[int]:
+        """Token ids of the chat prompt, as chat() runs it: the template's markup becomes
+        special tokens, the text of messages and tools is tokenized as text (a message
+        cannot forge a turn with "<|eot_id|>..."; chat_prompt.py). Ids are transformers'
+        whenever that text holds no special-token text. parse_special_in_content=True
+        parses special tokens in it too, as transformers does."""
+        _check_messages(messages)
+        if not isinstance(parse_special_in_content, bool):
+            raise TypeError("parse_special_in_content must be True or False")
+        return chat_ids(self.tokenizer, lambda m, t: self.apply_chat_template(
+            m, tools=t, add_generation_prompt=add_generation_prompt), messages, tools,
+            parse_special=parse_special_in_content)
 
     def sampling_params(self, **overrides) -> SamplingParams:
         """The model's generation defaults with explicit overrides (None = default)."""
@@ -258,7 +277,13 @@ class Llama:
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
             return self.tokenize(prompt, special=True)
-        ids = [int(i) for i in prompt]
+        if isinstance(prompt, (bytes, bytearray, memoryview)) or not hasattr(prompt, "__iter__"):
+            raise TypeError(f"prompt must be a str or a sequence of token ids, got {type(prompt).__name__}")
+        ids = []
+        for i in prompt:
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+                raise TypeError(f"token ids must be integers, got {type(i).__name__} {i!r}")
+            ids.append(int(i))
         bad = [i for i in ids if not 0 <= i < self.model.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {self.model.vocab_size})")
@@ -270,6 +295,7 @@ class Llama:
         they are decoded; stream=False returns the whole text. Sampling options:
         temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
         (defaults from the model's generation config)."""
+        self._check_open()
         max_tokens = _check_max_tokens(max_tokens)
         params = self.sampling_params(**sampling)
         stops = _stops(stop)
@@ -299,18 +325,20 @@ class Llama:
             self._release()
 
     def chat(self, messages, tools=None, stream: bool = False, max_tokens: int | None = 512, stop=None,
-             logprobs: bool = False, top_logprobs: int = 0, **sampling):
+             logprobs: bool = False, top_logprobs: int = 0, parse_special_in_content: bool = False, **sampling):
         """OpenAI-shaped chat completion: a dict (choices[0].message, finish_reason
         "stop" / "length" / "tool_calls", usage), or with stream=True an iterator of
         chat.completion.chunk dicts. A reply in Llama 3.2's tool-call format
-        ({"name": ..., "parameters": ...}) becomes message.tool_calls."""
+        ({"name": ..., "parameters": ...}) becomes message.tool_calls.
+        Special-token text in messages is tokenized as text unless
+        parse_special_in_content=True (tokenize_chat)."""
+        self._check_open()
         max_tokens = _check_max_tokens(max_tokens)
         params = self.sampling_params(**sampling)
         stops = _stops(stop)
         if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
             raise ValueError("top_logprobs must be an integer in [0, 20]")
-        text = self.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
-        ids = self.tokenize(text, special=True)
+        ids = self.tokenize_chat(messages, tools=tools, parse_special_in_content=parse_special_in_content)
         self._check_prompt(ids)  # now, not at the first next() of a stream
         lp = top_logprobs if (logprobs or top_logprobs) else None
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
@@ -391,6 +419,10 @@ class Llama:
         return {"content": content}
 
     # ------------------------------------------------------------------ misc
+    def _check_open(self) -> None:
+        if self.model.closed:
+            raise ValueError("this Llama is closed")
+
     def close(self) -> None:
         self.model.close()
 
@@ -429,6 +461,13 @@ def parse_tool_calls(text: str):
     """Llama 3.2's tool-call format: a JSON object {"name": ..., "parameters": {...}}
     (optionally after <|python_tag|>, or several separated by ';' or in a list).
     Returns OpenAI-shaped tool_calls, or None when the text is not a tool call."""
+    try:
+        return _parse_tool_calls(text)
+    except RecursionError:  # JSON nested deeper than the parser's recursion limit: text
+        return None
+
+
+def _parse_tool_calls(text: str):
     s = text.strip()
     if s.startswith("<|python_tag|>"):
         s = s[len("<|python_tag|>"):].strip()

@@ -12,6 +12,41 @@ from .rope import inv_freq
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 512  # tokens per internal prefill chunk (sizes the scratch buffers)
 MAX_THREADS = 1024     # sanity bound (the engine keeps an attention scratch row per thread)
+Q8A_BLOCK_BYTES = 64   # sizeof(block_q8a), csrc/quants.h: the quantized activations of 32 elements
+
+
+def engine_bytes(cfg: dict, n_ctx: int, n_batch: int, n_threads: int) -> int:
+    """Bytes the C engine allocates for `cfg` (lc_model_new in csrc/forward.c): the F16 KV
+    cache, the scratch of one chunk of n_batch tokens, and per thread an attention row of
+    n_ctx scores and an AMX weight panel."""
+    hd, layers = cfg["head_dim"], cfg["num_hidden_layers"]
+    dim, hidden = cfg["hidden_size"], cfg["intermediate_size"]
+    q_dim, kv_dim = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    wide = max(dim, q_dim)
+    widest = max(wide, hidden)
+    b = min(n_batch, n_ctx)
+    kv_cache = 2 * layers * kv_dim * n_ctx * 2
+    floats = b * (3 * dim + wide + q_dim + 3 * kv_dim + 2 * hidden)           # x xb q kb vb vb2 hb hb2 proj res
+    q8a = b * (widest // 32 + 1 + dim // 32 + 1) * Q8A_BLOCK_BYTES            # xq xq2
+    amx = (b + 31) // 32 * 32 * widest * 2 + widest * 4                       # xbf zeros
+    per_thread = n_ctx * 4 + widest * 64                                      # att, amx_scratch
+    threads = max(n_threads, os.cpu_count() or 1)  # the engine sizes for OpenMP's maximum too
+    return kv_cache + floats * 4 + q8a + amx + threads * per_thread
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available without swapping (Linux MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def physical_cores() -> int:
@@ -64,12 +99,24 @@ class Model:
                 raise ValueError(f"n_ctx={n_ctx} is larger than the model's context of {max_pos} tokens")
             self.path = os.fspath(path)
             self.n_ctx = int(n_ctx)
+            _check_memory(cfg, self.n_ctx, int(n_batch), n_threads)
             self._engine = self._build_engine(cfg, int(n_batch), n_threads, kernels)
         except BaseException:
             self._file.close()
             raise
         self._lock = threading.Lock()
         self.n_past = 0  # positions [0, n_past) of the KV cache hold valid entries
+
+    @property
+    def closed(self) -> bool:
+        return self._engine is None
+
+    def _live(self):
+        """The engine; ValueError once the Model is closed."""
+        e = self._engine
+        if e is None:
+            raise ValueError("this Model is closed")
+        return e
 
     def _build_engine(self, cfg, n_batch, n_threads, kernels):
         f = self._file
@@ -121,21 +168,21 @@ class Model:
 
     @property
     def vocab_size(self) -> int:
-        return self._engine.vocab_size
+        return self._live().vocab_size
 
     @property
     def kernels(self) -> str:
         """Name of the kernel table in use: scalar, avx2, avx512vnni, neon or neon-dotprod."""
-        return self._engine.kernels
+        return self._live().kernels
 
     @property
     def n_threads(self) -> int:
-        return self._engine.n_threads
+        return self._live().n_threads
 
     @n_threads.setter
     def n_threads(self, n):
         with self._lock:
-            self._engine.set_threads(_check_threads(n))
+            self._live().set_threads(_check_threads(n))
 
     # ------------------------------------------------------------------ inference
     def forward(self, tokens, pos: int = 0, all_logits: bool = False) -> np.ndarray:
@@ -154,10 +201,11 @@ class Model:
             raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
         if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
             raise ValueError(f"pos must be a non-negative integer, got {pos!r}")
+        vocab = self.vocab_size
         lo, hi = int(arr.min()), int(arr.max())
-        if lo < 0 or hi >= self.vocab_size:
+        if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
         n = int(arr.size)
         with self._lock:
             if pos > self.n_past:
@@ -166,7 +214,7 @@ class Model:
             if pos + n > self.n_ctx:
                 raise ContextOverflowError(f"positions {pos}..{pos + n - 1} do not fit the context of "
                                            f"{self.n_ctx} tokens (load the model with a larger n_ctx)")
-            out = self._engine.forward(arr.astype(np.int32), int(pos), bool(all_logits))
+            out = self._live().forward(arr.astype(np.int32), int(pos), bool(all_logits))
             self.n_past = pos + n
         return out
 
@@ -189,5 +237,23 @@ class Model:
 
     def __repr__(self):
         c = self._file.config
+        if self.closed:
+            return f"<llamacpu.Model {os.path.basename(self.path)!r} closed>"
         return (f"<llamacpu.Model {os.path.basename(self.path)!r} layers={c['num_hidden_layers']} "
                 f"dim={c['hidden_size']} n_ctx={self.n_ctx} threads={self.n_threads} kernels={self.kernels}>")
+
+
+def _check_memory(cfg: dict, n_ctx: int, n_batch: int, n_threads: int) -> None:
+    """Refuse, before allocating, a KV cache and scratch larger than the memory available
+    (a tiny file may declare huge head counts: 1 MB of KV per token)."""
+    avail = available_memory()
+    need = engine_bytes(cfg, n_ctx, n_batch, n_threads)
+    if avail is None or need <= avail:
+        return
+    per_token = engine_bytes(cfg, n_ctx + 1, n_batch, n_threads) - need
+    fits = (avail - (need - n_ctx * per_token)) // per_token
+    hint = f"load it with n_ctx <= {fits}" if fits >= 1 else "even n_ctx=1 does not fit"
+    gib = 1 << 30
+    raise ValueError(f"n_ctx={n_ctx} needs {need / gib:.2f} GiB for this model's KV cache and buffers "
+                     f"({per_token / 1024:.0f} KiB per token), but {avail / gib:.2f} GiB of memory is "
+                     f"available: {hint}")

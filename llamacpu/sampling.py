@@ -36,7 +36,12 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["SamplingParams", "Sampler"]
+__all__ = ["SamplingParams", "Sampler", "REPEAT_PENALTY_RANGE"]
+
+# repeat_penalty's range: three orders of magnitude either side of 1 (off); llama.cpp's
+# users pick 1.0-1.5. Outside it a penalty only pushes logits to extremes, and near 0 the
+# division overflows (1e-320 made logits inf, and sampling failed on their NaN softmax).
+REPEAT_PENALTY_RANGE = (1e-3, 1e3)
 
 
 def _is_int(v) -> bool:
@@ -55,7 +60,7 @@ class SamplingParams:
     top_k: >= 0; 0 means off.
     top_p: in (0, 1]; 1 means off.
     min_p: in [0, 1); 0 means off.
-    repeat_penalty: > 0; 1 means off.
+    repeat_penalty: in [1e-3, 1e3] (REPEAT_PENALTY_RANGE); 1 means off.
     repeat_last_n: how many of the last tokens of the history are penalized;
         0 means off, -1 the whole history.
     seed: None (fresh entropy) or an int >= 0.
@@ -86,7 +91,8 @@ class SamplingParams:
         integer("top_k", lambda v: v >= 0, "an integer >= 0 (0 = off)")
         real("top_p", lambda v: 0 < v <= 1, "a number in (0, 1] (1 = off)")
         real("min_p", lambda v: 0 <= v < 1, "a number in [0, 1) (0 = off)")
-        real("repeat_penalty", lambda v: v > 0, "a finite number > 0 (1 = off)")
+        lo, hi = REPEAT_PENALTY_RANGE
+        real("repeat_penalty", lambda v: lo <= v <= hi, f"a number in [{lo:g}, {hi:g}] (1 = off)")
         integer("repeat_last_n", lambda v: v >= -1, "an integer >= -1 (0 = off, -1 = whole history)")
         if self.seed is not None:
             integer("seed", lambda v: v >= 0, "None or an integer >= 0")

@@ -34,7 +34,17 @@ import re
 import threading
 from typing import Iterable
 
-__all__ = ["Tokenizer", "StreamDecoder", "bytes_to_unicode"]
+from .errors import ModelFormatError
+
+__all__ = ["Tokenizer", "StreamDecoder", "bytes_to_unicode", "MAX_TOKENIZER_JSON_CHARS",
+           "MAX_TOKENIZER_TOKENS", "MAX_TOKENIZER_MERGES"]
+
+# Bounds on a tokenizer.json, which model files carry (a hostile one of 3 million merges took
+# 2.8 GB before it failed). Llama 3's has 128,256 tokens and 280,147 merges in 8.7 MiB; the
+# bounds leave room for a vocabulary twice as large and refuse anything near that cost.
+MAX_TOKENIZER_JSON_CHARS = 24 << 20
+MAX_TOKENIZER_TOKENS = 1 << 19   # vocabulary entries, and added tokens
+MAX_TOKENIZER_MERGES = 1 << 20
 
 # Token texts that end a generation (used when no special_tokens are given).
 _EOG_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>",
@@ -91,6 +101,10 @@ def _opt_id(v, what: str) -> int | None:
                          f"got {type(v).__name__}") from None
 
 
+def _too_big(what: str, n: int, unit: str, limit: int):
+    raise ValueError(f"{what} has {n:,} {unit}, more than the {limit:,} allowed")
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer built from a Hugging Face ``tokenizer.json``.
 
@@ -116,23 +130,41 @@ class Tokenizer:
                  vocab_size: int | None = None):
         from tokenizers import Tokenizer as _HFTokenizer
 
+        tj = None
         if isinstance(tokenizer_json, os.PathLike) or (
                 isinstance(tokenizer_json, str) and not tokenizer_json.lstrip().startswith("{")):
+            if os.path.getsize(tokenizer_json) > 4 * MAX_TOKENIZER_JSON_CHARS:  # 4: UTF-8's longest
+                _too_big("tokenizer.json", os.path.getsize(tokenizer_json), "bytes", MAX_TOKENIZER_JSON_CHARS)
             with open(tokenizer_json, encoding="utf-8") as f:
                 text = f.read()
-            tj = json.loads(text)
         elif isinstance(tokenizer_json, str):
-            text, tj = tokenizer_json, json.loads(tokenizer_json)
+            text = tokenizer_json
         elif isinstance(tokenizer_json, dict):
             tj = tokenizer_json
-            text = json.dumps(tj, ensure_ascii=False)
+            try:
+                text = json.dumps(tj, ensure_ascii=False)
+            except RecursionError:
+                raise ValueError("tokenizer.json is nested too deeply") from None
         else:
             raise TypeError(f"tokenizer_json must be a dict, JSON text or a path, "
                             f"got {type(tokenizer_json).__name__}")
+        if len(text) > MAX_TOKENIZER_JSON_CHARS:
+            _too_big("tokenizer.json", len(text), "characters", MAX_TOKENIZER_JSON_CHARS)
+        try:
+            tj = json.loads(text) if tj is None else tj
+        except RecursionError:
+            raise ValueError("tokenizer.json is nested too deeply") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"tokenizer.json is not valid JSON ({e})") from None
         model = tj.get("model") if isinstance(tj, dict) else None
         if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" \
                 or not isinstance(model.get("vocab"), dict):
             raise ValueError("only BPE tokenizers (tokenizer.json model.type 'BPE') are supported")
+        for what, items, limit in (("vocabulary entries", model["vocab"], MAX_TOKENIZER_TOKENS),
+                                   ("added tokens", tj.get("added_tokens") or [], MAX_TOKENIZER_TOKENS),
+                                   ("merges", model.get("merges") or [], MAX_TOKENIZER_MERGES)):
+            if isinstance(items, (list, dict)) and len(items) > limit:
+                _too_big("tokenizer.json", len(items), what, limit)
         if not _is_byte_level(tj.get("decoder")):
             raise ValueError("only byte-level BPE tokenizers (a ByteLevel decoder, as Llama 3 and "
                              f"GPT-2 have) are supported; this one has decoder {tj.get('decoder')!r}")
@@ -170,6 +202,8 @@ class Tokenizer:
         self._strings = strings
         self._added = added
         self._special = frozenset(i for i in special if i < vocab_size)
+        #: the special (control) tokens' texts: encode(special=False) reads them as text
+        self.special_texts: tuple[str, ...] = tuple(sorted({added[i] for i in special}))
         self._bytes: list[bytes] | None = None  # built on first use
         self._text_to_id = {s: i for i, s in strings.items() if i < vocab_size}
         for i, s in added.items():  # an added token's text wins over a vocab entry
@@ -196,9 +230,13 @@ class Tokenizer:
 
     @classmethod
     def from_metadata(cls, meta: dict) -> "Tokenizer":
-        """From a model file's metadata (``Model.metadata`` / ``read_model(p).meta``)."""
+        """From a model file's metadata (``Model.metadata`` / ``read_model(p).meta``).
+        A tokenizer it cannot use is the file's defect: ModelFormatError."""
         cfg = meta.get("config") or {}
-        return cls(meta["tokenizer"], meta.get("special_tokens"), cfg.get("vocab_size"))
+        try:
+            return cls(meta["tokenizer"], meta.get("special_tokens"), cfg.get("vocab_size"))
+        except ValueError as e:
+            raise ModelFormatError(f"the model file's tokenizer: {e}") from None
 
     def _checked(self, i: int | None, what: str) -> int | None:
         if i is not None and not 0 <= i < self.vocab_size:

@@ -377,3 +377,28 @@ def test_kernels_environment_variable(converted):
     assert run({"LLAMACPU_KERNELS": "scalar"}).stdout.strip() == "scalar"
     r = run({"LLAMACPU_KERNELS": "avx9000"})
     assert r.returncode != 0 and "LLAMACPU_KERNELS" in r.stderr and "available" in r.stderr
+
+
+# ----------------------------------------------------------------------------- memory check at load
+
+def test_kv_cache_larger_than_available_memory_is_refused(smollm_model, monkeypatch):
+    """The KV cache and scratch for n_ctx are checked against the memory available before
+    anything is allocated, with a clear error that says what fits."""
+    import llamacpu.model as model_mod
+    monkeypatch.setattr(model_mod, "available_memory", lambda: 64 << 20)
+    with pytest.raises(ValueError, match=r"n_ctx=8192 needs .* GiB .* available: load it with n_ctx <= \d+"):
+        llamacpu.Model(smollm_model, n_ctx=8192)
+    llamacpu.Model(smollm_model, n_ctx=256).close()  # a context that fits still loads
+
+
+def test_huge_head_counts_in_a_tiny_file_are_refused(tmp_path):
+    """A few MB of weights declaring 64 heads of 1024 (256 KiB of KV per token) and a
+    context of 2^24 positions: refused at load, not a multi-TiB allocation."""
+    import copy
+    from test_format import META, write
+    meta = copy.deepcopy(META)
+    meta["config"].update(hidden_size=32, intermediate_size=32, num_attention_heads=64, num_key_value_heads=64,
+                          head_dim=1024, max_position_embeddings=1 << 24)
+    path = write(tmp_path / "heads.lcpu", meta=meta)
+    with pytest.raises(ValueError, match=r"n_ctx=16777216 needs .* GiB for this model's KV cache"):
+        llamacpu.Model(path, n_ctx=1 << 24)

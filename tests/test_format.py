@@ -551,3 +551,60 @@ def test_tokenizer_text_is_parsed_on_first_use():
     for bad in ('{"model": ', '{"model": 1}', '{"x": "model"}'):
         with pytest.raises(ModelFormatError, match="tokenizer"):
             fmt.tokenizer_dict({"tokenizer": bad})
+
+
+# ----------------------------------------------------------------------------- rewriting a loaded file
+
+def test_rewriting_a_mapped_file_keeps_the_old_bytes(tmp_path):
+    """ModelWriter writes beside the target and renames: a process that has the old file
+    mapped keeps its bytes (written in place, a shorter new file killed it with SIGBUS)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = f"""
+import copy, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_format import META, write
+from llamacpu.format import read_model
+path = {str(tmp_path / 'm.lcpu')!r}
+larger = copy.deepcopy(META)
+larger["config"]["vocab_size"] = 4096  # the old file spans pages past the new one's end
+write(path, meta=larger)
+old = read_model(path)
+arrays = {{n: old.array(n) for n in old.tensors}}
+before = {{n: a.tobytes() for n, a in arrays.items()}}
+smaller = copy.deepcopy(META)
+smaller["config"]["vocab_size"] = 8
+write(path, meta=smaller)
+assert read_model(path).config["vocab_size"] == 8
+assert all(arrays[n].tobytes() == before[n] for n in arrays), "the mapped bytes changed"
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+def test_writer_failure_leaves_the_target_as_it_was(tmp_path):
+    import os
+    path = write(tmp_path / "m.lcpu")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="expected"):
+        with ModelWriter(path, META, n_tensors=2) as w:
+            w.add_tensor("norm.weight", F32, (64,), b"\0" * 12)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["m.lcpu"]  # no temporary file left behind
+    write(path, meta=META)
+    assert os.listdir(tmp_path) == ["m.lcpu"]
+
+
+def test_chat_template_and_tokenizer_sizes_are_bounded(tmp_path):
+    meta = copy.deepcopy(META)
+    meta["chat_template"] = "x" * (fmt.MAX_CHAT_TEMPLATE_CHARS + 1)
+    expect_meta_error(meta, "chat_template' has .* more than the")
+    meta = copy.deepcopy(META)
+    meta["tokenizer"] = '{"model": {}, "x": "' + " " * fmt.MAX_TOKENIZER_JSON_CHARS + '"}'
+    expect_meta_error(meta, "tokenizer' has .* more than the")
+
+
+def expect_meta_error(meta, match):
+    with pytest.raises(ModelFormatError, match=match):
+        fmt.validate_meta(meta)

@@ -400,3 +400,17 @@ def test_through_a_gguf_file(tmp_path):
     tok = Tokenizer.from_str(info["tokenizer_json"])
     assert tok.encode("hello<|im_end|>").tokens == ["hello", "<|im_end|>"]
     assert info["eog_token_ids"] == [len(kv["tokenizer.ggml.tokens"]) - 1]
+
+
+def test_token_and_merge_counts_are_bounded():
+    """A GGUF vocabulary or merge list larger than any real tokenizer's is refused before
+    the tokenizer.json is built."""
+    from llamacpu.tokenizer import MAX_TOKENIZER_MERGES, MAX_TOKENIZER_TOKENS
+    kv = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+          "tokenizer.ggml.tokens": [f"t{i}" for i in range(MAX_TOKENIZER_TOKENS + 1)]}
+    with pytest.raises(ModelFormatError, match="tokens, more than the"):
+        tokenizer_from_gguf(kv)
+    kv = {**kv, "tokenizer.ggml.tokens": ["a", "b", "ab"],
+          "tokenizer.ggml.merges": ["a b"] * (MAX_TOKENIZER_MERGES + 1)}
+    with pytest.raises(ModelFormatError, match="merges, more than the"):
+        tokenizer_from_gguf(kv)

@@ -316,3 +316,34 @@ def test_large_vocab_fast_and_exact():
                 s.sample(x, history)
             per = (time.perf_counter() - t) / 10
             assert per < 0.05, f"{params}: {per * 1e3:.1f} ms per sample on {n} logits"
+
+
+@pytest.mark.parametrize("value", [1e-320, 5e-324, 1e-300, 1e-4, 1e4, 1e300])
+def test_absurd_repeat_penalty_refused(value):
+    """A denormal penalty made the penalized logits inf and sampling fail with IndexError."""
+    with pytest.raises(ValueError, match="repeat_penalty"):
+        SamplingParams(repeat_penalty=value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(temperature=st.sampled_from([5e-324, 1e-300, 1e-6, 1.0, 1e300]),
+       top_p=st.sampled_from([5e-324, 1e-300, 0.5, 1.0]),
+       min_p=st.sampled_from([0.0, 5e-324, 0.5, 0.999999]),
+       top_k=st.sampled_from([0, 1, 7, 10**30]),
+       repeat_penalty=st.sampled_from([1e-3, 0.5, 1.0, 2.0, 1e3]),
+       repeat_last_n=st.sampled_from([-1, 0, 3, 10**30]),
+       seed=st.sampled_from([0, 2**200]),
+       logits=hnp.arrays(np.float32, st.integers(1, 40),
+                         elements=st.sampled_from([-3e38, -1e30, -5.0, 0.0, 1e-38, 3.0, 1e30, 3e38,
+                                                   -np.inf])))
+def test_extreme_settings_sample_a_valid_token(temperature, top_p, min_p, top_k, repeat_penalty,
+                                               repeat_last_n, seed, logits):
+    """Every value SamplingParams accepts, however extreme, samples a token in range."""
+    if np.isneginf(logits).all():
+        logits[0] = 0.0
+    s = Sampler(SamplingParams(temperature=temperature, top_p=top_p, min_p=min_p, top_k=top_k,
+                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed))
+    history = list(range(logits.size))
+    assert 0 <= s.sample(logits, history) < logits.size
+    ids, p = s.distribution(logits, history)
+    assert np.isfinite(p).all() and abs(p.sum() - 1) < 1e-9

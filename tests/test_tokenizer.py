@@ -359,3 +359,37 @@ def test_encode_thread_safe(llama):
 
     with ThreadPoolExecutor(4) as ex:
         assert all(ex.map(work, [True, False] * 4))
+
+
+# ----------------------------------------------------------------------------- hostile tokenizers
+
+def test_deeply_nested_tokenizer_is_a_model_format_error(smol_meta, tmp_path):
+    """A tokenizer.json nested 200,000 levels inside a model file: ModelFormatError, not
+    RecursionError."""
+    from llamacpu import Llama
+    from llamacpu.errors import ModelFormatError
+    from test_format import META, write
+    deep = '{"model": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    with pytest.raises(ModelFormatError, match="nested too deeply"):
+        Tokenizer.from_metadata({**smol_meta, "tokenizer": deep})
+    with pytest.raises(ModelFormatError, match="tokenizer: tokenizer.json is nested too deeply"):
+        Llama(write(tmp_path / "deep.lcpu", meta={**META, "tokenizer": deep}), n_ctx=8)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        Tokenizer(deep)
+
+
+def test_tokenizer_size_bounds(smol_meta):
+    """More merges, vocabulary entries or characters than any real tokenizer has: refused
+    before tokenizers builds it (3 million merges took 2.8 GB)."""
+    from llamacpu import tokenizer as tok_mod
+    from llamacpu.errors import ModelFormatError
+    tj = tokenizer_dict(smol_meta)
+    merges = {**tj, "model": {**tj["model"], "merges": [["a", "b"]] * (tok_mod.MAX_TOKENIZER_MERGES + 1)}}
+    with pytest.raises(ModelFormatError, match="merges, more than the"):
+        Tokenizer.from_metadata({**smol_meta, "tokenizer": json.dumps(merges)})
+    vocab = {**tj, "model": {**tj["model"], "merges": [],
+                             "vocab": {f"t{i}": i for i in range(tok_mod.MAX_TOKENIZER_TOKENS + 1)}}}
+    with pytest.raises(ValueError, match="vocabulary entries, more than the"):
+        Tokenizer(vocab)
+    with pytest.raises(ValueError, match="characters, more than the"):
+        Tokenizer('{"model": {}, "x": "' + " " * tok_mod.MAX_TOKENIZER_JSON_CHARS + '"}')
