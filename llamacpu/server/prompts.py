@@ -34,7 +34,7 @@ class PromptCheck:
                            f"bytes, more than {self.n_ctx} tokens of at most {self.longest_token} bytes can "
                            "hold. Shorten the prompt or start the server with a larger --ctx-size.", param,
                            "context_length_exceeded")
-            ids = self.llm.tokenize(text)
+            ids = self.llm.tokenize_chat(job["messages"], tools=job["tools"]) if chat else self.llm.tokenize(text)
         except (ValueError, TypeError) as e:
             raise bad(str(e), param) from None
         if not ids:
