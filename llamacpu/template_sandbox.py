@@ -9,7 +9,9 @@ expressions while it compiles. :class:`BoundedSandbox` renders (:func:`render`)
 under three limits:
 
 * time: :data:`RENDER_SECONDS` of wall clock, checked at every attribute or item
-  lookup, call, operator, filter, ``~`` and loop iteration;
+  lookup, call, operator, filter, ``~``, loop iteration and item of a filter's
+  generator; the filters that loop in Python where no check can run (``sort``,
+  ``urlize``, ...) take at most :data:`SLOW_FILTER_INPUT` characters or items;
 * text: the characters (or list items) a render creates, in total, at most
   :data:`TEXT_BUDGET_FLOOR` plus :data:`TEXT_BUDGET_PER_INPUT_CHAR` per character of
   its input. What can amplify is charged *before* it allocates: sequence ``*``,
@@ -48,7 +50,7 @@ from jinja2.utils import Namespace, _PassArg
 from jinja2.visitor import NodeTransformer
 from markupsafe import EscapeFormatter, Markup
 
-__all__ = ["BoundedSandbox", "LimitError", "render", "text_size", "RENDER_SECONDS",
+__all__ = ["BoundedSandbox", "LimitError", "render", "text_size", "RENDER_SECONDS", "SLOW_FILTER_INPUT",
            "TEXT_BUDGET_FLOOR", "TEXT_BUDGET_PER_INPUT_CHAR", "MAX_INT_BITS"]
 
 # Real templates are far below these limits: Llama 3.2's template renders each of
@@ -65,6 +67,10 @@ TEXT_BUDGET_FLOOR = 4 << 20
 TEXT_BUDGET_PER_INPUT_CHAR = 16
 """More characters per character of input (messages, tools, extra variables): 4x what
 Llama 3.2's template uses on a long chat."""
+SLOW_FILTER_INPUT = 100_000
+"""Characters or items that the filters looping in Python where no hook sees may take
+(sort, unique, min, max, dictsort, urlize, striptags, title, wordwrap): each then ends
+within ~0.5 s. Chat templates sort a few tools; none urlizes a prompt."""
 MAX_INT_BITS = 8192
 """Bits of any integer a template makes (2,467 digits): no prompt needs more, and
 arithmetic on such numbers takes microseconds."""
@@ -318,6 +324,12 @@ def _check_method(budget: _Budget, obj, args, kwargs):
 
 # ----------------------------------------------------------------------------- filters
 
+# filters that loop in Python where no hook sees: over items (a key function for each;
+# sort ~2 us an item), over text (urlize ~5 us a character, title, wordwrap; striptags
+# copies the text once per tag)
+_SLOW_ITEM_FILTERS = frozenset({"dictsort", "max", "min", "sort", "unique"})
+_SLOW_TEXT_FILTERS = frozenset({"striptags", "title", "urlize", "wordwrap"})
+
 # filters that turn their input into text: charged the input's text first
 _STRINGIFYING = frozenset({"capitalize", "center", "e", "escape", "forceescape", "format", "indent",
                            "lower", "replace", "string", "striptags", "title", "trim", "truncate",
@@ -401,12 +413,28 @@ _FILTER_CHECKS = {"center": _filter_center, "indent": _filter_indent, "replace":
                   "tojson": _filter_tojson, "pprint": _filter_pprint}
 
 
+def _check_slow_input(name: str, value):
+    """The input of a filter that loops in Python where no hook sees, measured (a
+    generator becomes a list on the way) and refused past SLOW_FILTER_INPUT."""
+    if name in _SLOW_ITEM_FILTERS:
+        if not isinstance(value, abc.Sized):
+            value = list(value)
+        size = len(value)
+    else:
+        size = len(value) if isinstance(value, str) else text_size(value, cap=SLOW_FILTER_INPUT + 1)
+    if size > SLOW_FILTER_INPUT:
+        raise LimitError(f"the {name} filter on more than {SLOW_FILTER_INPUT:,} characters or items")
+    return value
+
+
 def _bounded_filter(name: str, f):
     """`f` checked against the render's budget; it takes the context, so Jinja never
-    calls it while compiling."""
+    calls it while compiling. A generator it returns looks at the clock at each item
+    (``select`` runs its test for each, where no hook sees)."""
     pass_arg = _PassArg.from_obj(f)
     check = _FILTER_CHECKS.get(name)
     stringifies = name in _STRINGIFYING
+    slow = name in _SLOW_ITEM_FILTERS or name in _SLOW_TEXT_FILTERS
     if check is not None:  # the filter's parameters after the context it is passed, if any
         params = list(inspect.signature(f).parameters.values())
         if params and params[0].name in ("context", "eval_ctx", "environment"):
@@ -421,12 +449,16 @@ def _bounded_filter(name: str, f):
                 _PassArg.environment: (context.environment,)}.get(pass_arg, ())
         if stringifies:
             budget.text(value)
+        if slow:
+            value = _check_slow_input(name, value)
         if check is None:
-            return budget.made(f(*lead, value, *args, **kwargs))
-        bound = signature.bind(value, *args, **kwargs)
-        bound.apply_defaults()
-        check(budget, bound.arguments, context.environment)
-        return f(*lead, *bound.args, **bound.kwargs)
+            result = budget.made(f(*lead, value, *args, **kwargs))
+        else:
+            bound = signature.bind(value, *args, **kwargs)
+            bound.apply_defaults()
+            check(budget, bound.arguments, context.environment)
+            result = f(*lead, *bound.args, **bound.kwargs)
+        return _LimitedIter(result) if isinstance(result, types.GeneratorType) else result
 
     return bounded
 

@@ -76,6 +76,12 @@ HOSTILE = {
     "batch_fill": ("{{ [1] | batch(1000000000, 0) | list }}", "characters"),
     "slice_many": ("{{ [1] | slice(100000000) | list }}", "characters"),
     "sum_lists": ("{{ ([[0] * 3000] * 3000) | sum(start=[]) | length }}", "characters"),
+    # filters that loop in Python where no hook sees
+    "urlize_long": ("{{ ('a ' * 2000000) | urlize }}", "urlize filter"),
+    "title_long": ("{{ ('a ' * 2000000) | title }}", "title filter"),
+    "striptags_many_tags": ("{{ ('<a>b ' * 800000) | striptags }}", "striptags filter"),
+    "sort_many": ("{{ ((range(100000) | list) * 40) | sort | length }}", "sort filter"),
+    "select_many": ("{{ ([1] * 4000000) | select('odd') | list | length }}", "longer than"),
     # one string referenced many times, turned into text
     "refs_output": (f"{{{{ {REFS} }}}}", "characters"),
     "refs_tilde": (f"{{{{ {REFS} ~ '' }}}}", "characters"),
