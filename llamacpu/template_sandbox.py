@@ -376,8 +376,14 @@ def _filter_join(budget, a, env):
 
 
 def _filter_sum(budget, a, env):
-    values = _materialize(a, "iterable", env)
-    budget.charge(sum(len(v) for v in values + [a["start"]] if _is_seq(v)))
+    """Summing sequences makes a new one at each step: charged every step's length."""
+    running = len(a["start"]) if _is_seq(a["start"]) else 0
+    total = 0
+    for v in _materialize(a, "iterable", env):
+        if _is_seq(v):
+            running += len(v)
+            total += running
+    budget.charge(total)
 
 
 def _filter_batch(budget, a, env):

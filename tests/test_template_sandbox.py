@@ -76,6 +76,7 @@ HOSTILE = {
     "batch_fill": ("{{ [1] | batch(1000000000, 0) | list }}", "characters"),
     "slice_many": ("{{ [1] | slice(100000000) | list }}", "characters"),
     "sum_lists": ("{{ ([[0] * 3000] * 3000) | sum(start=[]) | length }}", "characters"),
+    "sum_many_lists": ("{{ ([[0] * 40] * 100000) | sum(start=[]) | length }}", "characters"),
     # filters that loop in Python where no hook sees
     "urlize_long": ("{{ ('a ' * 2000000) | urlize }}", "urlize filter"),
     "title_long": ("{{ ('a ' * 2000000) | title }}", "title filter"),
