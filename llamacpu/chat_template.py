@@ -33,8 +33,12 @@ Llama 3 Instruct's header format::
     {bos_token}<|start_header_id|>{role}<|end_header_id|>\n\n{content|trim}<|eot_id|>...
     <|start_header_id|>assistant<|end_header_id|>\n\n      (with add_generation_prompt)
 
-Every error of the template (syntax, ``raise_exception``, an undefined value
-used in an expression, a type error) raises :class:`TemplateError` (a ValueError)
+The template comes with the model file, so it is treated as untrusted code: it is
+compiled on first use (a model whose template is broken or hostile still loads, and
+``generate()`` works), and renders in template_sandbox.py's bounded sandbox (time,
+characters created, integer sizes). Every failure of the template (syntax,
+``raise_exception``, an undefined value used in an expression, a type error, a
+limit, RecursionError, MemoryError) raises :class:`TemplateError` (a ValueError)
 with the template's message.
 """
 
@@ -48,9 +52,18 @@ from datetime import datetime
 import jinja2
 import jinja2.ext
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from . import template_sandbox
 
 __all__ = ["ChatTemplate", "TemplateError", "FALLBACK_TEMPLATE"]
+
+MAX_INPUT_DEPTH = 100
+"""Nesting of the data a template sees (messages, tools, extra variables): JSON
+schemas of tools nest ~10 levels; deeper input is refused before it is copied
+(copying recurses, and so does tojson)."""
+STRFTIME_FORMAT_CHARS = 256
+"""Length of a ``strftime_now`` format: templates pass ``"%d %b %Y"``; strftime has
+no hook inside and writes ~12 characters per 2 of ``%c``."""
 
 
 class TemplateError(ValueError):
@@ -108,11 +121,14 @@ def _raise_exception(message):
     raise TemplateError(str(message))
 
 
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt):
+    if isinstance(fmt, str) and len(fmt) > STRFTIME_FORMAT_CHARS:
+        raise TemplateError(f"chat template called strftime_now with a format of more than "
+                            f"{STRFTIME_FORMAT_CHARS} characters")
     return datetime.now().strftime(fmt)
 
 
@@ -147,10 +163,9 @@ class _TemplateNamespace(jinja2.utils.Namespace):
                                 f"namespace, got {name!r}")
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationExtension, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
+def _environment() -> template_sandbox.BoundedSandbox:
+    env = template_sandbox.BoundedSandbox(filters={"tojson": _tojson}, trim_blocks=True, lstrip_blocks=True,
+                                          extensions=[_GenerationExtension, jinja2.ext.loopcontrols])
     env.globals["raise_exception"] = _raise_exception
     # looked up at call time so that tests can freeze the clock by patching _strftime_now
     env.globals["strftime_now"] = lambda fmt: _strftime_now(fmt)
@@ -162,8 +177,10 @@ def _environment() -> ImmutableSandboxedEnvironment:
 _ENV = None
 
 
-def _plain(value):
+def _plain(value, depth=0):
     """Plain JSON-like data for the sandbox (transformers' _plain_template_data)."""
+    if depth > MAX_INPUT_DEPTH:
+        raise ValueError(f"chat messages, tools or variables nest deeper than {MAX_INPUT_DEPTH} levels")
     if value is None or type(value) in (str, int, float, bool):
         return value
     if isinstance(value, str):
@@ -173,17 +190,17 @@ def _plain(value):
     if isinstance(value, float):
         return float.__float__(value)
     if isinstance(value, Mapping):
-        return {_plain(k): _plain(v) for k, v in value.items()}
+        return {_plain(k, depth + 1): _plain(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [_plain(v, depth + 1) for v in value]
     if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
+        return tuple(_plain(v, depth + 1) for v in value)
     if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():
         return _plain(value.item())  # numpy scalar
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _plain(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):
-        return _plain(value.model_dump())
+        return _plain(value.model_dump(), depth + 1)
     return f"<{type(value).__name__}>"
 
 
@@ -210,31 +227,24 @@ def _messages(messages) -> list[dict]:
 
 
 class ChatTemplate:
-    """A compiled chat template.
+    """A chat template, compiled on first use.
 
     source: the Jinja template; None (or "") uses :data:`FALLBACK_TEMPLATE`
         (``is_fallback`` is then True).
     bos_token, eos_token: the texts the template sees as ``bos_token``/``eos_token``
         (the model's BOS/EOS token strings, e.g. ``"<|begin_of_text|>"``).
-    Raises TemplateError if the template does not compile.
+    A template that does not compile raises TemplateError from :meth:`render`.
     """
 
     def __init__(self, source: str | None, bos_token: str = "", eos_token: str = ""):
-        global _ENV
         if source is not None and not isinstance(source, str):
             raise TypeError(f"chat template must be a string or None, got {type(source).__name__}")
         self.is_fallback: bool = not source
         self.source: str = FALLBACK_TEMPLATE if self.is_fallback else source
         self.bos_token = bos_token or ""
         self.eos_token = eos_token or ""
-        if _ENV is None:
-            _ENV = _environment()
-        try:
-            self._template = _ENV.from_string(self.source)
-        except jinja2.TemplateSyntaxError as e:
-            raise TemplateError(f"chat template syntax error (line {e.lineno}): {e.message}") from None
-        except jinja2.TemplateError as e:
-            raise TemplateError(f"chat template error: {e}") from None
+        self._template = None
+        self._error = None  # why it does not compile, once tried
 
     @classmethod
     def from_metadata(cls, meta: dict, tokenizer=None) -> "ChatTemplate":
@@ -245,6 +255,21 @@ class ChatTemplate:
             tokenizer = Tokenizer.from_metadata(meta)
         return cls(meta.get("chat_template"), tokenizer.bos_token or "", tokenizer.eos_token or "")
 
+    def _compiled(self) -> jinja2.Template:
+        global _ENV
+        if self._template is None and self._error is None:
+            if _ENV is None:
+                _ENV = _environment()
+            try:
+                self._template = _ENV.from_string(self.source)
+            except jinja2.TemplateSyntaxError as e:
+                self._error = f"chat template syntax error (line {e.lineno}): {e.message}"
+            except Exception as e:  # RecursionError (deep nesting), MemoryError, ...
+                self._error = f"chat template does not compile: {_describe(e)}"
+        if self._error is not None:
+            raise TemplateError(self._error)
+        return self._template
+
     def render(self, messages: list[dict], tools: list[dict] | None = None,
                add_generation_prompt: bool = True, **extra) -> str:
         """The prompt text for ``messages`` (dicts with ``role`` and ``content``;
@@ -253,6 +278,8 @@ class ChatTemplate:
         tools: JSON function definitions (``{"type": "function", "function": {...}}``)
             or None. extra: further template variables (``date_string``, ...); they
             override ``bos_token``/``eos_token`` when given under those names.
+        Raises TemplateError for any failure of the template, TypeError or ValueError
+        for messages or tools that are not JSON-like data.
         """
         if tools is not None:
             tools = list(tools)
@@ -261,19 +288,24 @@ class ChatTemplate:
                     raise TypeError(f"tools must be JSON schemas (dicts), got {type(t).__name__}")
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token}
         variables.update(_plain(extra))
-        documents = variables.pop("documents", None)
-        messages = _messages(messages)
+        variables.update(messages=_messages(messages), tools=_plain(tools),
+                         documents=_plain(variables.pop("documents", None)),
+                         add_generation_prompt=bool(add_generation_prompt))
+        template = self._compiled()
         try:
-            return self._template.render(
-                messages=messages, tools=_plain(tools), documents=_plain(documents),
-                add_generation_prompt=bool(add_generation_prompt), **variables)
+            return template_sandbox.render(template, variables)
         except TemplateError:
             raise
+        except template_sandbox.LimitError as e:
+            raise TemplateError(f"chat template stopped: {e}") from None
         except jinja2.TemplateError as e:
             raise TemplateError(f"chat template error: {e.message or e}") from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError,
-                OverflowError, RecursionError) as e:
-            raise TemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
+        except Exception as e:  # TypeError, RecursionError, MemoryError, ...: all the template's doing
+            raise TemplateError(f"chat template failed: {_describe(e)}") from None
 
     def __repr__(self):
         return f"ChatTemplate({'fallback' if self.is_fallback else f'{len(self.source)} chars'})"
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

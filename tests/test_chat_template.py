@@ -247,6 +247,15 @@ ENV_TEMPLATES = [
     "{{ tools is none }} {{ documents is none }} {{ custom | default('none') }}",
     # thinking aliases
     "{% for m in messages %}{{ m.reasoning_content | default('-') }}/{{ m.thinking | default('-') }};{% endfor %}",
+    # what the sandbox's limits watch, in ordinary amounts (template_sandbox.py)
+    "{{ 'ab' * 3 }}{{ [1] * 2 }}{{ 2 ** 10 }}{{ [1] + [2] }}{{ '%05d|%-3s|%.2f' % (3, 'x', 2.5) }}"
+    "{{ '{:>5}|{:.3f}|{!r}'.format('x', 1.5, 'q') }}{{ 'x' | center(5) }}{{ '7'.zfill(3) }}"
+    "{{ 'a\\nb' | indent(2, true) }}{{ x.a | join(', ') }}{{ 'aXa' | replace('a', 'bb') }}"
+    "{{ [1, 2, 3] | batch(2, 0) | list }}{{ [1, 2, 3] | slice(2) | list }}{{ [[1], [2]] | sum(start=[]) }}"
+    "{{ x | pprint }}{{ 'b' ~ 1 ~ [2] }}{{ x.a }}{{ x.z | wordwrap(2) }}",
+    "{% for m in messages recursive %}{{ loop.index }}/{{ loop.length }}{{ loop.cycle('a', 'b') }}"
+    "{% endfor %}{% macro k(v) %}<{{ v }}{{ caller() }}>{% endmacro %}{% call k(1) %}c{% endcall %}"
+    "{% set b %}[{{ messages | length }}]{% endset %}{{ b }}{% filter upper %}up{% endfilter %}",
 ]
 
 
@@ -269,10 +278,13 @@ def test_tojson_exact():
 
 
 def test_errors_are_template_errors():
+    bad = ChatTemplate("{% if %}")  # compiled on first use: a model with a broken template loads
     with pytest.raises(TemplateError, match="syntax error"):
-        ChatTemplate("{% if %}")
+        bad.render([])
+    with pytest.raises(TemplateError, match="syntax error"):  # the same error every time
+        bad.render([])
     with pytest.raises(TemplateError, match="syntax error"):
-        ChatTemplate("{% for m in messages %}")
+        ChatTemplate("{% for m in messages %}").render([])
     with pytest.raises(TemplateError, match="boom 42"):
         ChatTemplate("{{ raise_exception('boom ' ~ 42) }}").render([])
     # the sandbox: no attribute escapes, no mutation of the inputs
