@@ -22,7 +22,17 @@ under three limits:
   thousand references to one long string prints a thousand copies). Every other
   value is charged when it is made, and so is the output;
 * integers: at most :data:`MAX_INT_BITS` bits (``10 ** 10 ** 10`` is refused before
-  Python starts on it).
+  Python starts on it);
+* comparing and hashing: Python compares and hashes containers item by item in C,
+  following shared references each time, so ``[a, a]`` nested 40 times is a small
+  value that takes 2**40 steps to compare with an equal copy. Every value compared or
+  hashed (the operands of ``== != < <= > >= in``, of the comparing tests ``eq lt in
+  ...`` also inside ``select``/``selectattr``, the keys of a dict literal, a tuple
+  subscript, the arguments of a call, the input of ``sort unique min max dictsort
+  groupby``) may count at most :data:`MAX_COMPARED_ITEMS` items, nested ones
+  included and shared ones each time (:func:`expanded_size`). The check is at the
+  consumer, not at the many places a container can be made (literals, ``varargs``,
+  ``cycler().items``, filters, ...).
 
 Nothing runs at compile time: the optimizer is off, the intercepted operators
 cannot be folded, and every filter takes the render's context. ``lipsum`` is gone
@@ -44,14 +54,15 @@ from collections import abc
 import jinja2
 from jinja2 import nodes
 from jinja2.filters import make_attrgetter
-from jinja2.runtime import LoopContext, Undefined, markup_join, str_join
+from jinja2.runtime import LoopContext, Macro, Undefined, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import Namespace, _PassArg
 from jinja2.visitor import NodeTransformer
 from markupsafe import EscapeFormatter, Markup
 
-__all__ = ["BoundedSandbox", "LimitError", "render", "text_size", "RENDER_SECONDS", "SLOW_FILTER_INPUT",
-           "TEXT_BUDGET_FLOOR", "TEXT_BUDGET_PER_INPUT_CHAR", "MAX_INT_BITS"]
+__all__ = ["BoundedSandbox", "LimitError", "render", "text_size", "expanded_size", "RENDER_SECONDS",
+           "SLOW_FILTER_INPUT", "TEXT_BUDGET_FLOOR", "TEXT_BUDGET_PER_INPUT_CHAR", "MAX_INT_BITS",
+           "MAX_COMPARED_ITEMS"]
 
 # Real templates are far below these limits: Llama 3.2's template renders each of
 # tests/test_chat_template.py's chats in under 5 ms creating under 3,000 characters,
@@ -69,11 +80,16 @@ TEXT_BUDGET_PER_INPUT_CHAR = 16
 Llama 3.2's template uses on a long chat."""
 SLOW_FILTER_INPUT = 100_000
 """Characters or items that the filters looping in Python where no hook sees may take
-(sort, unique, min, max, dictsort, urlize, striptags, title, wordwrap): each then ends
+(sort, unique, min, max, dictsort, groupby, urlize, striptags, title, wordwrap): each then ends
 within ~0.5 s. Chat templates sort a few tools; none urlizes a prompt."""
 MAX_INT_BITS = 8192
 """Bits of any integer a template makes (2,467 digits): no prompt needs more, and
 arithmetic on such numbers takes microseconds."""
+MAX_COMPARED_ITEMS = 1 << 20
+"""Items (nested ones included, a shared one each time it is reached) of a value a
+template compares or hashes: Python does ~10^7 such steps a second or more, so one
+comparison ends within ~0.1 s (a sort within log2(n) times that). A chat's messages
+count ~5 items each."""
 _FORMAT_DIGITS = 18
 """Digits of a format width or precision beyond which it cannot be a real one."""
 _TICK_EVERY = 4096
@@ -182,6 +198,85 @@ def text_size(value, cap: int | None = None, per_item: int = 2, per_level: int =
                 raise LimitError(f"a value nested deeper than {_MAX_TEXT_DEPTH} levels")
             stack.append((children, depth + 1))
     return n
+
+
+_LEAVES = frozenset({str, int, float, bool, type(None), Markup})
+
+
+def _container_items(v):
+    """The items Python compares or hashes in `v`, or None for a leaf (strings,
+    numbers, and what compares by identity: namespaces, loops, functions)."""
+    t = type(v)
+    if t in _LEAVES:
+        return None
+    if t is list or t is tuple:
+        return iter(v)
+    if t is dict:
+        return itertools.chain.from_iterable(v.items())
+    if isinstance(v, (str, bytes, bytearray)):
+        return None
+    if isinstance(v, abc.Mapping):
+        return itertools.chain.from_iterable(v.items())
+    if isinstance(v, abc.ItemsView):
+        return itertools.chain.from_iterable(v)
+    if isinstance(v, (list, tuple, abc.Set, abc.KeysView, abc.ValuesView)):
+        return iter(v)
+    return None
+
+
+def expanded_size(value, cap: int | None = None) -> int:
+    """The items in `value`, nested ones included and a shared one each time it is
+    reached: the steps Python may take to compare `value` with an equal copy or to
+    hash it. Each distinct container is walked once (a memo by id, valid while
+    `value` holds them all), so ``[a, a]`` nested 40 times costs 80 steps to find
+    2**41; counting stops past `cap`."""
+    items = _container_items(value)
+    if items is None:
+        return 0
+    if type(value) in (list, tuple) and not any(type(v) not in _LEAVES for v in value):
+        return len(value)  # flat: the common case, without a step per item
+    memo: dict[int, int] = {}
+    stack = [[value, items, 0]]  # a container, its items left, its count so far
+    steps = 0
+    while stack:
+        frame = stack[-1]
+        v = next(frame[1], _END)
+        if v is _END:
+            stack.pop()
+            memo[id(frame[0])] = frame[2]
+            if not stack:
+                return frame[2]
+            stack[-1][2] += frame[2]
+            if cap is not None and stack[-1][2] > cap:
+                return stack[-1][2]
+            continue
+        steps += 1
+        if steps % _TICK_EVERY == 0:
+            _tick()
+        frame[2] += 1
+        if type(v) in _LEAVES:
+            continue
+        known = memo.get(id(v))
+        if known is not None:
+            frame[2] += known
+        else:
+            children = _container_items(v)
+            if children is not None:
+                if len(stack) >= _MAX_TEXT_DEPTH:
+                    raise LimitError(f"a value nested deeper than {_MAX_TEXT_DEPTH} levels")
+                stack.append([v, children, 0])
+        if cap is not None and frame[2] > cap:
+            return frame[2]
+    return 0  # not reached
+
+
+def _check_compared(value, what: str = "a compared or hashed value"):
+    """`value`, refused if comparing or hashing it may take more than
+    MAX_COMPARED_ITEMS steps."""
+    if _container_items(value) is not None and expanded_size(value, MAX_COMPARED_ITEMS) > MAX_COMPARED_ITEMS:
+        raise LimitError(f"{what} of more than {MAX_COMPARED_ITEMS:,} items (nested and shared ones "
+                         f"counted each time)")
+    return value
 
 
 # ----------------------------------------------------------------------------- amplifiers
@@ -327,7 +422,7 @@ def _check_method(budget: _Budget, obj, args, kwargs):
 # filters that loop in Python where no hook sees: over items (a key function for each;
 # sort ~2 us an item), over text (urlize ~5 us a character, title, wordwrap; striptags
 # copies the text once per tag)
-_SLOW_ITEM_FILTERS = frozenset({"dictsort", "max", "min", "sort", "unique"})
+_SLOW_ITEM_FILTERS = frozenset({"dictsort", "groupby", "max", "min", "sort", "unique"})
 _SLOW_TEXT_FILTERS = frozenset({"striptags", "title", "urlize", "wordwrap"})
 
 # filters that turn their input into text: charged the input's text first
@@ -423,9 +518,11 @@ def _check_slow_input(name: str, value):
     """The input of a filter that loops in Python where no hook sees, measured (a
     generator becomes a list on the way) and refused past SLOW_FILTER_INPUT."""
     if name in _SLOW_ITEM_FILTERS:
-        if not isinstance(value, abc.Sized):
+        if isinstance(value, _LimitedIter) or not isinstance(value, abc.Sized):  # a filter's generator
             value = list(value)
         size = len(value)
+        if size <= SLOW_FILTER_INPUT:  # they compare or hash the items
+            _check_compared(value, f"the input of the {name} filter")
     else:
         size = len(value) if isinstance(value, str) else text_size(value, cap=SLOW_FILTER_INPUT + 1)
     if size > SLOW_FILTER_INPUT:
@@ -469,6 +566,32 @@ def _bounded_filter(name: str, f):
     return bounded
 
 
+# tests that compare or hash their operands
+_COMPARING_TESTS = frozenset({"==", "!=", "<", "<=", ">", ">=", "eq", "equalto", "ne", "lt", "lessthan", "le",
+                              "gt", "greaterthan", "ge", "in"})
+
+
+def _bounded_test(f):
+    """A comparing test whose operands are checked first (a select or selectattr
+    runs it for each item, where no hook sees)."""
+
+    def bounded(value, *args):
+        _tick()
+        _check_compared(value)
+        for a in args:
+            _check_compared(a)
+        return f(value, *args)
+
+    return bounded
+
+
+def _compared_filter(value):
+    """What the rewrite wraps around each operand of a comparison and each key of a
+    dict literal (a filter: Jinja calls it directly, not through call())."""
+    _tick()
+    return _check_compared(value)
+
+
 @jinja2.pass_eval_context
 def _finalize(eval_ctx, value):
     """``{{ value }}``: charge its text before Jinja turns it into a string."""
@@ -500,9 +623,31 @@ def _env_call(name: str, args: list, where: nodes.Node) -> nodes.Call:
     return nodes.Call(nodes.EnvironmentAttribute(name), list(args), [], None, None, lineno=where.lineno)
 
 
+_COMPARED = "_compared"
+"""The internal filter checking a compared or hashed value."""
+
+
+def _compared(node: nodes.Expr) -> nodes.Filter:
+    return nodes.Filter(node, _COMPARED, [], [], None, None, lineno=node.lineno)
+
+
 class _Rewrite(NodeTransformer):
     """Every loop's iterable through ``limited_iter``, every ``~`` through
-    ``limited_concat`` (Jinja compiles both to plain Python that no hook sees)."""
+    ``limited_concat``, every operand of a comparison and key of a dict literal
+    through the ``_compared`` check (Jinja compiles them to plain Python that no
+    hook sees)."""
+
+    def visit_Compare(self, node):
+        node = self.generic_visit(node)
+        node.expr = _compared(node.expr)
+        for operand in node.ops:
+            operand.expr = _compared(operand.expr)
+        return node
+
+    def visit_Pair(self, node):
+        node = self.generic_visit(node)
+        node.key = _compared(node.key)
+        return node
 
     def visit_For(self, node):
         node = self.generic_visit(node)
@@ -524,6 +669,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(optimized=False, finalize=_finalize, **options)
         self.filters.update(filters or {})
         self.filters = {name: _bounded_filter(name, f) for name, f in self.filters.items()}
+        self.filters[_COMPARED] = _compared_filter
+        self.tests = {name: _bounded_test(f) if name in _COMPARING_TESTS else f for name, f in self.tests.items()}
         del self.globals["lipsum"]
 
     def _parse(self, source, name, filename):
@@ -537,6 +684,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def getitem(self, obj, argument):
         _tick()
+        _check_compared(argument)  # a tuple key is hashed
         return super().getitem(obj, argument)
 
     def call_binop(self, context, operator, left, right):
@@ -560,6 +708,14 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         budget.tick()
         if isinstance(__obj, LoopContext) and args:  # loop(children) in a recursive loop
             args = (_LimitedIter(args[0]),) + args[1:]
+        elif not isinstance(__obj, Macro) and getattr(__obj, "__self__", None) is not __self:
+            # a method or function may compare or hash its arguments (list.index,
+            # dict.get, dict(pairs), loop.changed): a macro's are compared, if ever,
+            # by the comparisons in it
+            for a in itertools.chain(args, kwargs.values()):
+                _check_compared(a)
+            if args and isinstance(getattr(__obj, "__self__", None), (list, tuple)):
+                _check_compared(__obj.__self__)  # list.index(x), list.count(x)
         args, charged = _check_method(budget, __obj, args, kwargs)
         result = super().call(__context, __obj, *args, **kwargs)
         return result if charged else budget.made(result)

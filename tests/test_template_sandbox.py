@@ -28,6 +28,8 @@ of list slots, plus the copy one step makes; a gigabyte attempt stays far from i
 
 BIG = "'x' * 1000000"  # a 1 MB string, legal on its own
 REFS = f"([{BIG}] * 1000)"  # 1000 references to it: cheap as a list, a gigabyte as text
+SHARED = ("{% set ns = namespace(a=(0,), b=(0,)) %}{% for i in range(40) %}{% set ns.a = (ns.a, ns.a) %}"
+          "{% set ns.b = (ns.b, ns.b) %}{% endfor %}")  # two equal values of 2**40 items, 40 tuples each
 
 # name -> (template, what the TemplateError says)
 HOSTILE = {
@@ -97,6 +99,24 @@ HOSTILE = {
     "refs_fromkeys": (f"{{{{ dict.fromkeys(range(100000), {BIG}) | tojson }}}}", "characters"),
     "refs_namespace": (f"{{% set ns = namespace(a={REFS}) %}}{{{{ ns }}}}", "characters"),
     "refs_items": (f"{{{{ dict(a={REFS}).items() }}}}", "characters"),
+    # comparing or hashing values built from shared references: 2**40 steps in C
+    "shared_eq": (SHARED + "{{ ns.a == ns.b }}", "items"),
+    "shared_ne_chained": (SHARED + "{{ 1 < 2 < 3 and ns.a != ns.b }}", "items"),
+    "shared_in": (SHARED + "{{ ns.a in [ns.b] }}", "items"),
+    "shared_is_eq": (SHARED + "{{ ns.a is eq ns.b }}", "items"),
+    "shared_select_equalto": (SHARED + "{{ [ns.a] | select('equalto', ns.b) | list }}", "items"),
+    "shared_selectattr_in": (SHARED + "{{ [{'k': ns.a}] | selectattr('k', 'in', [ns.b]) | list }}", "items"),
+    "shared_loop_changed": (SHARED + "{% for x in [ns.a, ns.b] %}{{ loop.changed(x) }}{% endfor %}", "items"),
+    "shared_dict_key": (SHARED + "{{ {ns.a: 1} }}", "items"),
+    "shared_subscript": (SHARED + "{{ {0: 1}[ns.a] }}", "items"),
+    "shared_index": (SHARED + "{{ [ns.a].index(ns.b) }}", "items"),
+    "shared_fromkeys": (SHARED + "{{ dict.fromkeys([ns.a, ns.b]) }}", "items"),
+    "shared_unique": (SHARED + "{{ [ns.a, ns.b] | unique | list }}", "items"),
+    "shared_sort": (SHARED + "{{ [ns.a, ns.b] | sort }}", "items"),
+    "shared_groupby": (SHARED + "{{ [ns.a, ns.b] | groupby(0) | list }}", "items"),
+    "shared_varargs": ("{% set ns = namespace(v=0, w=0) %}{% macro d() %}{% set ns.v = varargs %}{% endmacro %}"
+                       "{% macro e() %}{% set ns.w = varargs %}{% endmacro %}{% for i in range(40) %}"
+                       "{{ d(ns.v, ns.v) }}{{ e(ns.w, ns.w) }}{% endfor %}{{ ns.v == ns.w }}", "items"),
     # integers
     "int_power": ("{{ 7 ** 1000000000 }}", "bits"),
     "int_squaring": ("{% set ns = namespace(x=3) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}"
@@ -223,6 +243,10 @@ ALLOWED = {
     "{% set b %}[{{ 'b' ~ 1 ~ [2] }}]{% endset %}{{ b }}{% filter upper %}up{% endfilter %}": "<1c>[b1[2]]UP",
     "{% set ns = namespace(a=1) %}{{ ns.a }}{{ {'k': 'v'}.items() | list }}{{ 'x'.translate({120: 'yz'}) }}": (
         "1[('k', 'v')]yz"),
+    "{{ [1, [2]] == [1, [2]] }}|{{ 'a' in 'abc' }}|{{ 2 not in [1, 2] }}|{{ 1 < 2 < 3 }}|{{ {(1, 2): 'k'}[(1, 2)] }}"
+    "|{{ 2 is eq 2 }}|{{ [1, 2, 3] | select('in', [2, 3]) | list }}|{{ [3, 1, 3] | unique | sort }}"
+    "|{{ [1, 2].index(2) }}|{% for x in [1, 1, 2] %}{{ loop.changed(x) }}{% endfor %}": (
+        "True|True|False|True|k|True|[2, 3]|[1, 3]|1|TrueFalseTrue"),
 }
 
 
@@ -230,6 +254,23 @@ ALLOWED = {
 def test_watched_features_still_work(i):
     source, expected = list(ALLOWED.items())[i]
     assert ChatTemplate(source).render([], add_generation_prompt=False) == expected
+
+
+def test_expanded_size_counts_shared_items_each_time():
+    a = (0,)
+    for _ in range(40):
+        a = (a, a)
+    assert sandbox.expanded_size([1, "ab", {"k": [2, 3]}]) == 7
+    assert sandbox.expanded_size(a, cap=1000) > 1000  # after ~20 steps, not 2**40
+    assert sandbox.expanded_size("x" * 100) == sandbox.expanded_size(None) == 0
+
+
+def test_values_just_under_the_compared_limit_compare():
+    n = sandbox.MAX_COMPARED_ITEMS // 2 - 1
+    tpl = ChatTemplate("{{ ([0] * n == [0] * n, [0] * n + [1] in [[0] * (n + 1)]) }}")
+    assert tpl.render([], n=n) == "(True, False)"
+    with pytest.raises(TemplateError, match="items"):
+        tpl.render([], n=sandbox.MAX_COMPARED_ITEMS + 1)
 
 
 def test_no_bounded_operation_outside_a_render():
