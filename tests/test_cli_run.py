@@ -83,6 +83,7 @@ class Pty:
     def __init__(self, argv, env=None):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # even if our parent ignores it (`cmd &`)
             os.execvpe(argv[0], argv, env or os.environ)
         self.buf = b""
 
