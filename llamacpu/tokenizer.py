@@ -287,14 +287,11 @@ class Tokenizer:
             # the GIL: a long text no longer stalls every other Python thread (a server's
             # event loop) while it is tokenized.
             with self._lock:
-                if special:
+                self._hf.encode_special_tokens = not special
+                try:
                     ids = self._hf.encode_batch([text], add_special_tokens=False)[0].ids
-                else:
-                    self._hf.encode_special_tokens = True
-                    try:
-                        ids = self._hf.encode_batch([text], add_special_tokens=False)[0].ids
-                    finally:
-                        self._hf.encode_special_tokens = False
+                finally:
+                    self._hf.encode_special_tokens = False
         except TypeError:
             try:
                 text.encode("utf-8")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+from ..sampling import REPEAT_PENALTY_RANGE  # checked here too: a 400 before the request queues
 from .errors import bad
 
 MAX_STOP = 4          # OpenAI's limit on stop strings
@@ -15,10 +16,6 @@ MAX_STOP = 4          # OpenAI's limit on stop strings
 # of these values that recurses (json, the Jinja template) stays far from Python's limit of
 # 1000 frames (json.loads of 100,000 levels raised RecursionError: a 500).
 MAX_JSON_DEPTH = 64
-# repeat_penalty divides positive logits and multiplies negative ones: outside this range
-# it only pushes them toward 0 or infinity (1e-320 overflowed to inf and crashed the
-# sampler with a 500), and llama.cpp's useful settings are 0.5-2.
-REPEAT_PENALTY_RANGE = (1e-3, 1e3)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -139,7 +136,8 @@ def _common(f: _Fields, n_ctx: int, default_max_tokens, min_max_tokens: int) -> 
             sampling[name] = v
     for name in ("presence_penalty", "frequency_penalty"):
         if f.get(name, float, 0.0, lo=-2, hi=2) != 0:
-            raise bad(f"'{name}' is not supported; use 'repeat_penalty' (llama.cpp's, > 0, 1 = off)", name)
+            raise bad(f"'{name}' is not supported; use 'repeat_penalty' (llama.cpp's, "
+                      f"{REPEAT_PENALTY_RANGE[0]:g} to {REPEAT_PENALTY_RANGE[1]:g}, 1 = off)", name)
     if f.d.get("logit_bias"):
         raise bad("'logit_bias' is not supported", "logit_bias")
     return {"stream": stream, "include_usage": include_usage, "max_tokens": max_tokens,
