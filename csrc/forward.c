@@ -27,7 +27,7 @@ struct lc_model {
     lc_weights w;
     const lc_kernels *k;
     int q_dim, kv_dim;
-    uint16_t *kcache, *vcache; /* (n_layers, n_kv_heads, n_ctx, head_dim) */
+    uint16_t *kcache, *vcache; /* (n_layers, n_seq, n_kv_heads, n_ctx, head_dim) */
     /* scratch for up to n_batch tokens */
     float *x;      /* (B, dim) residual stream */
     float *xb;     /* (B, max(dim, q_dim)) normed input; attention output */
@@ -110,11 +110,58 @@ static int tensor_ok(const lc_kernels *k, const lc_tensor *t) {
     return ti && (g.q || g.f) && t->cols % ti->block_elems == 0 && (t->layout != LC_LAYOUT_X8 || t->rows % 8 == 0);
 }
 
+/* The bytes of every buffer lc_model_new allocates: one place for lc_model_new and
+ * lc_model_bytes. */
+typedef struct {
+    size_t cache;                 /* kcache, vcache each */
+    size_t x, xb, q, kv, hid;     /* x proj res; xb; q; kb vb vb2; hb hb2 */
+    size_t xq, xq2, xbf, zeros;
+    size_t att, amx_panel;        /* per thread */
+    int64_t widest;
+} lc_sizes;
+
+static lc_sizes sizes_of(const lc_config *c, const lc_kernels *k) {
+    lc_sizes z;
+    const size_t B = (size_t)c->n_batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
+    const size_t wide = (size_t)c->dim > qd ? (size_t)c->dim : qd;
+    const size_t widest = wide > (size_t)c->hidden_dim ? wide : (size_t)c->hidden_dim;
+    z.cache = (size_t)c->n_layers * c->n_seq * kvd * c->n_ctx * 2;
+    z.x = B * c->dim * 4;
+    z.xb = B * wide * 4;
+    z.q = B * qd * 4;
+    z.kv = B * kvd * 4;
+    z.hid = B * c->hidden_dim * 4;
+    z.xq = B * (widest / QK + 1) * sizeof(block_q8a);
+    z.xq2 = B * (c->dim / QK + 1) * sizeof(block_q8a);
+    z.xbf = k->gemm_amx ? LC_AMX_ACT(B, widest) * 2 : 0;
+    z.zeros = k->gemm_amx ? widest * sizeof(float) : 0;
+    z.att = (size_t)c->n_ctx * sizeof(float);
+    z.amx_panel = k->gemm_amx ? LC_AMX_SCRATCH(widest) : 0;
+    z.widest = (int64_t)widest;
+    return z;
+}
+
+static int scratch_threads(const lc_config *c) { return c->n_threads > max_threads() ? c->n_threads : max_threads(); }
+
+static int config_ok(const lc_config *c) {
+    return c->dim > 0 && c->hidden_dim > 0 && c->n_layers > 0 && c->n_heads > 0 && c->n_kv_heads > 0 &&
+           c->head_dim > 0 && c->head_dim % 2 == 0 && c->head_dim <= 1024 && c->n_heads % c->n_kv_heads == 0 &&
+           c->vocab_size > 0 && c->n_ctx > 0 && c->n_seq > 0 && c->n_batch > 0 && c->n_threads > 0;
+}
+
+int64_t lc_model_bytes(const lc_config *cfg, const lc_kernels *k, int64_t *per_thread) {
+    if (!config_ok(cfg)) return -1;
+    if (!k) k = lc_kernels_best();
+    const lc_sizes z = sizes_of(cfg, k);
+    const int64_t thread = (int64_t)(z.att + z.amx_panel);
+    if (per_thread) *per_thread = thread;
+    return (int64_t)(2 * z.cache + 3 * z.x + z.xb + z.q + 3 * z.kv + 2 * z.hid + z.xq + z.xq2 + z.xbf + z.zeros) +
+           scratch_threads(cfg) * thread;
+}
+
 lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kernels *k, char *err, size_t errlen) {
     const lc_config c = *cfg;
-    if (c.dim <= 0 || c.hidden_dim <= 0 || c.n_layers <= 0 || c.n_heads <= 0 || c.n_kv_heads <= 0 ||
-        c.head_dim <= 0 || c.head_dim % 2 || c.head_dim > 1024 || c.n_heads % c.n_kv_heads ||
-        c.vocab_size <= 0 || c.n_ctx <= 0 || c.n_batch <= 0 || c.n_threads <= 0) {
+    if (!config_ok(&c)) {
         snprintf(err, errlen, "invalid engine configuration");
         return NULL;
     }
@@ -145,36 +192,33 @@ lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kerne
     }
     m->w.inv_freq = inv;
 
-    const size_t B = (size_t)c.n_batch;
-    const size_t cache = (size_t)c.n_layers * c.n_kv_heads * c.n_ctx * c.head_dim;
-    const size_t wide = (size_t)(c.dim > m->q_dim ? c.dim : m->q_dim);
-    size_t widest = wide > (size_t)c.hidden_dim ? wide : (size_t)c.hidden_dim;
-    /* calloc: large blocks come zeroed from the OS, untouched pages cost no RSS or time */
-    m->kcache = calloc(cache, 2);
-    m->vcache = calloc(cache, 2);
-    m->x = xalloc(B * c.dim * 4);
-    m->xb = xalloc(B * wide * 4);
-    m->q = xalloc(B * m->q_dim * 4);
-    m->kb = xalloc(B * m->kv_dim * 4);
-    m->vb = xalloc(B * m->kv_dim * 4);
-    m->hb = xalloc(B * c.hidden_dim * 4);
-    m->hb2 = xalloc(B * c.hidden_dim * 4);
-    m->proj = xalloc(B * c.dim * 4);
-    m->xq = xalloc(B * (widest / QK + 1) * sizeof(block_q8a));
-    m->res = xalloc(B * c.dim * 4);
-    m->xq2 = xalloc(B * (c.dim / QK + 1) * sizeof(block_q8a));
-    m->vb2 = xalloc(B * m->kv_dim * 4);
-    m->widest = (int64_t)widest;
+    const lc_sizes z = sizes_of(&c, k);
+    /* calloc: large blocks come zeroed from the OS, untouched pages cost no RSS or time
+     * (a sequence slot's cache costs memory only as far as its positions are written) */
+    m->kcache = calloc(z.cache, 1);
+    m->vcache = calloc(z.cache, 1);
+    m->x = xalloc(z.x);
+    m->xb = xalloc(z.xb);
+    m->q = xalloc(z.q);
+    m->kb = xalloc(z.kv);
+    m->vb = xalloc(z.kv);
+    m->hb = xalloc(z.hid);
+    m->hb2 = xalloc(z.hid);
+    m->proj = xalloc(z.x);
+    m->xq = xalloc(z.xq);
+    m->res = xalloc(z.x);
+    m->xq2 = xalloc(z.xq2);
+    m->vb2 = xalloc(z.kv);
+    m->widest = z.widest;
     if (k->gemm_amx) {
-        m->xbf = xalloc(LC_AMX_ACT(B, widest) * 2);
-        m->zeros = calloc(widest, sizeof(float));
+        m->xbf = xalloc(z.xbf);
+        m->zeros = calloc(z.zeros, 1);
     }
-    int th = c.n_threads > max_threads() ? c.n_threads : max_threads();
     if (!m->w.layers || !inv || !m->kcache || !m->vcache || !m->x || !m->xb || !m->q || !m->kb || !m->vb ||
         !m->hb || !m->hb2 || !m->proj || !m->xq || !m->res || !m->xq2 || !m->vb2 || (k->gemm_amx && (!m->xbf || !m->zeros)) ||
-        alloc_att(m, th) != 0) {
+        alloc_att(m, scratch_threads(&c)) != 0) {
         snprintf(err, errlen, "out of memory allocating the KV cache (%.1f MiB) and buffers",
-                 cache * 4.0 / (1024.0 * 1024.0));
+                 z.cache * 2.0 / (1024.0 * 1024.0));
         lc_model_free(m);
         return NULL;
     }
@@ -300,7 +344,16 @@ static void value_residual_input(lc_model *m, int nt) {
     }
 }
 
-static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, float *logits, int all_logits, int want_last) {
+/* The cache of layer l, sequence seq, kv head h: (n_ctx, head_dim) f16 */
+static size_t cache_off(const lc_model *m, int l, int seq, int h) {
+    const lc_config *c = &m->c;
+    return (((size_t)l * c->n_seq + seq) * c->n_kv_heads + h) * c->n_ctx * c->head_dim;
+}
+
+/* One chunk of a batch: token t of sequence seq[t] at position pos[t]; the logits of
+ * the tokens with want[t] go to consecutive rows of `logits`. */
+static void forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq, const int32_t *pos,
+                          const int8_t *want, int nt, float *logits) {
     const lc_config *c = &m->c;
     const lc_kernels *k = m->k;
     const int dim = c->dim, hd = c->head_dim, qd = m->q_dim, kvd = m->kv_dim, hid = c->hidden_dim;
@@ -314,8 +367,6 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
 
     for (int l = 0; l < c->n_layers; l++) {
         const lc_layer_weights *L = &m->w.layers[l];
-        uint16_t *kc = m->kcache + (size_t)l * c->n_kv_heads * c->n_ctx * hd;
-        uint16_t *vc = m->vcache + (size_t)l * c->n_kv_heads * c->n_ctx * hd;
 
         /* attention block; the per-token loops run in parallel over the tokens of a prefill
          * (one token: the if clauses keep them serial, no fork) */
@@ -332,21 +383,21 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
         for (int t = 0; t < nt; t++) {
             if (vres)
                 for (int64_t i = (int64_t)t * kvd; i < (int64_t)(t + 1) * kvd; i++) m->vb[i] += m->vb2[i];
-            k->rope(m->q + (int64_t)t * qd, c->n_heads, hd, pos + t, m->w.inv_freq);
-            k->rope(m->kb + (int64_t)t * kvd, c->n_kv_heads, hd, pos + t, m->w.inv_freq);
+            k->rope(m->q + (int64_t)t * qd, c->n_heads, hd, pos[t], m->w.inv_freq);
+            k->rope(m->kb + (int64_t)t * kvd, c->n_kv_heads, hd, pos[t], m->w.inv_freq);
             for (int h = 0; h < c->n_kv_heads; h++) {
-                const size_t off = ((size_t)h * c->n_ctx + pos + t) * hd;
-                k->f32_to_f16(kc + off, m->kb + (int64_t)t * kvd + h * hd, hd);
-                k->f32_to_f16(vc + off, m->vb + (int64_t)t * kvd + h * hd, hd);
+                const size_t off = cache_off(m, l, seq[t], h) + (size_t)pos[t] * hd;
+                k->f32_to_f16(m->kcache + off, m->kb + (int64_t)t * kvd + h * hd, hd);
+                k->f32_to_f16(m->vcache + off, m->vb + (int64_t)t * kvd + h * hd, hd);
             }
         }
         const int pairs = nt * c->n_heads;
 #pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (nth > 1 && pairs > 1)
         for (int i = 0; i < pairs; i++) {
-            const int t = i / c->n_heads, h = i % c->n_heads, kh = h / group;
-            const size_t off = (size_t)kh * c->n_ctx * hd;
-            k->attention(m->xb + (int64_t)t * qd + h * hd, m->q + (int64_t)t * qd + h * hd, kc + off, vc + off,
-                         pos + t + 1, hd, scale, m->att + (size_t)thread_id() * c->n_ctx);
+            const int t = i / c->n_heads, h = i % c->n_heads;
+            const size_t off = cache_off(m, l, seq[t], h / group);
+            k->attention(m->xb + (int64_t)t * qd + h * hd, m->q + (int64_t)t * qd + h * hd, m->kcache + off,
+                         m->vcache + off, pos[t] + 1, hd, scale, m->att + (size_t)thread_id() * c->n_ctx);
         }
         quantize_rows(m, m->xb, nt, qd, lc_is_quantized(L->wo.type));
         matmul(m, &L->wo, m->xb, m->xq, nt, m->proj, dim);
@@ -371,30 +422,62 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, int nt, int pos, f
             for (int64_t i = (int64_t)t * dim; i < (int64_t)(t + 1) * dim; i++) m->x[i] += m->proj[i];
     }
 
-    /* logits: of every token, or of the last one */
+    /* logits of the wanted tokens: their final norms packed into rows 0..nw-1 of xb */
     const lc_tensor *O = &m->w.output;
-    if (all_logits) {
-        for (int t = 0; t < nt; t++)
-            k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, m->w.norm, dim, c->norm_eps);
-        quantize_rows(m, m->xb, nt, dim, lc_is_quantized(O->type));
-        matmul(m, O, m->xb, m->xq, nt, logits, c->vocab_size);
-    } else if (want_last) {
-        m->amx = 0; /* one row: the q8a gemm */
-        k->rmsnorm(m->xb, m->x + (int64_t)(nt - 1) * dim, m->w.norm, dim, c->norm_eps);
-        quantize_rows(m, m->xb, 1, dim, lc_is_quantized(O->type));
-        matmul(m, O, m->xb, m->xq, 1, logits, c->vocab_size);
+    int nw = 0;
+    for (int t = 0; t < nt; t++)
+        if (!want || want[t]) {
+            k->rmsnorm(m->xb + (int64_t)nw * dim, m->x + (int64_t)t * dim, m->w.norm, dim, c->norm_eps);
+            nw++;
+        }
+    if (nw == 0) return;
+    m->amx = k->gemm_amx != NULL && nw >= LC_AMX_MIN_TOKENS;
+    quantize_rows(m, m->xb, nw, dim, lc_is_quantized(O->type));
+    matmul(m, O, m->xb, m->xq, nw, logits, c->vocab_size);
+}
+
+int lc_forward_batch(lc_model *m, const int32_t *tokens, const int32_t *seq, const int32_t *pos,
+                     const int8_t *want, int n, float *logits) {
+    if (n < 1) return LC_E_ARG;
+    for (int i = 0; i < n; i++) {
+        if (pos[i] < 0 || seq[i] < 0 || seq[i] >= m->c.n_seq) return LC_E_ARG;
+        if (pos[i] >= m->c.n_ctx) return LC_E_CTX;
+        if (tokens[i] < 0 || tokens[i] >= m->c.vocab_size) return LC_E_TOKEN;
     }
+    for (int done = 0; done < n;) {
+        const int nt = n - done < m->c.n_batch ? n - done : m->c.n_batch;
+        forward_chunk(m, tokens + done, seq + done, pos + done, want ? want + done : NULL, nt, logits);
+        for (int t = done; t < done + nt; t++)
+            if (!want || want[t]) logits += m->c.vocab_size;
+        done += nt;
+    }
+    return LC_OK;
 }
 
 int lc_forward(lc_model *m, const int32_t *tokens, int n, int pos, float *logits, int all_logits) {
     if (n < 1 || pos < 0) return LC_E_ARG;
     if ((int64_t)pos + n > m->c.n_ctx) return LC_E_CTX;
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->c.vocab_size) return LC_E_TOKEN;
-    for (int done = 0; done < n; done += m->c.n_batch) {
-        const int nt = n - done < m->c.n_batch ? n - done : m->c.n_batch;
-        float *out = all_logits ? logits + (int64_t)done * m->c.vocab_size : logits;
-        forward_chunk(m, tokens + done, nt, pos + done, out, all_logits, done + nt == n);
+    int32_t *seq = calloc((size_t)n, sizeof(int32_t)), *p = malloc((size_t)n * sizeof(int32_t));
+    int8_t *want = calloc((size_t)n, 1);
+    int rc = LC_E_ARG;
+    if (seq && p && want) {
+        for (int i = 0; i < n; i++) p[i] = pos + i;
+        want[n - 1] = 1;
+        rc = lc_forward_batch(m, tokens, seq, p, all_logits ? NULL : want, n, logits);
     }
+    free(seq); free(p); free(want);
+    return rc;
+}
+
+int lc_seq_copy(lc_model *m, int src, int dst, int n_pos) {
+    const lc_config *c = &m->c;
+    if (src < 0 || src >= c->n_seq || dst < 0 || dst >= c->n_seq || n_pos < 0 || n_pos > c->n_ctx) return LC_E_ARG;
+    if (src == dst || n_pos == 0) return LC_OK;
+    const size_t bytes = (size_t)n_pos * c->head_dim * 2;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int h = 0; h < c->n_kv_heads; h++) {
+            memcpy(m->kcache + cache_off(m, l, dst, h), m->kcache + cache_off(m, l, src, h), bytes);
+            memcpy(m->vcache + cache_off(m, l, dst, h), m->vcache + cache_off(m, l, src, h), bytes);
+        }
     return LC_OK;
 }

@@ -138,7 +138,8 @@ typedef struct {
 typedef struct {
     int vocab_size, dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim;
     float norm_eps;
-    int n_ctx;   /* KV cache positions */
+    int n_ctx;   /* KV cache positions of each sequence */
+    int n_seq;   /* sequence slots (each with its own n_ctx positions of KV cache) */
     int n_batch; /* most tokens per internal chunk (scratch size) */
     int n_threads;
 } lc_config;
@@ -158,15 +159,34 @@ lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kerne
 void lc_model_free(lc_model *m);
 const lc_kernels *lc_model_kernels(const lc_model *m);
 void lc_model_set_threads(lc_model *m, int n_threads);
+/* Bytes lc_model_new allocates for cfg with table k (NULL: the best one), and per extra
+ * thread (lc_model_set_threads) in *per_thread: the KV cache, one chunk's scratch, and a
+ * thread's attention row and AMX panel. The KV cache is calloc'ed: pages never written
+ * cost no memory. */
+int64_t lc_model_bytes(const lc_config *cfg, const lc_kernels *k, int64_t *per_thread);
 
-/* Runs tokens[0..n) at positions [pos, pos+n). logits: (vocab,) for the last
- * token, or (n, vocab) when all_logits. Returns 0, or a negative LC_E* code
- * (nothing is written to the cache then). Any n >= 1: chunks internally. */
+/* One step of several sequences (llama.cpp's unified batch): token i of sequence seq[i]
+ * (< n_seq) at position pos[i] (< n_ctx). Each token's K/V go to its sequence's cache at
+ * its position, and it attends to positions [0, pos[i]] of its own sequence: those
+ * before it must be in the cache already or earlier in this batch (the caller's
+ * contract; no two tokens of a batch may share a (seq, pos)). The matmuls see all
+ * tokens at once (chunks of n_batch). logits: (number of want[i] != 0, vocab), rows in
+ * token order; want NULL = every token. Returns 0, or a negative LC_E* code (nothing
+ * is written to the cache then). */
+int lc_forward_batch(lc_model *m, const int32_t *tokens, const int32_t *seq, const int32_t *pos,
+                     const int8_t *want, int n, float *logits);
+
+/* Runs tokens[0..n) of sequence 0 at positions [pos, pos+n). logits: (vocab,) for the
+ * last token, or (n, vocab) when all_logits. As lc_forward_batch otherwise. */
 int lc_forward(lc_model *m, const int32_t *tokens, int n, int pos, float *logits, int all_logits);
+
+/* Sequence dst's positions [0, n_pos) of K/V become a copy of src's (a fork: two
+ * conversations that share a prompt prefix). Returns 0 or LC_E_ARG. */
+int lc_seq_copy(lc_model *m, int src, int dst, int n_pos);
 
 #define LC_OK 0
 #define LC_E_CTX (-1)   /* pos + n > n_ctx */
 #define LC_E_TOKEN (-2) /* token id outside [0, vocab) */
-#define LC_E_ARG (-3)   /* n < 1 or pos < 0 */
+#define LC_E_ARG (-3)   /* n < 1, pos < 0 or seq outside [0, n_seq) */
 
 #endif

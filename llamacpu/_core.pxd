@@ -84,7 +84,7 @@ cdef extern from "llamacpu.h" nogil:
     ctypedef struct lc_config:
         int vocab_size, dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim
         float norm_eps
-        int n_ctx, n_batch, n_threads
+        int n_ctx, n_seq, n_batch, n_threads
 
     ctypedef struct lc_weights:
         lc_tensor tok_embeddings
@@ -100,4 +100,8 @@ cdef extern from "llamacpu.h" nogil:
     void lc_model_free(lc_model *m)
     const lc_kernels *lc_model_kernels(const lc_model *m)
     void lc_model_set_threads(lc_model *m, int n_threads)
+    int64_t lc_model_bytes(const lc_config *cfg, const lc_kernels *k, int64_t *per_thread)
+    int lc_forward_batch(lc_model *m, const int32_t *tokens, const int32_t *seq, const int32_t *pos,
+                         const int8_t *want, int n, float *logits)
     int lc_forward(lc_model *m, const int32_t *tokens, int n, int pos, float *logits, int all_logits)
+    int lc_seq_copy(lc_model *m, int src, int dst, int n_pos)

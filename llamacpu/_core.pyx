@@ -299,16 +299,36 @@ cdef lc_tensor _tensor(spec) except *:
     return t  # lc_model_new checks that the kernels have (type, layout)
 
 
+cdef lc_config _config(dict cfg, int n_ctx, int n_seq, int n_batch, int n_threads):
+    cdef lc_config c
+    c.vocab_size = cfg["vocab_size"]; c.dim = cfg["dim"]; c.hidden_dim = cfg["hidden_dim"]
+    c.n_layers = cfg["n_layers"]; c.n_heads = cfg["n_heads"]; c.n_kv_heads = cfg["n_kv_heads"]
+    c.head_dim = cfg["head_dim"]; c.norm_eps = cfg["norm_eps"]
+    c.n_ctx = n_ctx; c.n_seq = n_seq; c.n_batch = n_batch; c.n_threads = n_threads
+    return c
+
+
+def model_bytes(dict cfg, int n_ctx, int n_seq, int n_batch, int n_threads, kernels=None):
+    """(bytes Engine(...) allocates with these settings, bytes per extra thread):
+    lc_model_bytes, the same sums lc_model_new allocates."""
+    cdef lc_config c = _config(cfg, n_ctx, n_seq, n_batch, n_threads)
+    cdef int64_t per_thread = 0
+    cdef int64_t total = lc_model_bytes(&c, _kernels(kernels), &per_thread)
+    if total < 0:
+        raise ValueError("invalid engine configuration")
+    return total, per_thread
+
+
 cdef class Engine:
     """The C model. Built from validated tensor addresses (the caller keeps the
     mmap alive in `keepalive`). Not thread-safe: callers serialise."""
     cdef lc_model *m
     cdef readonly object keepalive
-    cdef readonly int vocab_size, n_ctx, n_threads
+    cdef readonly int vocab_size, n_ctx, n_seq, n_threads
 
     def __cinit__(self, dict cfg, dict tensors, layers, inv_freq, int n_ctx, int n_batch, int n_threads,
-                  kernels=None, keepalive=None):
-        cdef lc_config c
+                  kernels=None, keepalive=None, int n_seq=1):
+        cdef lc_config c = _config(cfg, n_ctx, n_seq, n_batch, n_threads)
         cdef lc_weights w
         cdef char err[256]
         cdef int i, nl = cfg["n_layers"]
@@ -316,10 +336,6 @@ cdef class Engine:
         cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] f = np.ascontiguousarray(inv_freq, dtype=np.float32)
         if len(layers) != nl:
             raise ValueError("layers and n_layers disagree")
-        c.vocab_size = cfg["vocab_size"]; c.dim = cfg["dim"]; c.hidden_dim = cfg["hidden_dim"]
-        c.n_layers = nl; c.n_heads = cfg["n_heads"]; c.n_kv_heads = cfg["n_kv_heads"]
-        c.head_dim = cfg["head_dim"]; c.norm_eps = cfg["norm_eps"]
-        c.n_ctx = n_ctx; c.n_batch = n_batch; c.n_threads = n_threads
         if f.shape[0] != c.head_dim // 2:
             raise ValueError("inv_freq must have head_dim/2 entries")
         memset(&w, 0, sizeof(w))
@@ -348,6 +364,7 @@ cdef class Engine:
         self.keepalive = keepalive
         self.vocab_size = c.vocab_size
         self.n_ctx = n_ctx
+        self.n_seq = n_seq
         self.n_threads = n_threads
 
     def __dealloc__(self):
@@ -383,3 +400,34 @@ cdef class Engine:
         if rc != LC_OK:
             raise ValueError("forward needs at least one token and pos >= 0")
         return out if all_logits else out[0]
+
+    def forward_batch(self, tokens, seq, pos, want):
+        """One step of several sequences: token i of sequence seq[i] at position pos[i]
+        (int32 (n,) each); want (n,) bool. -> float32 logits (want.sum(), vocab), rows in
+        token order (lc_forward_batch: the caller keeps each sequence's earlier positions
+        in the cache, and no (seq, pos) twice)."""
+        cdef cnp.ndarray[cnp.int32_t, ndim=1, mode="c"] t = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
+        cdef cnp.ndarray[cnp.int32_t, ndim=1, mode="c"] s = np.ascontiguousarray(seq, dtype=np.int32).reshape(-1)
+        cdef cnp.ndarray[cnp.int32_t, ndim=1, mode="c"] p = np.ascontiguousarray(pos, dtype=np.int32).reshape(-1)
+        cdef cnp.ndarray[cnp.int8_t, ndim=1, mode="c"] w = np.ascontiguousarray(want, dtype=np.int8).reshape(-1)
+        cdef int n = t.shape[0], rc
+        if s.shape[0] != n or p.shape[0] != n or w.shape[0] != n:
+            raise ValueError("tokens, seq, pos and want must have the same length")
+        cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] out = np.empty((int(np.count_nonzero(w)), self.vocab_size),
+                                                                      dtype=np.float32)
+        with nogil:
+            rc = lc_forward_batch(self.m, <const int32_t *>t.data, <const int32_t *>s.data, <const int32_t *>p.data,
+                                  <const int8_t *>w.data, n, <float *>out.data)
+        if rc == LC_E_CTX:
+            raise OverflowError(f"a position is outside the context of {self.n_ctx} tokens")
+        if rc == LC_E_TOKEN:
+            raise ValueError(f"token id outside [0, {self.vocab_size})")
+        if rc != LC_OK:
+            raise ValueError(f"a batch needs at least one token, positions >= 0 and sequences in [0, {self.n_seq})")
+        return out
+
+    def seq_copy(self, int src, int dst, int n_pos):
+        """Sequence dst's positions [0, n_pos) of K/V become a copy of src's."""
+        if lc_seq_copy(self.m, src, dst, n_pos) != LC_OK:
+            raise ValueError(f"seq_copy({src}, {dst}, {n_pos}): sequences must be in [0, {self.n_seq}) and "
+                             f"n_pos in [0, {self.n_ctx}]")

@@ -12,26 +12,23 @@ from .rope import inv_freq
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 512  # tokens per internal prefill chunk (sizes the scratch buffers)
 MAX_THREADS = 1024     # sanity bound (the engine keeps an attention scratch row per thread)
-Q8A_BLOCK_BYTES = 64   # sizeof(block_q8a), csrc/quants.h: the quantized activations of 32 elements
+MAX_SEQ = 1024         # sanity bound on sequence slots
 
 
-def engine_bytes(cfg: dict, n_ctx: int, n_batch: int, n_threads: int) -> int:
-    """Bytes the C engine allocates for `cfg` (lc_model_new in csrc/forward.c): the F16 KV
-    cache, the scratch of one chunk of n_batch tokens, and per thread an attention row of
-    n_ctx scores and an AMX weight panel."""
-    hd, layers = cfg["head_dim"], cfg["num_hidden_layers"]
-    dim, hidden = cfg["hidden_size"], cfg["intermediate_size"]
-    q_dim, kv_dim = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    wide = max(dim, q_dim)
-    widest = max(wide, hidden)
-    b = min(n_batch, n_ctx)
-    kv_cache = 2 * layers * kv_dim * n_ctx * 2
-    floats = b * (3 * dim + wide + q_dim + 3 * kv_dim + 2 * hidden)           # x xb q kb vb vb2 hb hb2 proj res
-    q8a = b * (widest // 32 + 1 + dim // 32 + 1) * Q8A_BLOCK_BYTES            # xq xq2
-    amx = (b + 31) // 32 * 32 * widest * 2 + widest * 4                       # xbf zeros
-    per_thread = n_ctx * 4 + widest * 64                                      # att, amx_scratch
-    threads = max(n_threads, os.cpu_count() or 1)  # the engine sizes for OpenMP's maximum too
-    return kv_cache + floats * 4 + q8a + amx + threads * per_thread
+def engine_config(cfg: dict) -> dict:
+    """The model config (Hugging Face names) as the C engine's lc_config fields."""
+    return {"vocab_size": cfg["vocab_size"], "dim": cfg["hidden_size"], "hidden_dim": cfg["intermediate_size"],
+            "n_layers": cfg["num_hidden_layers"], "n_heads": cfg["num_attention_heads"],
+            "n_kv_heads": cfg["num_key_value_heads"], "head_dim": cfg["head_dim"],
+            "norm_eps": float(cfg["rms_norm_eps"])}
+
+
+def engine_bytes(cfg: dict, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1, kernels=None) -> int:
+    """Bytes the C engine allocates for `cfg` (lc_model_bytes, csrc/forward.c): the F16 KV
+    cache of n_seq sequences of n_ctx positions, the scratch of one chunk of n_batch
+    tokens, and per thread an attention row of n_ctx scores and an AMX weight panel."""
+    total, _ = _core.model_bytes(engine_config(cfg), n_ctx, n_seq, min(n_batch, n_ctx), n_threads, kernels)
+    return total
 
 
 def available_memory() -> int | None:
@@ -76,16 +73,19 @@ class Model:
     """A Llama model file loaded for inference.
 
     Weights stay in the read-only mmap (nothing is copied at load); the KV cache
-    holds `n_ctx` positions in F16. `forward` releases the GIL; calls on one
-    Model are serialised by a lock.
+    holds `n_seq` sequences of `n_ctx` positions in F16 (memory is taken as positions
+    are written). `forward` runs sequence 0, `forward_batch` several at once; both
+    release the GIL; calls on one Model are serialised by a lock.
     """
 
     def __init__(self, path, n_ctx: int = DEFAULT_N_CTX, n_threads=None, *, n_batch: int = DEFAULT_N_BATCH,
-                 kernels=None):
+                 kernels=None, n_seq: int = 1):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if isinstance(n_batch, bool) or not isinstance(n_batch, (int, np.integer)) or not 1 <= n_batch <= 65536:
             raise ValueError(f"n_batch must be an integer in [1, 65536], got {n_batch!r}")
+        if isinstance(n_seq, bool) or not isinstance(n_seq, (int, np.integer)) or not 1 <= n_seq <= MAX_SEQ:
+            raise ValueError(f"n_seq must be an integer in [1, {MAX_SEQ}], got {n_seq!r}")
         n_threads = physical_cores() if n_threads is None else _check_threads(n_threads)
         env = os.environ.get("LLAMACPU_KERNELS")
         if kernels is None and env and env not in _core.available_kernels():
@@ -98,14 +98,14 @@ class Model:
             if n_ctx > max_pos:
                 raise ValueError(f"n_ctx={n_ctx} is larger than the model's context of {max_pos} tokens")
             self.path = os.fspath(path)
-            self.n_ctx = int(n_ctx)
-            _check_memory(cfg, self.n_ctx, int(n_batch), n_threads)
+            self.n_ctx, self.n_seq = int(n_ctx), int(n_seq)
+            _check_memory(cfg, self.n_ctx, int(n_batch), n_threads, self.n_seq, kernels)
             self._engine = self._build_engine(cfg, int(n_batch), n_threads, kernels)
         except BaseException:
             self._file.close()
             raise
         self._lock = threading.Lock()
-        self.n_past = 0  # positions [0, n_past) of the KV cache hold valid entries
+        self._past = [0] * self.n_seq  # sequence s: positions [0, _past[s]) of its cache hold valid entries
 
     @property
     def closed(self) -> bool:
@@ -148,12 +148,8 @@ class Model:
                    "norm": addr("norm.weight")}
         divisors = f.array("rope_freqs.weight") if "rope_freqs.weight" in f.tensors else None
         freqs = inv_freq(cfg["head_dim"], cfg["rope_theta"], cfg["rope_scaling"], divisors)
-        ecfg = {"vocab_size": cfg["vocab_size"], "dim": cfg["hidden_size"], "hidden_dim": cfg["intermediate_size"],
-                "n_layers": cfg["num_hidden_layers"], "n_heads": cfg["num_attention_heads"],
-                "n_kv_heads": cfg["num_key_value_heads"], "head_dim": cfg["head_dim"],
-                "norm_eps": float(cfg["rms_norm_eps"])}
-        return _core.Engine(ecfg, tensors, layers, freqs, self.n_ctx, min(n_batch, self.n_ctx), n_threads,
-                            kernels=kernels, keepalive=(f, keep))
+        return _core.Engine(engine_config(cfg), tensors, layers, freqs, self.n_ctx, min(n_batch, self.n_ctx), n_threads,
+                            kernels=kernels, keepalive=(f, keep), n_seq=self.n_seq)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -185,13 +181,90 @@ class Model:
             self._live().set_threads(_check_threads(n))
 
     # ------------------------------------------------------------------ inference
+    @property
+    def n_past(self) -> int:
+        """Positions of sequence 0 in the cache (what `forward` continues)."""
+        return self._past[0]
+
+    def seq_len(self, seq: int) -> int:
+        """Positions of sequence `seq` in the cache."""
+        return self._past[self._seq(seq)]
+
     def forward(self, tokens, pos: int = 0, all_logits: bool = False) -> np.ndarray:
-        """Run `tokens` at positions [pos, pos + len(tokens)) and return float32 logits:
-        shape (vocab,) for the last token, or (n, vocab) with all_logits=True.
+        """Run `tokens` of sequence 0 at positions [pos, pos + len(tokens)) and return
+        float32 logits: shape (vocab,) for the last token, or (n, vocab) with all_logits=True.
 
         Positions before `pos` must already be in the cache (pos <= n_past): a
         forward may rewind to reuse a prefix, never skip ahead.
         """
+        arr = self._tokens(tokens)
+        pos = self._pos(pos)
+        n = int(arr.size)
+        with self._lock:
+            self._check_span(0, pos, n)
+            out = self._live().forward(arr, pos, bool(all_logits))
+            self._past[0] = pos + n
+        return out
+
+    def forward_batch(self, tokens, seq, pos, want=None) -> np.ndarray:
+        """One step of several sequences: token i belongs to sequence seq[i] (< n_seq) at
+        position pos[i]. Each sequence's tokens in the batch are consecutive positions
+        p, p+1, ... in order, with p <= seq_len(s) (a sequence may rewind, never skip
+        ahead); the K/V of its positions >= p are replaced. Returns float32 logits
+        (number of want[i], vocab) in token order (want None: every token).
+        Sequences are independent: each token attends to its own sequence only."""
+        arr = self._tokens(tokens)
+        n = int(arr.size)
+        seqs = np.asarray(seq, dtype=np.int64).reshape(-1)
+        poss = np.asarray(pos, dtype=np.int64).reshape(-1)
+        flags = np.ones(n, dtype=bool) if want is None else np.asarray(want, dtype=bool).reshape(-1)
+        if seqs.size != n or poss.size != n or flags.size != n:
+            raise ValueError("tokens, seq, pos and want must have the same length")
+        if seqs.min() < 0 or seqs.max() >= self.n_seq:
+            raise ValueError(f"sequence ids must be in [0, {self.n_seq})")
+        spans = {}  # seq -> (first position, count); each sequence's positions consecutive
+        for s, p in zip(seqs.tolist(), poss.tolist()):
+            if s in spans:
+                p0, k = spans[s]
+                if p != p0 + k:
+                    raise ValueError(f"sequence {s}'s positions in a batch must be consecutive and in order "
+                                     f"(got {p} after {p0 + k - 1})")
+                spans[s] = (p0, k + 1)
+            else:
+                if p < 0:
+                    raise ValueError(f"positions must be non-negative, got {p}")
+                spans[s] = (p, 1)
+        with self._lock:
+            for s, (p0, k) in spans.items():
+                self._check_span(s, p0, k)
+            out = self._live().forward_batch(arr, seqs.astype(np.int32), poss.astype(np.int32), flags)
+            for s, (p0, k) in spans.items():
+                self._past[s] = p0 + k
+        return out
+
+    def seq_copy(self, src: int, dst: int, n_pos: int | None = None) -> None:
+        """Sequence dst becomes a copy of the first n_pos positions of src (all of them by
+        default): a fork that shares src's prompt prefix."""
+        src, dst = self._seq(src), self._seq(dst)
+        with self._lock:
+            n = self._past[src] if n_pos is None else int(n_pos)
+            if not 0 <= n <= self._past[src]:
+                raise ValueError(f"n_pos={n_pos} must be in [0, {self._past[src]}] (sequence {src}'s length)")
+            self._live().seq_copy(src, dst, n)
+            self._past[dst] = n
+
+    def seq_clear(self, seq: int) -> None:
+        """Forget sequence `seq`: its next forward starts at position 0."""
+        s = self._seq(seq)
+        with self._lock:
+            self._past[s] = 0
+
+    def reset(self) -> None:
+        """Forget every sequence: the next forward starts at pos 0."""
+        with self._lock:
+            self._past = [0] * self.n_seq
+
+    def _tokens(self, tokens) -> np.ndarray:
         arr = np.asarray(tokens)
         if arr.ndim == 0:
             arr = arr.reshape(1)
@@ -199,29 +272,32 @@ class Model:
             raise ValueError("tokens must be a non-empty 1-D sequence of token ids")
         if not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
-        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
-            raise ValueError(f"pos must be a non-negative integer, got {pos!r}")
         vocab = self.vocab_size
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        n = int(arr.size)
-        with self._lock:
-            if pos > self.n_past:
-                raise ValueError(f"pos={pos} skips positions: only {self.n_past} are in the cache "
-                                 "(call with pos <= n_past, or reset())")
-            if pos + n > self.n_ctx:
-                raise ContextOverflowError(f"positions {pos}..{pos + n - 1} do not fit the context of "
-                                           f"{self.n_ctx} tokens (load the model with a larger n_ctx)")
-            out = self._live().forward(arr.astype(np.int32), int(pos), bool(all_logits))
-            self.n_past = pos + n
-        return out
+        return arr.astype(np.int32)
 
-    def reset(self) -> None:
-        """Forget the cached sequence: the next forward starts at pos 0."""
-        with self._lock:
-            self.n_past = 0
+    @staticmethod
+    def _pos(pos) -> int:
+        if isinstance(pos, bool) or not isinstance(pos, (int, np.integer)) or pos < 0:
+            raise ValueError(f"pos must be a non-negative integer, got {pos!r}")
+        return int(pos)
+
+    def _seq(self, seq) -> int:
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.n_seq:
+            raise ValueError(f"seq must be an integer in [0, {self.n_seq}), got {seq!r}")
+        return int(seq)
+
+    def _check_span(self, seq: int, pos: int, n: int) -> None:
+        """Positions [pos, pos + n) of `seq` may run: nothing skipped, inside the context."""
+        if pos > self._past[seq]:
+            raise ValueError(f"pos={pos} skips positions: only {self._past[seq]} are in the cache"
+                             + (f" of sequence {seq}" if seq else "") + " (call with pos <= n_past, or reset())")
+        if pos + n > self.n_ctx:
+            raise ContextOverflowError(f"positions {pos}..{pos + n - 1} do not fit the context of "
+                                       f"{self.n_ctx} tokens (load the model with a larger n_ctx)")
 
     def close(self) -> None:
         """Release the engine and the mmap (also done when the object is collected)."""
@@ -243,17 +319,18 @@ class Model:
                 f"dim={c['hidden_size']} n_ctx={self.n_ctx} threads={self.n_threads} kernels={self.kernels}>")
 
 
-def _check_memory(cfg: dict, n_ctx: int, n_batch: int, n_threads: int) -> None:
+def _check_memory(cfg: dict, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1, kernels=None) -> None:
     """Refuse, before allocating, a KV cache and scratch larger than the memory available
     (a tiny file may declare huge head counts: 1 MB of KV per token)."""
     avail = available_memory()
-    need = engine_bytes(cfg, n_ctx, n_batch, n_threads)
+    need = engine_bytes(cfg, n_ctx, n_batch, n_threads, n_seq, kernels)
     if avail is None or need <= avail:
         return
-    per_token = engine_bytes(cfg, n_ctx + 1, n_batch, n_threads) - need
+    per_token = engine_bytes(cfg, n_ctx + 1, n_batch, n_threads, n_seq, kernels) - need
     fits = (avail - (need - n_ctx * per_token)) // per_token
     hint = f"load it with n_ctx <= {fits}" if fits >= 1 else "even n_ctx=1 does not fit"
+    slots = f" x {n_seq} sequences" if n_seq > 1 else ""
     gib = 1 << 30
-    raise ValueError(f"n_ctx={n_ctx} needs {need / gib:.2f} GiB for this model's KV cache and buffers "
+    raise ValueError(f"n_ctx={n_ctx}{slots} needs {need / gib:.2f} GiB for this model's KV cache and buffers "
                      f"({per_token / 1024:.0f} KiB per token), but {avail / gib:.2f} GiB of memory is "
-                     f"available: {hint}")
+                     f"available: {hint}" + (" or fewer sequences" if n_seq > 1 else ""))
