@@ -187,6 +187,8 @@ def test_completions(client, llm, model_id):
     ids = llm.tokenize("1, 2, 3,")
     r = client.completions.create(model=model_id, prompt=ids, max_tokens=6, temperature=0)
     assert r.choices[0].text == ref
+    r = client.completions.create(model=model_id, prompt="1, 2, 3,", max_tokens=6, temperature=0, echo=True)
+    assert r.choices[0].text == "1, 2, 3," + ref
 
 
 def test_prompt_cache_is_reused(server, client, model_id):

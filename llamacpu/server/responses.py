@@ -51,6 +51,7 @@ class CompletionFormat:
 
     def __init__(self, model_id: str, include_usage: bool, echo_text: str | None):
         self.model_id, self.include_usage, self.echo = model_id, include_usage, echo_text
+        self.prompt = echo_text or ""   # (events() clears self.echo once it has sent it)
         self.head = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion",
                      "created": int(time.time()), "model": model_id}
         self.text = []
@@ -74,7 +75,7 @@ class CompletionFormat:
         return out
 
     def whole(self, info: dict) -> dict:
-        text = (self.echo or "") + "".join(self.text)
+        text = self.prompt + "".join(self.text)
         return {**self.head, "choices": [{"text": text, "index": 0, "logprobs": None,
                                           "finish_reason": info["finish_reason"]}], "usage": _usage(info)}
 
