@@ -40,7 +40,7 @@ def create_app(llm, *, api_key: str | None = None, queue_size: int = 16, model_i
     created = int(time.time())
     scheduler = Scheduler(llm, queue_size)
     prompts = PromptCheck(llm)
-    renders_tool_calls = "tool_calls" in (llm.template.source or "")
+    renders_tool_calls = llm.template.renders_tool_calls
     vocab_size = llm.tokenizer.vocab_size
     with open(os.path.join(STATIC, "chat.html"), encoding="utf-8") as fh:
         page = fh.read()
