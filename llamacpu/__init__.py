@@ -7,9 +7,12 @@ from .model import Model  # noqa: E402,F401
 
 
 def __getattr__(name):  # the chat layer loads lazily (jinja2, tokenizers)
-    if name in ("Llama", "pipeline"):
-        from . import llama
-        return getattr(llama, name)
+    if name == "Llama":
+        from .llama import Llama
+        return Llama
+    if name == "pipeline":
+        from .pipelines import pipeline
+        return pipeline
     raise AttributeError(f"module 'llamacpu' has no attribute {name!r}")
 
 

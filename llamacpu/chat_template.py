@@ -303,6 +303,11 @@ class ChatTemplate:
         except Exception as e:  # TypeError, RecursionError, MemoryError, ...: all the template's doing
             raise TemplateError(f"chat template failed: {_describe(e)}") from None
 
+    @property
+    def renders_tool_calls(self) -> bool:
+        """Whether the template can render an assistant message's tool_calls (it names them)."""
+        return "tool_calls" in self.source
+
     def __repr__(self):
         return f"ChatTemplate({'fallback' if self.is_fallback else f'{len(self.source)} chars'})"
 

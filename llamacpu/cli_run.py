@@ -120,7 +120,7 @@ class Chat:
             print("[interrupted]", file=sys.stderr)
         self.messages.append({"role": "assistant", "content": "".join(out)})
         if self.verbose:
-            g = self.llm.last
+            g = stream.generation
             pp = g.prompt_tokens / g.prompt_seconds if g.prompt_seconds > 0 else float("nan")
             tg = g.completion_tokens / g.generation_seconds if g.generation_seconds > 0 else float("nan")
             print(f"[prompt {g.prompt_tokens} tokens, {pp:.1f} t/s; generated {g.completion_tokens} tokens, "

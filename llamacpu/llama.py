@@ -1,53 +1,29 @@
 """llamacpu.Llama: text in, text out.
 
-Tokenizer, chat template and sampler around one `Model`, with streaming, stop
-strings, a prompt cache (the KV cache of the longest common token prefix is
-reused across calls), cancellation from another thread, and OpenAI-shaped chat
-results. Calls on one Llama are serialised by a lock.
+Tokenizer, chat template and sampler around one `Model`: the session (prompt cache:
+the KV cache of the longest common token prefix is reused across calls; a lock
+serialises calls on one Llama) and the sampling loop. The text of a sequence (stop
+strings, held-back text) is generation.TextTracker's; the OpenAI shapes of chat() are
+openai_format's; streams are generation.GenerationStream.
 """
 from __future__ import annotations
 
-import json
-import re
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
 from .chat_prompt import chat_ids
 from .chat_template import ChatTemplate
+from .generation import Generation, GenerationStream, Step, TextTracker
 from .model import DEFAULT_N_CTX, Model
 from .model_cache import resolve_model
+from .openai_format import ChatCompletion, parse_tool_calls  # noqa: F401 (parse_tool_calls: importable here)
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
-
-
-@dataclass
-class Step:
-    """One generated token: its id, the text it releases (may be empty while a
-    multi-byte character or a possible stop string is held back), and logprobs."""
-    token: int
-    text: str
-    logprob: float | None = None
-    top_logprobs: list = field(default_factory=list)
-
-
-@dataclass
-class Generation:
-    """What a generation left behind: finish_reason "stop" (end-of-generation token
-    or stop string), "length" (max_tokens or the context is full) or "cancelled"."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    text: str = ""
-    prompt_seconds: float = 0.0
-    generation_seconds: float = 0.0
-    steps: list = field(default_factory=list)
 
 
 def _check_max_tokens(n):
@@ -99,7 +75,7 @@ class Llama:
         self.model_name = meta.get("provenance", {}).get("source") or str(model_path)
         self._lock = threading.Lock()
         self._owner = None
-        self._cancel = threading.Event()
+        self._cancel = threading.Event()  # the running (or last) generation's
         self._cache: list[int] = []  # tokens whose K/V are in the cache, positions 0..len-1
         self.n_evaluated = 0         # tokens the engine has evaluated, in total (prompt cache accounting)
 
@@ -152,7 +128,8 @@ class Llama:
 
     # ------------------------------------------------------------------ control
     def cancel(self) -> None:
-        """Stop the generation in progress (from any thread) after the current token."""
+        """Stop the generation in progress (from any thread) after the current token
+        (a stream's own cancel() stops that one)."""
         self._cancel.set()
 
     def reset(self) -> None:
@@ -161,14 +138,14 @@ class Llama:
             self._cache = []
             self.model.reset()
 
-    def _acquire(self):
+    def _acquire(self, cancel: threading.Event):
         me = threading.get_ident()
         if self._owner == me:
             raise RuntimeError("a generation on this Llama is still open in this thread; "
                                "exhaust or close() its iterator first")
         self._lock.acquire()
         self._owner = me
-        self._cancel.clear()
+        self._cancel = cancel
 
     def _release(self):
         self._owner = None
@@ -196,16 +173,13 @@ class Llama:
         self._check_prompt(ids)
         gen.prompt_tokens = len(ids)
         sampler = Sampler(params)
-        dec = self.tokenizer.stream_decoder()
+        text = TextTracker(self.tokenizer.stream_decoder(), stop)
         history = list(ids)
-        pending = ""   # released text not yet emitted because it may start a stop string
         t0 = time.perf_counter()
         logits = self._prefill(ids)
         gen.prompt_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         limit = max_tokens if max_tokens is not None else self.n_ctx
-        max_stop = max((len(s) for s in stop), default=0)
-        hit = None
         try:
             while True:
                 if self._cancel.is_set():
@@ -223,30 +197,12 @@ class Llama:
                     gen.finish_reason = "stop"
                     break
                 history.append(tok)
-                pending += dec.push(tok)
-                emit = pending
-                hit = None
-                if stop:
-                    for s in stop:
-                        i = pending.find(s)
-                        if i >= 0 and (hit is None or i < hit):
-                            hit = i
-                    if hit is not None:
-                        emit = pending[:hit]
-                    else:  # hold back a tail that could still become a stop string
-                        keep = 0
-                        for k in range(min(max_stop - 1, len(pending)), 0, -1):
-                            tail = pending[-k:]
-                            if any(s.startswith(tail) for s in stop):
-                                keep = k
-                                break
-                        emit = pending[:len(pending) - keep]
-                pending = pending[len(emit):] if hit is None else ""
+                emit, stopped = text.push(tok)
                 gen.text += emit
                 step = Step(tok, emit, lp, top)
                 gen.steps.append(step)
                 yield step
-                if hit is not None:
+                if stopped:
                     gen.finish_reason = "stop"
                     break
                 if len(history) > self.n_ctx:  # tok would need position n_ctx: the cache is full
@@ -255,14 +211,12 @@ class Llama:
                 logits = self.model.forward([tok], pos=len(history) - 1)
                 self._cache.append(tok)
                 self.n_evaluated += 1
-            if hit is None:  # not ended by a stop string: release what was held back
-                tail = pending + dec.flush()
-                cut = [i for i in (tail.find(x) for x in stop) if i >= 0]
-                if cut:
-                    tail, gen.finish_reason = tail[:min(cut)], "stop"
-                if tail:
-                    gen.text += tail
-                    yield Step(-1, tail)
+            tail, stopped = text.finish()  # what was held back (cut at a stop string)
+            if stopped:
+                gen.finish_reason = "stop"
+            if tail:
+                gen.text += tail
+                yield Step(-1, tail)
         finally:
             gen.generation_seconds = time.perf_counter() - t1
 
@@ -290,10 +244,24 @@ class Llama:
         return ids
 
     # ------------------------------------------------------------------ public generation
+    def _stream(self, ids, max_tokens, params, stops, logprobs, shape) -> GenerationStream:
+        """A GenerationStream of shape(steps, generation): it takes the lock at its first
+        next() and gives it back when exhausted or closed."""
+        gen, cancel = Generation(), threading.Event()
+
+        def run():
+            self._acquire(cancel)
+            try:
+                yield from shape(self._steps(ids, max_tokens, params, stops, logprobs, gen), gen)
+            finally:
+                self._release()
+        return GenerationStream(run(), gen, cancel)
+
     def generate(self, prompt, max_tokens: int | None = 256, stream: bool = True, stop=None, **sampling):
-        """Continue `prompt` (a string, or token ids). stream=True yields text pieces as
-        they are decoded; stream=False returns the whole text. Sampling options:
-        temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
+        """Continue `prompt` (a string, or token ids). stream=True returns a
+        GenerationStream of the text pieces as they are decoded (its .generation holds
+        token counts and finish_reason); stream=False returns the whole text. Sampling
+        options: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
         (defaults from the model's generation config)."""
         self._check_open()
         max_tokens = _check_max_tokens(max_tokens)
@@ -301,34 +269,14 @@ class Llama:
         stops = _stops(stop)
         ids = self._prompt_ids(prompt)
         self._check_prompt(ids)  # now, not at the first next() of a stream
-        if stream:
-            return self._stream_text(ids, max_tokens, params, stops)
-        gen = Generation()
-        self._acquire()
-        try:
-            for _ in self._steps(ids, max_tokens, params, stops, None, gen):
-                pass
-        finally:
-            self._release()
-        self.last = gen
-        return gen.text
-
-    def _stream_text(self, ids, max_tokens, params, stops):
-        gen = Generation()
-        self._acquire()
-        try:
-            for step in self._steps(ids, max_tokens, params, stops, None, gen):
-                if step.text:
-                    yield step.text
-        finally:
-            self.last = gen
-            self._release()
+        it = self._stream(ids, max_tokens, params, stops, None, lambda steps, gen: (s.text for s in steps if s.text))
+        return it if stream else _finish(it).text
 
     def chat(self, messages, tools=None, stream: bool = False, max_tokens: int | None = 512, stop=None,
              logprobs: bool = False, top_logprobs: int = 0, parse_special_in_content: bool = False, **sampling):
         """OpenAI-shaped chat completion: a dict (choices[0].message, finish_reason
-        "stop" / "length" / "tool_calls", usage), or with stream=True an iterator of
-        chat.completion.chunk dicts. A reply in Llama 3.2's tool-call format
+        "stop" / "length" / "tool_calls", usage), or with stream=True a GenerationStream
+        of chat.completion.chunk dicts. A reply in Llama 3.2's tool-call format
         ({"name": ..., "parameters": ...}) becomes message.tool_calls.
         Special-token text in messages is tokenized as text unless
         parse_special_in_content=True (tokenize_chat)."""
@@ -341,82 +289,10 @@ class Llama:
         ids = self.tokenize_chat(messages, tools=tools, parse_special_in_content=parse_special_in_content)
         self._check_prompt(ids)  # now, not at the first next() of a stream
         lp = top_logprobs if (logprobs or top_logprobs) else None
-        cid = "chatcmpl-" + uuid.uuid4().hex[:24]
-        created = int(time.time())
+        shape = ChatCompletion(self.model_name, tools=bool(tools), tokenizer=self.tokenizer if lp is not None else None)
         if stream:
-            return self._chat_stream(ids, max_tokens, params, stops, lp, bool(tools), cid, created)
-        gen = Generation()
-        self._acquire()
-        try:
-            for _ in self._steps(ids, max_tokens, params, stops, lp, gen):
-                pass
-        finally:
-            self._release()
-        self.last = gen
-        message = {"role": "assistant", "content": gen.text}
-        finish = gen.finish_reason if gen.finish_reason != "cancelled" else "stop"
-        calls = parse_tool_calls(gen.text) if tools else None
-        if calls:
-            message = {"role": "assistant", "content": None, "tool_calls": calls}
-            finish = "tool_calls"
-        choice = {"index": 0, "message": message, "finish_reason": finish,
-                  "logprobs": self._logprobs_obj(gen.steps) if lp is not None else None}
-        return {"id": cid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": [choice], "usage": _usage(gen)}
-
-    def _chat_stream(self, ids, max_tokens, params, stops, lp, tools, cid, created):
-        def chunk(delta, finish=None, logprobs=None):
-            c = {"index": 0, "delta": delta, "finish_reason": finish}
-            if lp is not None:
-                c["logprobs"] = logprobs
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
-                    "choices": [c]}
-
-        gen = Generation()
-        self._acquire()
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            held = []      # with tools, text is held until it cannot be a tool call
-            holding = tools
-            for step in self._steps(ids, max_tokens, params, stops, lp, gen):
-                if holding:
-                    held.append(step)
-                    head = "".join(s.text for s in held).lstrip()
-                    if head and not (head.startswith("{") or head.startswith("[") or head.startswith("<|python_tag|>")):
-                        holding = False
-                        for s in held:
-                            if s.text:
-                                yield chunk({"content": s.text}, logprobs=self._logprobs_obj([s]) if lp is not None else None)
-                        held = []
-                    continue
-                if step.text:
-                    yield chunk({"content": step.text}, logprobs=self._logprobs_obj([step]) if lp is not None else None)
-            finish = gen.finish_reason if gen.finish_reason != "cancelled" else "stop"
-            calls = parse_tool_calls(gen.text) if tools else None
-            if calls:
-                yield chunk({"tool_calls": [dict(c, index=i) for i, c in enumerate(calls)]})
-                finish = "tool_calls"
-            elif held:
-                text = "".join(s.text for s in held)
-                if text:
-                    yield chunk({"content": text})
-            final = chunk({}, finish)
-            final["usage"] = _usage(gen)
-            yield final
-        finally:
-            self.last = gen
-            self._release()
-
-    def _logprobs_obj(self, steps):
-        content = []
-        for s in steps:
-            if s.token < 0 or s.logprob is None:
-                continue
-            content.append({"token": self.tokenizer.decode([s.token]), "logprob": s.logprob,
-                            "bytes": list(self.tokenizer.token_bytes(s.token)),
-                            "top_logprobs": [{"token": self.tokenizer.decode([t]), "logprob": v,
-                                              "bytes": list(self.tokenizer.token_bytes(t))} for t, v in s.top_logprobs]})
-        return {"content": content}
+            return self._stream(ids, max_tokens, params, stops, lp, shape.chunks)
+        return shape.result(_finish(self._stream(ids, max_tokens, params, stops, lp, lambda steps, gen: steps)))
 
     # ------------------------------------------------------------------ misc
     def _check_open(self) -> None:
@@ -436,9 +312,14 @@ class Llama:
         return f"<llamacpu.Llama {self.model_name!r} n_ctx={self.n_ctx}>"
 
 
-def _usage(gen: Generation) -> dict:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+def _finish(stream: GenerationStream) -> Generation:
+    """Run a stream to its end; its Generation."""
+    try:
+        for _ in stream:
+            pass
+    finally:
+        stream.close()
+    return stream.generation
 
 
 _ROLES = {"system", "user", "assistant", "tool", "ipython"}
@@ -455,83 +336,3 @@ def _check_messages(messages):
         c = m.get("content")
         if c is not None and not isinstance(c, (str, list, dict)):
             raise ValueError(f"messages[{i}].content must be a string")
-
-
-def parse_tool_calls(text: str):
-    """Llama 3.2's tool-call format: a JSON object {"name": ..., "parameters": {...}}
-    (optionally after <|python_tag|>, or several separated by ';' or in a list).
-    Returns OpenAI-shaped tool_calls, or None when the text is not a tool call."""
-    try:
-        return _parse_tool_calls(text)
-    except RecursionError:  # JSON nested deeper than the parser's recursion limit: text
-        return None
-
-
-def _parse_tool_calls(text: str):
-    s = text.strip()
-    if s.startswith("<|python_tag|>"):
-        s = s[len("<|python_tag|>"):].strip()
-    if not s or s[0] not in "[{":
-        return None
-    objs = None
-    try:
-        v = json.loads(s)
-        objs = v if isinstance(v, list) else [v]
-    except json.JSONDecodeError:
-        parts = [p.strip() for p in re.split(r";\s*(?=\{)", s)]
-        try:
-            objs = [json.loads(p) for p in parts]
-        except json.JSONDecodeError:
-            return None
-    calls = []
-    for o in objs:
-        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-            return None
-        args = o.get("parameters", o.get("arguments", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                return None
-        if not isinstance(args, dict):
-            return None
-        calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                      "function": {"name": o["name"], "arguments": json.dumps(args, ensure_ascii=False)}})
-    return calls or None
-
-
-def pipeline(task: str, model, **kwargs):
-    """A transformers-style pipeline: pipeline("text-generation", model="model.bin").
-
-    pipe(messages, max_new_tokens=256)[0]["generated_text"][-1] is the assistant's
-    message dict; a string input returns the prompt followed by its continuation."""
-    if task != "text-generation":
-        raise ValueError(f"only the 'text-generation' task is supported, not {task!r}")
-    llm = model if isinstance(model, Llama) else Llama(model, **kwargs)
-    return TextGenerationPipeline(llm)
-
-
-class TextGenerationPipeline:
-    def __init__(self, llm: Llama):
-        self.llm = llm
-
-    def __call__(self, inputs, max_new_tokens: int = 256, do_sample: bool | None = None, temperature=None,
-                 top_p=None, top_k=None, return_full_text: bool = True, **kw):
-        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k, **kw}
-        if do_sample is False:
-            sampling["temperature"] = 0.0
-        sampling = {k: v for k, v in sampling.items() if v is not None}
-        if isinstance(inputs, str):
-            text = self.llm.generate(inputs, max_tokens=max_new_tokens, stream=False, **sampling)
-            return [{"generated_text": (inputs + text) if return_full_text else text}]
-        if isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], dict):
-            out = self.llm.chat(list(inputs), max_tokens=max_new_tokens, **sampling)
-            msg = out["choices"][0]["message"]
-            reply = {"role": "assistant", "content": msg["content"] if msg["content"] is not None else ""}
-            if "tool_calls" in msg:
-                reply["tool_calls"] = msg["tool_calls"]
-            return [{"generated_text": list(inputs) + [reply]}]
-        if isinstance(inputs, (list, tuple)):
-            return [self(x, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                         top_p=top_p, top_k=top_k, return_full_text=return_full_text, **kw) for x in inputs]
-        raise TypeError("inputs must be a string, a list of chat messages, or a list of those")

@@ -79,11 +79,12 @@ def test_stop_string_is_never_partly_emitted(llm):
     assert len(words) >= 4
     stop = " " + words[3]                      # a stop string a few tokens in
     cut = full[:full.index(stop)]
-    pieces = list(llm.generate("One, two, three, four,", max_tokens=30, stop=[stop, "zzzz"], **GREEDY))
+    it = llm.generate("One, two, three, four,", max_tokens=30, stop=[stop, "zzzz"], **GREEDY)
+    pieces = list(it)
     assert "".join(pieces) == cut
     for i in range(len(pieces)):               # no prefix of the stop string leaked before it was ruled out
         assert stop not in "".join(pieces[:i + 1])
-    assert llm.last.finish_reason == "stop"
+    assert it.generation.finish_reason == "stop"
 
 
 def test_prompt_cache_second_turn_evaluates_only_new_tokens(llm):
@@ -134,8 +135,20 @@ def test_cancel_from_another_thread(llm):
     got = [next(it)]
     threading.Timer(0.05, llm.cancel).start()
     got += list(it)
-    assert llm.last.finish_reason == "cancelled"
-    assert llm.last.completion_tokens < 200
+    assert it.generation.finish_reason == "cancelled"
+    assert it.generation.completion_tokens < 200
+
+
+def test_stream_cancel_and_generation(llm):
+    """A stream's own cancel(), from another thread; its Generation once it ends."""
+    it = llm.chat(user("Write a very long essay about the history of Rome."), max_tokens=200, stream=True, **GREEDY)
+    got = [next(it), next(it)]
+    threading.Timer(0.05, it.cancel).start()
+    got += list(it)
+    g = it.generation
+    assert g.finish_reason == "cancelled" and 0 < g.completion_tokens < 200
+    assert got[-1]["choices"][0]["finish_reason"] == "stop"
+    assert got[-1]["usage"]["completion_tokens"] == g.completion_tokens
 
 
 def test_threads_share_one_llama(llm):

@@ -179,7 +179,7 @@ def test_completions(client, llm, model_id):
     ref = llm.generate("1, 2, 3,", max_tokens=6, stream=False, temperature=0)
     assert r.object == "text_completion" and r.choices[0].text == ref
     assert r.choices[0].finish_reason == "length"
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (llm.last.prompt_tokens, 6)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(llm.tokenize("1, 2, 3,")), 6)
     chunks = list(client.completions.create(model=model_id, prompt="1, 2, 3,", max_tokens=6, temperature=0,
                                             echo=True, stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == "1, 2, 3," + ref
@@ -187,6 +187,8 @@ def test_completions(client, llm, model_id):
     ids = llm.tokenize("1, 2, 3,")
     r = client.completions.create(model=model_id, prompt=ids, max_tokens=6, temperature=0)
     assert r.choices[0].text == ref
+    r = client.completions.create(model=model_id, prompt="1, 2, 3,", max_tokens=6, temperature=0, echo=True)
+    assert r.choices[0].text == "1, 2, 3," + ref
 
 
 def test_prompt_cache_is_reused(server, client, model_id):

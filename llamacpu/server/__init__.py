@@ -22,7 +22,8 @@ The modules, in the order a request meets them:
     parse.py      the JSON body -> the job's settings, or a 400 naming the field
     prompts.py    does the prompt fit the context (a byte bound, then its tokens)
     scheduler.py  Job and Scheduler: the bounded queue and the one worker thread
-    responses.py  a job's output as OpenAI's JSON objects or server-sent events
+    responses.py  a job's output as one JSON body or server-sent events (the objects
+                  themselves: llamacpu/openai_format.py)
     errors.py     APIError
 
 How a request flows: the Guard checks who is asking; the handler reads the body and, in a

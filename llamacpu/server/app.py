@@ -12,11 +12,12 @@ import json
 import os
 import time
 
+from ..openai_format import ServedChat, ServedCompletion
 from .errors import APIError
 from .guard import Guard
 from .parse import parse_chat, parse_completion, parse_json
 from .prompts import PromptCheck
-from .responses import ChatFormat, CompletionFormat, JobResponse
+from .responses import JobResponse
 from .scheduler import Job, Scheduler
 
 MAX_BODY_BYTES = 32 << 20   # a body this large is already ~8M tokens of text: far past any context
@@ -39,7 +40,7 @@ def create_app(llm, *, api_key: str | None = None, queue_size: int = 16, model_i
     created = int(time.time())
     scheduler = Scheduler(llm, queue_size)
     prompts = PromptCheck(llm)
-    renders_tool_calls = "tool_calls" in (llm.template.source or "")
+    renders_tool_calls = llm.template.renders_tool_calls
     vocab_size = llm.tokenizer.vocab_size
     with open(os.path.join(STATIC, "chat.html"), encoding="utf-8") as fh:
         page = fh.read()
@@ -87,11 +88,11 @@ def create_app(llm, *, api_key: str | None = None, queue_size: int = 16, model_i
 
     async def chat_completions(request):
         settings = await asyncio.to_thread(prepare_chat, await read_body(request))
-        return submit("chat", settings, ChatFormat(model_id, settings["include_usage"]))
+        return submit("chat", settings, ServedChat(model_id, settings["include_usage"]))
 
     async def completions(request):
         s = await asyncio.to_thread(prepare_completion, await read_body(request))
-        return submit("completion", s, CompletionFormat(model_id, s["include_usage"], s["echo_text"]))
+        return submit("completion", s, ServedCompletion(model_id, s["include_usage"], s["echo_text"]))
 
     def model_obj():
         return {"id": model_id, "object": "model", "created": created, "owned_by": "llamacpu"}

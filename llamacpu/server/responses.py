@@ -1,82 +1,17 @@
-"""Responses: a job's output as OpenAI's JSON objects or server-sent events."""
+"""Responses: a job's output sent as one JSON body or as server-sent events.
+
+The objects themselves come from the job's format (openai_format.ServedChat or
+ServedCompletion)."""
 from __future__ import annotations
 
 import asyncio
 import json
-import time
-import uuid
 
 from .scheduler import Scheduler
 
 
 def _dumps(obj) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-def _usage(info: dict) -> dict:
-    p, c = info["prompt_tokens"], info["completion_tokens"]
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-class ChatFormat:
-    """Llama.chat's output as the wire wants it: the served model name, and usage where
-    stream_options.include_usage puts it (a last chunk with no choices)."""
-
-    def __init__(self, model_id: str, include_usage: bool):
-        self.model_id, self.include_usage = model_id, include_usage
-        self.usage, self.head = None, None
-
-    def result(self, d: dict) -> dict:
-        d["model"] = self.model_id
-        return d
-
-    def events(self, tag, chunk):
-        chunk["model"] = self.model_id
-        self.head = {k: chunk[k] for k in ("id", "object", "created", "model")}
-        usage = chunk.pop("usage", None)
-        if usage is not None:
-            self.usage = usage
-        if self.include_usage:
-            chunk["usage"] = None
-        return [chunk]
-
-    def end(self, info: dict):
-        if self.include_usage and self.head is not None:
-            return [{**self.head, "choices": [], "usage": self.usage or _usage(info)}]
-        return []
-
-
-class CompletionFormat:
-    """Text pieces from Llama.generate as text_completion objects."""
-
-    def __init__(self, model_id: str, include_usage: bool, echo_text: str | None):
-        self.model_id, self.include_usage, self.echo = model_id, include_usage, echo_text
-        self.head = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion",
-                     "created": int(time.time()), "model": model_id}
-        self.text = []
-
-    def _chunk(self, text, finish=None):
-        return {**self.head, "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-
-    def events(self, tag, piece):
-        out = []
-        if self.echo:
-            out.append(self._chunk(self.echo))
-            self.echo = None
-        self.text.append(piece)
-        return out + [self._chunk(piece)]
-
-    def end(self, info: dict):
-        out = [self._chunk(self.echo)] if self.echo else []
-        out.append(self._chunk("", info["finish_reason"]))
-        if self.include_usage:
-            out.append({**self.head, "choices": [], "usage": _usage(info)})
-        return out
-
-    def whole(self, info: dict) -> dict:
-        text = (self.echo or "") + "".join(self.text)
-        return {**self.head, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                          "finish_reason": info["finish_reason"]}], "usage": _usage(info)}
 
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -133,7 +68,6 @@ class JobResponse:
                 return await self._send_json(send, 200, self.fmt.result(value))
             if tag == "end":
                 return await self._send_json(send, 200, self.fmt.whole(value))
-            self.fmt.events(tag, value)
 
     async def _stream(self, send):
         started = False
@@ -155,7 +89,7 @@ class JobResponse:
             if tag == "error":
                 await event(value.body())
                 break
-            for obj in (self.fmt.end(value) if tag == "end" else self.fmt.events(tag, value)):
+            for obj in (self.fmt.end(value) if tag == "end" else self.fmt.events(value)):
                 await event(obj)
             if tag == "end":
                 break

@@ -85,7 +85,7 @@ class Scheduler:
             if self._running is not job:
                 return
             self.llm.cancel()
-        # Llama clears its cancel flag when a call starts: repeat until the job is off the worker
+        # Llama.cancel() reaches only a generation that has started: repeat until the job is off the worker
         # (only while it is the running job, so that the next job is never touched)
         task = asyncio.get_running_loop().create_task(self._keep_cancelling(job))
         self._tasks.add(task)
@@ -159,7 +159,6 @@ class Scheduler:
                 job.put(tag, item)
         finally:
             it.close()
-        gen = llm.last
-        job.put("end", {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                        "finish_reason": "stop" if gen.finish_reason in (None, "cancelled") else gen.finish_reason})
+        gen = it.generation
+        job.put("end", gen)
         return gen.prompt_tokens, gen.completion_tokens
