@@ -1,13 +1,16 @@
 """llamacpu.Llama: text in, text out.
 
-Tokenizer, chat template and sampler around one `Model`: the session (prompt cache:
-the KV cache of the longest common token prefix is reused across calls; a lock
-serialises calls on one Llama) and the sampling loop. The text of a sequence (stop
+Tokenizer, chat template and sampler settings around one `Model`: the public
+generation API. Every generation is a batcher.Request: calls from several threads
+(and chat_batch / generate_batch) decode together, one forward per step, each in a
+sequence slot that reuses its cached prompt prefix. The text of a sequence (stop
 strings, held-back text) is generation.TextTracker's; the OpenAI shapes of chat() are
 openai_format's; streams are generation.GenerationStream.
 """
 from __future__ import annotations
 
+import queue
+import sys
 import threading
 import time
 from typing import Iterator
@@ -17,10 +20,12 @@ import numpy as np
 from .chat_prompt import chat_ids
 from .chat_template import ChatTemplate
 from .generation import Generation, GenerationStream, Step, TextTracker
-from .model import DEFAULT_N_CTX, Model
+from .batcher import Batcher, Request, Sink
+from .model import DEFAULT_N_CTX, Model, default_parallel
 from .model_cache import resolve_model
 from .openai_format import ChatCompletion, parse_tool_calls  # noqa: F401 (parse_tool_calls: importable here)
-from .sampling import Sampler, SamplingParams
+from .progress import RequestProgress
+from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
@@ -53,14 +58,27 @@ class Llama:
 
     model_path: a llamacpu model file, a GGUF file (converted once into the cache:
     model_cache.py), or None for the default model (SmolLM2-135M-Instruct).
+    n_parallel: sequences decoded together (calls from several threads, chat_batch),
+    each with a KV cache of n_ctx positions that takes memory as it fills. Default:
+    model.default_parallel() (twice the physical cores, 2 to 16), fewer when the
+    memory cannot hold all their caches full.
 
     >>> llm = Llama("model.bin")
     >>> for piece in llm.generate("Once upon a time", max_tokens=20): print(piece, end="")
     >>> llm.chat([{"role": "user", "content": "Hi"}])["choices"][0]["message"]["content"]
     """
 
-    def __init__(self, model_path, n_ctx: int = DEFAULT_N_CTX, n_threads=None, *, kernels=None):
-        self.model = Model(resolve_model(model_path), n_ctx=n_ctx, n_threads=n_threads, kernels=kernels)
+    def __init__(self, model_path, n_ctx: int = DEFAULT_N_CTX, n_threads=None, *, kernels=None, n_parallel=None):
+        path = resolve_model(model_path)
+        n = default_parallel() if n_parallel is None else n_parallel
+        while True:
+            try:
+                self.model = Model(path, n_ctx=n_ctx, n_threads=n_threads, kernels=kernels, n_seq=n)
+                break
+            except ValueError as e:  # the default, halved until the memory holds it
+                if n_parallel is not None or n == 1 or "memory is available" not in str(e):
+                    raise
+                n //= 2
         meta = self.model.metadata
         try:
             self.tokenizer = Tokenizer.from_metadata(meta)
@@ -73,11 +91,7 @@ class Llama:
         self.template = ChatTemplate(meta.get("chat_template"), bos_token=self._bos_text, eos_token=self._eos_text)
         self.generation_defaults = dict(meta.get("generation") or {})
         self.model_name = meta.get("provenance", {}).get("source") or str(model_path)
-        self._lock = threading.Lock()
-        self._owner = None
-        self._cancel = threading.Event()  # the running (or last) generation's
-        self._cache: list[int] = []  # tokens whose K/V are in the cache, positions 0..len-1
-        self.n_evaluated = 0         # tokens the engine has evaluated, in total (prompt cache accounting)
+        self._batcher = Batcher(self.model, self.tokenizer.eog_ids)
 
     def _token_text(self, tid):
         if tid is None:
@@ -88,6 +102,20 @@ class Llama:
     @property
     def n_ctx(self) -> int:
         return self.model.n_ctx
+
+    @property
+    def n_parallel(self) -> int:
+        """Sequences decoded together."""
+        return self.model.n_seq
+
+    @property
+    def n_evaluated(self) -> int:
+        """Tokens the engine has evaluated, in total (prompt cache accounting)."""
+        return self._batcher.n_evaluated
+
+    def load(self) -> dict:
+        """What runs now: {"slots", "slots_in_use", "waiting"}."""
+        return self._batcher.snapshot()
 
     def tokenize(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special=True parses special tokens written inline.
@@ -128,97 +156,24 @@ class Llama:
 
     # ------------------------------------------------------------------ control
     def cancel(self) -> None:
-        """Stop the generation in progress (from any thread) after the current token
+        """Stop every generation in progress (from any thread) after the current token
         (a stream's own cancel() stops that one)."""
-        self._cancel.set()
+        self._batcher.cancel_all()
 
     def reset(self) -> None:
-        """Forget the prompt cache."""
-        with self._lock:
-            self._cache = []
-            self.model.reset()
-
-    def _acquire(self, cancel: threading.Event):
-        me = threading.get_ident()
-        if self._owner == me:
-            raise RuntimeError("a generation on this Llama is still open in this thread; "
-                               "exhaust or close() its iterator first")
-        self._lock.acquire()
-        self._owner = me
-        self._cancel = cancel
-
-    def _release(self):
-        self._owner = None
-        self._lock.release()
+        """Forget the prompt cache (of the sequence slots not running now)."""
+        self._batcher.forget()
 
     # ------------------------------------------------------------------ core loop
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        """Logits after `ids`, reusing the cached prefix."""
-        n = 0
-        for a, b in zip(self._cache, ids):
-            if a != b:
-                break
-            n += 1
-        if n == len(ids):
-            n -= 1  # the last prompt token must run again to give its logits
-        self._cache = self._cache[:n]
-        logits = self.model.forward(ids[n:], pos=n)
-        self._cache = list(ids)
-        self.n_evaluated += len(ids) - n
-        return logits
-
-    def _steps(self, ids: list[int], max_tokens, params: SamplingParams, stop: list[str],
-               logprobs: int | None, gen: Generation) -> Iterator[Step]:
-        """The generation loop. Caller holds the lock."""
+    def _request(self, ids: list[int], max_tokens, params: SamplingParams, stop: list[str],
+                 logprobs: int | None, gen: Generation, cancel: threading.Event) -> Iterator[Step]:
+        """Submit one generation to the batcher now; the iterator of its Steps."""
         self._check_prompt(ids)
         gen.prompt_tokens = len(ids)
-        sampler = Sampler(params)
-        text = TextTracker(self.tokenizer.stream_decoder(), stop)
-        history = list(ids)
-        t0 = time.perf_counter()
-        logits = self._prefill(ids)
-        gen.prompt_seconds = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        limit = max_tokens if max_tokens is not None else self.n_ctx
-        try:
-            while True:
-                if self._cancel.is_set():
-                    gen.finish_reason = "cancelled"
-                    break
-                if gen.completion_tokens >= limit:
-                    gen.finish_reason = "length"
-                    break
-                tok = sampler.sample(logits, history)
-                lp, top = (None, [])
-                if logprobs is not None:
-                    lp, top = sampler.logprobs(logits, tok, logprobs)
-                gen.completion_tokens += 1
-                if tok in self.tokenizer.eog_ids:
-                    gen.finish_reason = "stop"
-                    break
-                history.append(tok)
-                emit, stopped = text.push(tok)
-                gen.text += emit
-                step = Step(tok, emit, lp, top)
-                gen.steps.append(step)
-                yield step
-                if stopped:
-                    gen.finish_reason = "stop"
-                    break
-                if len(history) > self.n_ctx:  # tok would need position n_ctx: the cache is full
-                    gen.finish_reason = "length"
-                    break
-                logits = self.model.forward([tok], pos=len(history) - 1)
-                self._cache.append(tok)
-                self.n_evaluated += 1
-            tail, stopped = text.finish()  # what was held back (cut at a stop string)
-            if stopped:
-                gen.finish_reason = "stop"
-            if tail:
-                gen.text += tail
-                yield Step(-1, tail)
-        finally:
-            gen.generation_seconds = time.perf_counter() - t1
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        sink = _QueueSink(TextTracker(self.tokenizer.stream_decoder(), stop), gen, out.put)
+        self._batcher.submit(Request(ids, params, max_tokens, sink, logprobs, cancelled=cancel))
+        return _results(out, cancel)
 
     def _check_prompt(self, ids) -> None:
         """Refuse a prompt that leaves no room to generate (never truncate it silently)."""
@@ -244,18 +199,15 @@ class Llama:
         return ids
 
     # ------------------------------------------------------------------ public generation
-    def _stream(self, ids, max_tokens, params, stops, logprobs, shape) -> GenerationStream:
-        """A GenerationStream of shape(steps, generation): it takes the lock at its first
-        next() and gives it back when exhausted or closed."""
+    def _stream(self, ids, max_tokens, params, stops, logprobs, shape, now: bool = False) -> GenerationStream:
+        """A GenerationStream of shape(steps, generation): the request joins the batch at
+        its first next(), or at once with now=True."""
         gen, cancel = Generation(), threading.Event()
 
-        def run():
-            self._acquire(cancel)
-            try:
-                yield from shape(self._steps(ids, max_tokens, params, stops, logprobs, gen), gen)
-            finally:
-                self._release()
-        return GenerationStream(run(), gen, cancel)
+        def start():
+            return self._request(ids, max_tokens, params, stops, logprobs, gen, cancel)
+        steps = start() if now else _later(start)
+        return GenerationStream(shape(steps, gen), gen, cancel)
 
     def generate(self, prompt, max_tokens: int | None = 256, stream: bool = True, stop=None, **sampling):
         """Continue `prompt` (a string, or token ids). stream=True returns a
@@ -280,6 +232,14 @@ class Llama:
         ({"name": ..., "parameters": ...}) becomes message.tool_calls.
         Special-token text in messages is tokenized as text unless
         parse_special_in_content=True (tokenize_chat)."""
+        job, shape = self._chat_job(messages, tools, max_tokens, stop, logprobs, top_logprobs,
+                                    parse_special_in_content, sampling)
+        if stream:
+            return self._stream(*job, shape.chunks)
+        return shape.result(_finish(self._stream(*job, lambda steps, gen: steps)))
+
+    def _chat_job(self, messages, tools, max_tokens, stop, logprobs, top_logprobs, parse_special_in_content, sampling):
+        """chat()'s arguments checked: (ids, max_tokens, params, stops, logprobs), its ChatCompletion."""
         self._check_open()
         max_tokens = _check_max_tokens(max_tokens)
         params = self.sampling_params(**sampling)
@@ -290,9 +250,72 @@ class Llama:
         self._check_prompt(ids)  # now, not at the first next() of a stream
         lp = top_logprobs if (logprobs or top_logprobs) else None
         shape = ChatCompletion(self.model_name, tools=bool(tools), tokenizer=self.tokenizer if lp is not None else None)
-        if stream:
-            return self._stream(ids, max_tokens, params, stops, lp, shape.chunks)
-        return shape.result(_finish(self._stream(ids, max_tokens, params, stops, lp, lambda steps, gen: steps)))
+        return (ids, max_tokens, params, stops, lp), shape
+
+    def chat_batch(self, conversations, *, progress: bool | None = None, **options) -> list[dict]:
+        """chat() of every message list in `conversations`, decoded together (n_parallel
+        at a time, the others queued in order): the chat.completion dicts, in order.
+        options: chat()'s (tools, max_tokens, stop, sampling...; not stream). Every
+        conversation is checked before any runs (a ValueError names the bad one).
+        progress: a requests / tokens-per-second / ETA line on stderr (None: on a
+        terminal, for more conversations than n_parallel)."""
+        if options.get("stream"):
+            raise ValueError("chat_batch returns whole results; use chat(stream=True) from threads to stream")
+        options.pop("stream", None)
+        kw = dict(tools=None, max_tokens=512, stop=None, logprobs=False, top_logprobs=0, parse_special_in_content=False)
+        unknown = set(options) - set(kw) - set(SAMPLING_KEYS)
+        if unknown:
+            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        kw.update({k: v for k, v in options.items() if k in kw})
+        sampling = {k: v for k, v in options.items() if k in SAMPLING_KEYS}
+        jobs = []
+        for i, messages in enumerate(_as_list(conversations, "conversations")):
+            try:
+                jobs.append(self._chat_job(messages, kw["tools"], kw["max_tokens"], kw["stop"], kw["logprobs"],
+                                           kw["top_logprobs"], kw["parse_special_in_content"], sampling))
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"conversations[{i}]: {e}") from None
+        return [shape.result(gen) for gen, (_, shape) in zip(self._run_all([j for j, _ in jobs], progress), jobs)]
+
+    def generate_batch(self, prompts, *, max_tokens: int | None = 256, stop=None,
+                       progress: bool | None = None, **sampling) -> list[str]:
+        """generate(stream=False) of every prompt (strings or token-id lists), decoded
+        together: the texts, in order (as chat_batch)."""
+        self._check_open()
+        max_tokens = _check_max_tokens(max_tokens)
+        params = self.sampling_params(**sampling)
+        stops = _stops(stop)
+        jobs = []
+        for i, p in enumerate(_as_list(prompts, "prompts")):
+            try:
+                ids = self._prompt_ids(p)
+                self._check_prompt(ids)
+            except (ValueError, TypeError) as e:
+                raise type(e)(f"prompts[{i}]: {e}") from None
+            jobs.append((ids, max_tokens, params, stops, None))
+        return [gen.text for gen in self._run_all(jobs, progress)]
+
+    def _run_all(self, jobs, progress) -> list[Generation]:
+        """Submit every job at once; their Generations, in order (Ctrl-C or an error
+        cancels the rest)."""
+        show = progress if progress is not None else (len(jobs) > self.n_parallel and sys.stderr.isatty())
+        bar = RequestProgress(len(jobs)) if show else None
+        streams = [self._stream(*job, lambda steps, gen: steps, now=True) for job in jobs]
+        try:
+            for s in streams:
+                _finish(s)
+                if bar:
+                    bar.done(s.generation.completion_tokens)
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            for s in streams:
+                s.close()
+            raise
+        finally:
+            if bar:
+                bar.close()
+        return [s.generation for s in streams]
 
     # ------------------------------------------------------------------ misc
     def _check_open(self) -> None:
@@ -300,6 +323,7 @@ class Llama:
             raise ValueError("this Llama is closed")
 
     def close(self) -> None:
+        self._batcher.close()
         self.model.close()
 
     def __enter__(self):
@@ -310,6 +334,75 @@ class Llama:
 
     def __repr__(self):
         return f"<llamacpu.Llama {self.model_name!r} n_ctx={self.n_ctx}>"
+
+
+class _QueueSink(Sink):
+    """A request's tokens as Steps on a queue (on the batcher's thread): the text from its
+    TextTracker, then None at the end (or the error)."""
+
+    def __init__(self, text: TextTracker, gen: Generation, put):
+        self.text, self.gen, self.put = text, gen, put
+        self.t0, self.t1 = time.perf_counter(), None
+
+    def token(self, tok, lp, top) -> bool:
+        if self.t1 is None:
+            self.t1 = time.perf_counter()
+            self.gen.prompt_seconds = self.t1 - self.t0
+        emit, stopped = self.text.push(tok)
+        self.gen.text += emit
+        step = Step(tok, emit, lp, top)
+        self.gen.steps.append(step)
+        self.put(step)
+        return stopped
+
+    def end(self, finish_reason, completion_tokens, error=None) -> None:
+        gen, now = self.gen, time.perf_counter()
+        if self.t1 is None:
+            gen.prompt_seconds, self.t1 = now - self.t0, now
+        gen.generation_seconds = now - self.t1
+        gen.completion_tokens = completion_tokens
+        if error is not None:
+            self.put(error)
+            return
+        gen.finish_reason = finish_reason
+        tail, stopped = self.text.finish()  # what was held back (cut at a stop string)
+        if stopped:
+            gen.finish_reason = "stop"
+        if tail:
+            gen.text += tail
+            self.put(Step(-1, tail))
+        self.put(None)
+
+
+def _results(out: queue.SimpleQueue, cancel: threading.Event) -> Iterator[Step]:
+    """A request's Steps from its queue. Closed early, it cancels the request and waits
+    for its end (one step at most), so that its Generation is complete."""
+    ended = False
+    try:
+        while True:
+            item = out.get()
+            if item is None:
+                ended = True
+                return
+            if isinstance(item, BaseException):
+                ended = True
+                raise item
+            yield item
+    finally:
+        if not ended:
+            cancel.set()
+            while not isinstance(out.get(), (type(None), BaseException)):  # until the batcher lets it go
+                pass
+
+
+def _later(start) -> Iterator[Step]:
+    yield from start()
+
+
+def _as_list(xs, name) -> list:
+    if isinstance(xs, (str, bytes, dict)) or not hasattr(xs, "__iter__"):
+        raise TypeError(f"{name} must be a list")
+    return list(xs)
 
 
 def _finish(stream: GenerationStream) -> Generation:

@@ -63,6 +63,13 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
+def default_parallel() -> int:
+    """Sequence slots by default (Llama's n_parallel, the server's --parallel): twice the
+    physical cores, 2 to 16. Decoding is bound by reading the weights, so every step
+    can carry more tokens until the cores' arithmetic is the limit (BENCHMARKS.md)."""
+    return max(2, min(16, 2 * physical_cores()))
+
+
 def _check_threads(n) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_THREADS:
         raise ValueError(f"n_threads must be an integer in [1, {MAX_THREADS}], got {n!r}")

@@ -1,4 +1,5 @@
-"""Progress of a conversion (convert.py): a bar on stderr, or a callback."""
+"""Progress lines on stderr: a conversion's (convert.py: a bar, or a callback) and a batch
+of requests' (chat_batch, `llamacpu batch`)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,43 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+class RequestProgress:
+    """Requests done / total, completion tokens per second and ETA, one line on stderr
+    (rewritten in place on a terminal, a line every 10 s elsewhere)."""
+
+    def __init__(self, total: int, stream=None, done: int = 0):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.total, self.n, self.tokens = total, done, 0
+        self.start_n = done
+        self.t0 = self._last = time.monotonic()
+        self._width = 0
+
+    def done(self, completion_tokens: int) -> None:
+        self.n += 1
+        self.tokens += completion_tokens
+        now = time.monotonic()
+        if now - self._last >= (0.2 if self.tty else 10.0) or self.n == self.total:
+            self._last = now
+            self._write(now)
+
+    def _write(self, now: float) -> None:
+        dt = max(now - self.t0, 1e-9)
+        ran = self.n - self.start_n
+        eta = (self.total - self.n) * dt / ran if ran else 0.0
+        line = (f"requests {self.n}/{self.total}  {self.tokens / dt:.1f} tokens/s  "
+                f"ETA {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}")
+        if self.tty:
+            pad = " " * max(0, self._width - len(line))
+            self._width = len(line)
+            self.stream.write("\r" + line + pad)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()

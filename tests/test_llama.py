@@ -166,13 +166,39 @@ def test_threads_share_one_llama(llm):
     assert results == expected
 
 
-def test_open_generator_in_same_thread_is_a_clear_error(llm):
-    it = llm.generate("Hello", max_tokens=5, **GREEDY)
-    next(it)
-    with pytest.raises(RuntimeError, match="still open"):
-        llm.generate("Hello", max_tokens=5, stream=False)
-    it.close()
-    assert llm.generate("Hello", max_tokens=2, stream=False, **GREEDY) is not None
+def test_open_generators_in_one_thread_run_together(llm):
+    """Two streams open at once in one thread advance together (they share each step of
+    the batch) and each gives what it gives alone."""
+    alone = [llm.generate(p, max_tokens=8, stream=False, **GREEDY) for p in ("Hello", "The sea is")]
+    a = llm.generate("Hello", max_tokens=8, **GREEDY)
+    b = llm.generate("The sea is", max_tokens=8, **GREEDY)
+    got = ["", ""]
+    for pa, pb in zip(a, b):  # interleaved: with one sequence at a time this would never end
+        got[0] += pa
+        got[1] += pb
+    got[0] += "".join(a)
+    got[1] += "".join(b)
+    assert got == alone
+
+
+def test_chat_batch_equals_chat_one_by_one(smol_path):
+    """More conversations than slots: queued, batched, results in order, each what chat()
+    gives alone (greedy, a chunk-invariant table: texts identical)."""
+    from conftest import INVARIANT_KERNELS
+    convs = [user(p) for p in ("Name a fruit.", "Name an animal.", "Name a city.", "Say hi.", "Count to 3.")]
+    with Llama(smol_path, n_ctx=512, n_parallel=3, kernels=INVARIANT_KERNELS) as m:
+        one = [m.chat(c, max_tokens=12, **GREEDY)["choices"][0]["message"] for c in convs]
+        m.reset()
+        batch = m.chat_batch(convs, max_tokens=12, **GREEDY)
+        texts = m.generate_batch(["Once upon a time", [1, 2, 3]], max_tokens=6, **GREEDY)
+        assert texts == [m.generate("Once upon a time", max_tokens=6, stream=False, **GREEDY),
+                         m.generate([1, 2, 3], max_tokens=6, stream=False, **GREEDY)]
+        with pytest.raises(ValueError, match=r"conversations\[1\]"):
+            m.chat_batch([user("ok"), [{"role": "robot", "content": "x"}]])
+        with pytest.raises(ValueError, match=r"prompts\[0\].*context"):
+            m.generate_batch(["word " * 600])
+        assert m.load() == {"slots": 3, "slots_in_use": 0, "waiting": 0}
+    assert [b["choices"][0]["message"] for b in batch] == one
 
 
 def test_bad_arguments(llm):
