@@ -58,10 +58,11 @@ def _uid(prefix: str) -> str:
     return prefix + uuid.uuid4().hex[:24]
 
 
-def line_error(line: int, custom_id, code: str, message: str) -> dict:
-    """The row for a line of IN that is not a request."""
+def line_error(line: int | None, custom_id, code: str, message: str) -> dict:
+    """The row for a line of IN that is not a request (line None: not known)."""
     return {"id": _uid("batch_req_"), "custom_id": custom_id if isinstance(custom_id, str) else None,
-            "response": None, "error": {"code": code, "message": f"line {line}: {message}", "line": line}}
+            "response": None, "error": {"code": code, "message": message if line is None else f"line {line}: {message}",
+                                        "line": line}}
 
 
 def response_row(custom_id: str, status: int, body: dict) -> dict:
@@ -113,7 +114,7 @@ class Answerer:
             err = api_error(e)
             return response_row(custom_id, err.status, err.body())
 
-    def answer_line(self, text: str | bytes, line: int = 0) -> dict:
+    def answer_line(self, text: str | bytes, line: int | None = None) -> dict:
         """One line of an input file as its output row (no resume, no duplicate check: the
         Ray Data recipe's unit of work)."""
         req = parse_line(text, line)
@@ -122,7 +123,7 @@ class Answerer:
         return self.answer(req["custom_id"], req["body"])
 
 
-def parse_line(text: str | bytes, line: int) -> dict:
+def parse_line(text: str | bytes, line: int | None) -> dict:
     """A line of IN as {"custom_id", "body"}, or its line-error row (a dict with "error")."""
     try:
         obj = parse_json(text)
@@ -351,6 +352,7 @@ def run_batch(in_path, out_path, runner_factory, *, quiet: bool = False, stream=
 
     out = OutFile(out_path, say)
     summary = {"total": 0, "skipped": 0, "written": 0, "failed": 0, "interrupted": False}
+    prog = None
     try:
         tasks, errors, total = scan(in_path, out.done_ids, out.done_lines)
         todo = len(tasks) + len(errors)
@@ -358,7 +360,6 @@ def run_batch(in_path, out_path, runner_factory, *, quiet: bool = False, stream=
         if summary["skipped"]:
             say(f"{summary['skipped']} of {total} requests are already in {out.path}; running the other {todo}")
         from .progress import JobProgress
-        prog = None
 
         def emit(row):
             out.write(row)
@@ -381,16 +382,19 @@ def run_batch(in_path, out_path, runner_factory, *, quiet: bool = False, stream=
                     for row in rows:
                         emit(row)
             except KeyboardInterrupt:
-                summary["interrupted"] = True
                 for row in getattr(runner, "leftover", ()):   # finished before the interrupt
                     emit(row)
                 raise
             finally:
                 bodies.close()
                 runner.close()
-        prog.close()
+    except KeyboardInterrupt:
+        summary["interrupted"] = True
+        raise
     finally:
         out.close()
+        if prog is not None:
+            prog.close()
         if summary["interrupted"]:
             say(f"interrupted: {summary['skipped'] + summary['written']} of {summary['total']} rows are "
                 f"in {out.path}; run the same command again to finish the rest")

@@ -109,8 +109,8 @@ class RayRunner:
 
     def describe(self) -> str:
         n = len(self.actors)
-        return (f"{n} Ray actor{'s' * (n != 1)} ({self.cpus:g} CPUs and {self.threads} threads each, "
-                f"{self.slots} slots in all)")
+        return (f"{n} Ray actor{'s' * (n != 1)} ({self.cpus:g} CPU{'s' * (self.cpus != 1)} and {self.threads} "
+                f"thread{'s' * (self.threads != 1)} each, {self.slots} slot{'s' * (self.slots != 1)} in all)")
 
     def results(self, bodies):
         """Rows as they return (see batch.LocalRunner.results). The pool holds one call per slot;
