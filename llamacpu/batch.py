@@ -246,6 +246,7 @@ class Bodies:
     """Task bodies read from IN when they run (thread-safe)."""
 
     def __init__(self, in_path, tasks):
+        self.path = os.fspath(in_path)
         self.f = open(in_path, "rb")
         self.it = iter(tasks)
         self.lock = threading.Lock()
@@ -255,7 +256,10 @@ class Bodies:
             t = next(self.it, None)
             if t is not None:
                 self.f.seek(t.offset)
-                t.body = json.loads(self.f.read(t.length))["body"]
+                req = parse_line(self.f.read(t.length), t.line)
+                if req.get("custom_id") != t.custom_id or "error" in req:
+                    raise ValueError(f"{self.path}: line {t.line} changed while the job ran; run it again")
+                t.body = req["body"]
             return t
 
     def close(self) -> None:
@@ -281,7 +285,7 @@ class LocalRunner:
     def results(self, bodies: Bodies):
         """Rows as they finish. Closing the generator (Ctrl-C in the caller) stops the threads:
         generations in progress are cancelled and their rows dropped (they run again on resume);
-        rows that finished before it are still yielded by drain()."""
+        rows that finished before it are left in self.leftover for the caller to write."""
         out: queue.Queue = queue.Queue()
         stop = threading.Event()
         done = object()
@@ -297,6 +301,8 @@ class LocalRunner:
                     if stop.is_set():   # possibly cut short by the cancel below
                         return
                     out.put(row)
+            except Exception as e:  # noqa: BLE001 - IN changed under us: the job stops (Answerer never raises)
+                out.put(_Failed(e))
             finally:
                 out.put(done)
 
@@ -313,6 +319,8 @@ class LocalRunner:
                     continue
                 if row is done:
                     running -= 1
+                elif isinstance(row, _Failed):
+                    raise row.error
                 else:
                     yield row
         finally:
@@ -323,10 +331,15 @@ class LocalRunner:
                     self.llm.cancel()
                     for th in threads:
                         th.join(0.02)
-                self.leftover = [r for r in _drain(out) if r is not done]
+                self.leftover = [r for r in _drain(out) if isinstance(r, dict)]
 
     def close(self) -> None:
         pass
+
+
+@dataclass
+class _Failed:
+    error: Exception
 
 
 def _drain(q: queue.Queue):
@@ -381,8 +394,8 @@ def run_batch(in_path, out_path, runner_factory, *, quiet: bool = False, stream=
                 with closing(runner.results(bodies)) as rows:
                     for row in rows:
                         emit(row)
-            except KeyboardInterrupt:
-                for row in getattr(runner, "leftover", ()):   # finished before the interrupt
+            except BaseException:
+                for row in getattr(runner, "leftover", ()):   # finished before Ctrl-C or an error
                     emit(row)
                 raise
             finally:
