@@ -90,7 +90,11 @@ class RayRunner:
             node_cpus = [n["Resources"]["CPU"] for n in nodes]
             n_actors = actors or len(nodes)
             if cpus is None:
-                cpus = max(1.0, min(min(node_cpus), sum(node_cpus) // n_actors))
+                cpus = min(min(node_cpus), sum(node_cpus) / n_actors)
+            if n_actors * cpus > sum(node_cpus) or cpus > max(node_cpus):
+                # Ray would wait for resources that never come
+                raise ValueError(f"{n_actors} actors of {cpus:g} CPUs do not fit the Ray cluster's "
+                                 f"{len(nodes)} nodes of {', '.join(f'{c:g}' for c in node_cpus)} CPUs")
             threads = n_threads or max(1, int(cpus))
             job = uuid.uuid4().hex[:8]
             cls = ray.remote(BatchActor)

@@ -319,6 +319,9 @@ def test_ray_cli_gives_the_rows_of_a_local_run(ray_cluster, reference, smollm_mo
     assert "2 Ray actors" in r.stderr
     rows = read_rows(out)
     assert [r["error"]["code"] for r in rows if r["error"]] == ["invalid_json"]
+    more = write_lines(tmp_path / "more.jsonl", [request("more", REQUESTS["q0"])])
+    r = run_cli(more, out, "--model", smollm_model, "--ray", address, "--ray-actors", 3, "--ray-cpus", 1, env=env)
+    assert r.returncode == 1 and "3 actors of 1 CPUs do not fit" in r.stderr, r.stderr   # not a wait forever
     rows = by_id([r for r in rows if not r["error"]])
     assert set(rows) == set(REQUESTS)
     check_answers(rows, reference)
