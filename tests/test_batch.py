@@ -296,12 +296,14 @@ def ray_cluster(chunk_invariant_kernels):
     ray = pytest.importorskip("ray")
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = ROOT + (os.pathsep + old if old else "")
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                        namespace="llamacpu-test-batch")
         yield ray, ctx.address_info["address"]
     finally:
         ray.shutdown()
+        signal.signal(signal.SIGTERM, sigterm)   # ray.init's handler outlives shutdown()
         if old is None:
             os.environ.pop("PYTHONPATH", None)
         else:
