@@ -6,6 +6,7 @@
     llamacpu bench MODEL [-p N] [-n N] [-t 1,2] [-r N]        (bench.py)
     llamacpu serve [MODEL] [--host H] [--port P] [--api-key K] (server/)
     llamacpu perplexity MODEL TEXTFILE [-c N]                 (perplexity.py)
+    llamacpu batch IN.jsonl OUT.jsonl [--model M] [--ray [ADDR]] (batch.py, batch_ray.py)
 
 Each subcommand is a `register_<name>(subparsers)` function that adds its parser
 and sets `func`; add a new one to COMMANDS. `func(args)` returns the exit status.
@@ -163,6 +164,7 @@ COMMANDS = [register_run, register_convert, register_info]
 from .bench import register_bench; COMMANDS.append(register_bench)  # noqa: E402,E702
 from .server import register_serve; COMMANDS.append(register_serve)  # noqa: E402,E702
 from .perplexity import register_perplexity; COMMANDS.append(register_perplexity)  # noqa: E402,E702
+from .batch import register_batch; COMMANDS.append(register_batch)  # noqa: E402,E702
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from .batcher import Batcher, Request, Sink
 from .model import DEFAULT_N_CTX, Model, default_parallel
 from .model_cache import resolve_model
 from .openai_format import ChatCompletion, parse_tool_calls  # noqa: F401 (parse_tool_calls: importable here)
-from .progress import RequestProgress
+from .progress import JobProgress
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -299,13 +299,13 @@ class Llama:
         """Submit every job at once; their Generations, in order (Ctrl-C or an error
         cancels the rest)."""
         show = progress if progress is not None else (len(jobs) > self.n_parallel and sys.stderr.isatty())
-        bar = RequestProgress(len(jobs)) if show else None
+        bar = JobProgress(len(jobs), label="requests") if show else None
         streams = [self._stream(*job, lambda steps, gen: steps, now=True) for job in jobs]
         try:
             for s in streams:
                 _finish(s)
                 if bar:
-                    bar.done(s.generation.completion_tokens)
+                    bar.update(1, s.generation.completion_tokens)
         except BaseException:
             for s in streams:
                 s.cancel()

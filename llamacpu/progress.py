@@ -1,5 +1,5 @@
-"""Progress lines on stderr: a conversion's (convert.py: a bar, or a callback) and a batch
-of requests' (chat_batch, `llamacpu batch`)."""
+"""Progress on stderr: a conversion's bar or callback (Progress, convert.py), and a batch job's
+requests done / total with tokens/s and ETA (JobProgress, batch.py)."""
 
 from __future__ import annotations
 
@@ -68,41 +68,67 @@ def fmt_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-class RequestProgress:
-    """Requests done / total, completion tokens per second and ETA, one line on stderr
-    (rewritten in place on a terminal, a line every 10 s elsewhere)."""
+def fmt_eta(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
-    def __init__(self, total: int, stream=None, done: int = 0):
+
+class JobProgress:
+    """Requests done / total, failed ones, generated tokens/s and ETA, on stderr.
+
+    On a TTY one line redrawn in place (at most 10 times a second, like Progress); elsewhere
+    (a log file, CI) a plain line every `every` seconds. close() prints the final line.
+    `done` counts rows from earlier runs (a resumed job); the rates count this run only."""
+
+    def __init__(self, total: int, done: int = 0, failed: int = 0, quiet: bool = False, stream=None,
+                 every: float = 10.0, label: str = "batch"):
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.total, self.n, self.tokens = total, done, 0
-        self.start_n = done
+        self.quiet, self.every, self.label = quiet, every, label
+        self.total, self.done0 = total, done
+        self.done, self.failed, self.tokens = done, failed, 0
         self.t0 = self._last = time.monotonic()
         self._width = 0
 
-    def done(self, completion_tokens: int) -> None:
-        self.n += 1
-        self.tokens += completion_tokens
+    def update(self, n: int = 1, tokens: int = 0, failed: int = 0) -> None:
+        self.done += n
+        self.tokens += tokens
+        self.failed += failed
         now = time.monotonic()
-        if now - self._last >= (0.2 if self.tty else 10.0) or self.n == self.total:
-            self._last = now
-            self._write(now)
+        if now - self._last >= (0.1 if self.tty else self.every):
+            self._draw(now)
 
-    def _write(self, now: float) -> None:
+    def line(self, now: float | None = None) -> str:
+        now = time.monotonic() if now is None else now
         dt = max(now - self.t0, 1e-9)
-        ran = self.n - self.start_n
-        eta = (self.total - self.n) * dt / ran if ran else 0.0
-        line = (f"requests {self.n}/{self.total}  {self.tokens / dt:.1f} tokens/s  "
-                f"ETA {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}")
+        ran = self.done - self.done0
+        width = 24
+        fill = int(width * self.done / self.total) if self.total else width
+        eta = (self.total - self.done) * dt / ran if ran else None
+        failed = f", {self.failed} failed" if self.failed else ""
+        return (f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} requests{failed} "
+                f"{self.tokens / dt:.1f} tok/s ETA {fmt_eta(eta) if eta is not None else '?'}")
+
+    def _draw(self, now: float, final: bool = False) -> None:
+        self._last = now
+        if self.quiet:
+            return
+        line = self.line(now)
         if self.tty:
-            pad = " " * max(0, self._width - len(line))
+            pad = " " * max(0, self._width - len(line))  # erase what a longer line left
             self._width = len(line)
-            self.stream.write("\r" + line + pad)
+            self.stream.write("\r" + line + pad + ("\n" if final else ""))
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.tty and self._width:
-            self.stream.write("\n")
+        self._draw(time.monotonic(), final=True)
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            if self.tty and self._width:   # below the bar, which the next update redraws
+                self.stream.write("\r" + " " * self._width + "\r")
+                self._width = 0
+            self.stream.write(text + "\n")
             self.stream.flush()
