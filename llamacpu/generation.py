@@ -90,8 +90,8 @@ class GenerationStream:
     the iterator is exhausted or closed; cancel() stops it after the current token (from
     any thread, before or while it runs); close() ends it now and frees the Llama."""
 
-    def __init__(self, items: Iterator, generation: Generation, cancelled: threading.Event):
-        self._items, self.generation, self._cancelled = items, generation, cancelled
+    def __init__(self, items: Iterator, generation: Generation, cancelled: threading.Event, result=None):
+        self._items, self.generation, self._cancelled, self._result = items, generation, cancelled, result
 
     def __iter__(self):
         return self
@@ -101,6 +101,11 @@ class GenerationStream:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    def result(self):
+        """Once the stream is over: the whole result as the same call without stream=True
+        returns it (chat(): the chat.completion dict; generate(): the text)."""
+        return self._result(self.generation) if self._result else self.generation.text
 
     def close(self) -> None:
         self._items.close()

@@ -199,15 +199,16 @@ class Llama:
         return ids
 
     # ------------------------------------------------------------------ public generation
-    def _stream(self, ids, max_tokens, params, stops, logprobs, shape, now: bool = False) -> GenerationStream:
-        """A GenerationStream of shape(steps, generation): the request joins the batch at
-        its first next(), or at once with now=True."""
+    def _stream(self, ids, max_tokens, params, stops, logprobs, shape, now: bool = False,
+                result=None) -> GenerationStream:
+        """A GenerationStream of shape(steps, generation) (result(generation): its whole
+        result): the request joins the batch at its first next(), or at once with now=True."""
         gen, cancel = Generation(), threading.Event()
 
         def start():
             return self._request(ids, max_tokens, params, stops, logprobs, gen, cancel)
         steps = start() if now else _later(start)
-        return GenerationStream(shape(steps, gen), gen, cancel)
+        return GenerationStream(shape(steps, gen), gen, cancel, result)
 
     def generate(self, prompt, max_tokens: int | None = 256, stream: bool = True, stop=None, **sampling):
         """Continue `prompt` (a string, or token ids). stream=True returns a
@@ -235,7 +236,7 @@ class Llama:
         job, shape = self._chat_job(messages, tools, max_tokens, stop, logprobs, top_logprobs,
                                     parse_special_in_content, sampling)
         if stream:
-            return self._stream(*job, shape.chunks)
+            return self._stream(*job, shape.chunks, result=shape.result)
         return shape.result(_finish(self._stream(*job, lambda steps, gen: steps)))
 
     def _chat_job(self, messages, tools, max_tokens, stop, logprobs, top_logprobs, parse_special_in_content, sampling):

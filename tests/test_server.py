@@ -11,6 +11,7 @@ Chromium and chromedriver (Debian's chromium, chromium-driver) are needed for th
 page test; .ci/run installs them and sets LLAMACPU_REQUIRE_CHROMIUM=1, so there it fails
 instead of skipping.
 """
+import concurrent.futures
 import json
 import os
 import select
@@ -37,7 +38,8 @@ def _chunk_invariant(chunk_invariant_kernels):
 
 @pytest.fixture(scope="module")
 def server(smollm_model, tmp_path_factory):
-    s = Server(smollm_model, tmp_path_factory.mktemp("serve") / "server.log")
+    """One slot: requests run one at a time (the queue's order is observable)."""
+    s = Server(smollm_model, tmp_path_factory.mktemp("serve") / "server.log", "--parallel", "1")
     yield s
     s.stop()
 
@@ -45,7 +47,7 @@ def server(smollm_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def locked(smollm_model, tmp_path_factory):
     s = Server(smollm_model, tmp_path_factory.mktemp("serve-locked") / "server.log",
-               "--api-key", KEY, "--queue-size", "0", "--alias", "smol", key=KEY)
+               "--api-key", KEY, "--queue-size", "0", "--parallel", "1", "--alias", "smol", key=KEY)
     yield s
     s.stop()
 
@@ -306,6 +308,39 @@ def test_bad_requests_get_clear_400s(server, client, model_id):
 
 
 # ----------------------------------------------------------------------------- queue and disconnects
+
+def test_parallel_slots_decode_together(smollm_model, tmp_path_factory, llm):
+    """--parallel 3: three streams run at once (/health: 3 slots in use), a fourth waits and
+    joins when one ends; every answer is what the Llama gives alone (greedy)."""
+    prompts = ["Name a fruit.", "Name an animal.", "Name a city.", "Say hi."]
+    alone = [llm.chat(user(p), max_tokens=8, temperature=0)["choices"][0]["message"]["content"] for p in prompts]
+    s = Server(smollm_model, tmp_path_factory.mktemp("serve-parallel") / "server.log", "--parallel", "3")
+    try:
+        assert s.health()["slots"] == {"total": 3, "in_use": 0}
+        long = [httpx.stream("POST", s.url + "/v1/completions", json=LONG_RUN, timeout=60) for _ in range(3)]
+        lines = [c.__enter__().iter_lines() for c in long]   # (kept: a dropped iterator closes its stream)
+        for it in lines:
+            assert next(it).startswith("data: ")   # all three are generating
+        h = s.health()
+        assert h["slots"]["in_use"] == 3 and h["queue"]["running"] == 3
+        waiting = raw_request(s.url, "/v1/chat/completions", {"messages": user(prompts[3]), "max_tokens": 8,
+                                                               "temperature": 0})
+        _wait_for(s, lambda h: h["queue"]["waiting"] == 1)
+        long[0].__exit__(None, None, None)   # a client leaves: its slot goes to the waiting request
+        body = json.loads(read_response(waiting).split(b"\r\n\r\n", 1)[1])
+        waiting.close()
+        assert body["choices"][0]["message"]["content"] == alone[3]
+        for c in long[1:]:
+            c.__exit__(None, None, None)
+        s.wait_idle()
+        with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120) as client:
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                got = list(pool.map(lambda p: client.chat.completions.create(
+                    model="m", messages=user(p), max_tokens=8, temperature=0).choices[0].message.content, prompts[:3]))
+        assert got == alone[:3]
+    finally:
+        s.stop()
+
 
 def _wait_for(server, pred, timeout=10.0) -> dict:
     deadline = time.monotonic() + timeout

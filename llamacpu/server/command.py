@@ -61,8 +61,10 @@ def register_serve(sub) -> None:
         description="Serve one model over an OpenAI-compatible HTTP API:\n"
                     "  POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,\n"
                     "  and a chat page at /.\n"
-                    "Requests are answered one at a time in arrival order; the others wait in a bounded\n"
-                    "queue. Needs the server extra: pip install 'llamacpu[server]'.",
+                    "Up to --parallel requests are decoded together (continuous batching: a new request\n"
+                    "joins the running batch at the next step, each in a slot that reuses its own cached\n"
+                    "prompt prefix); the others wait in a bounded queue, in arrival order.\n"
+                    "Needs the server extra: pip install 'llamacpu[server]'.",
         epilog="example:\n  llamacpu serve model.bin --port 8080\n"
                "  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n"
                "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'",
@@ -85,9 +87,13 @@ def register_serve(sub) -> None:
     p.add_argument("--api-key", default=os.environ.get("LLAMACPU_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on /v1 requests, 401 otherwise (default: "
                         "$LLAMACPU_API_KEY, else no key)")
+    p.add_argument("-np", "--parallel", type=int, default=None, metavar="N",
+                   help="requests decoded together, each with its own KV cache of --ctx-size tokens (memory "
+                        "is taken as it fills) (default: twice the physical cores, 2 to 16, fewer when the "
+                        "memory cannot hold them)")
     p.add_argument("--queue-size", type=int, default=16,
-                   help="requests that may wait while one generates (default 16); one more gets 503 with "
-                        "Retry-After. 0: no queue, one request at a time")
+                   help="requests that may wait while --parallel ones generate (default 16); one more gets "
+                        "503 with Retry-After. 0: no queue")
     p.add_argument("--alias", default=None, help="the model id in /v1/models and in replies (default: the "
                                                  "model's source file name)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096,
@@ -114,8 +120,10 @@ def cmd_serve(args) -> int:
         raise ValueError("--threads must be >= 1")
     if args.ctx_size < 2:
         raise ValueError("--ctx-size must be >= 2")
+    if args.parallel is not None and not 1 <= args.parallel <= 1024:
+        raise ValueError("--parallel must be in [1, 1024]")
     from ..llama import Llama
-    llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads)  # None: the default model
+    llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_parallel=args.parallel)  # None: defaults
     llm.tokenize("warm up")   # the tokenizer is built on first use: not in the first request
     app = create_app(llm, api_key=args.api_key, queue_size=args.queue_size, model_id=args.alias, host=args.host,
                      allowed_hosts=args.allowed_host, cors_origins=args.cors_origin)

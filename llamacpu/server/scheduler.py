@@ -1,4 +1,6 @@
-"""The queue and the worker: one thread owns the Llama and runs jobs one at a time, in arrival order."""
+"""The queue and the workers: `parallel` threads each run one job at a time, in arrival
+order; the Llama decodes the running jobs together (batcher.py: one forward per step), so
+a new request joins the batch at the next step."""
 from __future__ import annotations
 
 import asyncio
@@ -19,6 +21,7 @@ class Job:
         self.stream = settings["stream"]
         self.items: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.handle = None   # its GenerationStream, once a worker started it
 
     def put(self, tag: str, value=None) -> None:
         try:
@@ -31,30 +34,35 @@ class Job:
 
 
 class Scheduler:
-    """One worker thread owns the Llama and runs jobs one at a time, in arrival order.
-    At most `max_waiting` jobs wait behind the running one; submit() refuses more (503)."""
+    """`parallel` worker threads (default: the Llama's n_parallel) take jobs in arrival
+    order. At most `max_waiting` jobs wait while all workers are busy; submit() refuses
+    more (503 with Retry-After)."""
 
-    def __init__(self, llm, max_waiting: int = 16):
+    def __init__(self, llm, max_waiting: int = 16, parallel: int | None = None):
         self.llm, self.max_waiting = llm, max_waiting
+        self.parallel = parallel or llm.n_parallel
         self._waiting: collections.deque[Job] = collections.deque()
-        self._running: Job | None = None
+        self._running: set[Job] = set()
         self._cv = threading.Condition()
         self._closed = False
         self._seconds = None       # moving average of a job's time, for Retry-After
-        self._tasks = set()
         self.stats = {"completed": 0, "cancelled": 0, "failed": 0, "rejected": 0,
                       "prompt_tokens": 0, "completion_tokens": 0}
-        self._thread = threading.Thread(target=self._work, name="llamacpu-generate", daemon=True)
+        self._threads = [threading.Thread(target=self._work, name=f"llamacpu-generate-{i}", daemon=True)
+                         for i in range(self.parallel)]
 
     def start(self) -> None:
-        if not self._thread.is_alive():
-            self._thread.start()
+        for t in self._threads:
+            if not t.is_alive():
+                t.start()
 
     def snapshot(self) -> dict:
+        load = self.llm.load()
         with self._cv:
             st = dict(self.stats)
-            return {"queue": {"running": int(self._running is not None), "waiting": len(self._waiting),
+            return {"queue": {"running": len(self._running), "waiting": len(self._waiting),
                               "max_waiting": self.max_waiting},
+                    "slots": {"total": load["slots"], "in_use": load["slots_in_use"]},
                     "requests": {k: st[k] for k in ("completed", "cancelled", "failed", "rejected")},
                     "tokens": {"prompt": st["prompt_tokens"], "completion": st["completion_tokens"],
                                "evaluated": self.llm.n_evaluated}}
@@ -64,10 +72,10 @@ class Scheduler:
             if self._closed:
                 raise APIError(503, "the server is shutting down", code="shutting_down",
                                headers={"Retry-After": "5"})
-            busy = len(self._waiting) + (self._running is not None)
-            if busy > self.max_waiting:
+            busy = len(self._waiting) + len(self._running)
+            if busy >= self.max_waiting + self.parallel:
                 self.stats["rejected"] += 1
-                wait = (self._seconds or 5.0) * busy
+                wait = (self._seconds or 5.0) * (len(self._waiting) + 1) / self.parallel
                 raise APIError(503, f"the server is busy: {len(self._waiting)} requests are waiting (the queue "
                                     f"holds {self.max_waiting}); retry later", code="queue_full",
                                headers={"Retry-After": str(max(1, min(60, math.ceil(wait))))})
@@ -75,39 +83,26 @@ class Scheduler:
             self._cv.notify()
 
     def cancel(self, job: Job) -> None:
-        """The client went away: drop a waiting job, stop a running one (from the event loop)."""
+        """The client went away: drop a waiting job, stop a running one (any thread)."""
         job.cancelled.set()
         with self._cv:
             if job in self._waiting:
                 self._waiting.remove(job)
                 self.stats["cancelled"] += 1
                 return
-            if self._running is not job:
-                return
-            self.llm.cancel()
-        # Llama.cancel() reaches only a generation that has started: repeat until the job is off the worker
-        # (only while it is the running job, so that the next job is never touched)
-        task = asyncio.get_running_loop().create_task(self._keep_cancelling(job))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _keep_cancelling(self, job: Job) -> None:
-        while True:
-            await asyncio.sleep(0.02)
-            with self._cv:
-                if self._running is not job:
-                    return
-                self.llm.cancel()
+        h = job.handle   # (a worker that starts it after this sees job.cancelled)
+        if h is not None:
+            h.cancel()
 
     def close(self) -> None:
-        """Refuse new jobs, fail the waiting ones (503) and stop the running one."""
+        """Refuse new jobs, fail the waiting ones (503) and stop the running ones."""
         with self._cv:
             self._closed = True
             waiting, self._waiting = list(self._waiting), collections.deque()
-            if self._running is not None:
-                self._running.cancelled.set()
-                self.llm.cancel()
+            running = list(self._running)
             self._cv.notify_all()
+        for job in running:
+            self.cancel(job)
         for job in waiting:
             job.put("error", APIError(503, "the server is shutting down", code="shutting_down"))
 
@@ -118,7 +113,8 @@ class Scheduler:
                     self._cv.wait()
                 if not self._waiting:
                     return
-                job = self._running = self._waiting.popleft()
+                job = self._waiting.popleft()
+                self._running.add(job)
             t0 = time.perf_counter()
             outcome, used = "failed", (0, 0)
             try:
@@ -129,36 +125,38 @@ class Scheduler:
             finally:
                 dt = time.perf_counter() - t0
                 with self._cv:
-                    self._running = None
+                    self._running.discard(job)
                     self.stats[outcome] += 1
                     self.stats["prompt_tokens"] += used[0]
                     self.stats["completion_tokens"] += used[1]
                     self._seconds = dt if self._seconds is None else 0.8 * self._seconds + 0.2 * dt
 
     def _run(self, job: Job) -> tuple[int, int]:
-        """Generate for one job in this (the worker) thread, putting what comes out on the job;
+        """Generate for one job in this worker thread, putting what comes out on the job;
         return its (prompt, completion) token counts."""
         s, llm = job.settings, self.llm
         if job.kind == "chat":
-            kw = dict(messages=s["messages"], tools=s["tools"], max_tokens=s["max_tokens"], stop=s["stop"],
-                      logprobs=s["logprobs"], top_logprobs=s["top_logprobs"], **s["sampling"])
-            if not job.stream:
-                result = llm.chat(**kw)
-                job.put("result", result)
-                return result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"]
-            it = llm.chat(stream=True, **kw)
-            tag = "chunk"
+            it = llm.chat(messages=s["messages"], tools=s["tools"], max_tokens=s["max_tokens"], stop=s["stop"],
+                          logprobs=s["logprobs"], top_logprobs=s["top_logprobs"], stream=True, **s["sampling"])
+            tag = "chunk" if job.stream else None
         else:
             it = llm.generate(s["prompt"], max_tokens=s["max_tokens"], stream=True, stop=s["stop"],
                               **s["sampling"])
             tag = "text"
+        job.handle = it
+        if job.cancelled.is_set():
+            it.cancel()
         try:
             for item in it:
                 if job.cancelled.is_set():
                     break
-                job.put(tag, item)
+                if tag:
+                    job.put(tag, item)
         finally:
             it.close()
         gen = it.generation
-        job.put("end", gen)
+        if tag is None:   # a whole chat.completion
+            job.put("result", it.result())
+        else:
+            job.put("end", gen)
         return gen.prompt_tokens, gen.completion_tokens
