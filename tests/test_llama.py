@@ -21,7 +21,11 @@ def smol_path(smollm_model):
 
 @pytest.fixture(scope="module")
 def llm(smol_path):
-    with Llama(smol_path, n_ctx=1024) as m:
+    """A chunk-invariant table: answers are compared across calls that batch differently
+    (threads, open streams, prompt-cache hits; with avx512amx a step of 16+ tokens takes
+    the bf16 AMX path, so a token's last bits depend on its batch: docs/ARCHITECTURE.md)."""
+    from conftest import INVARIANT_KERNELS
+    with Llama(smol_path, n_ctx=1024, kernels=INVARIANT_KERNELS) as m:
         yield m
 
 
@@ -336,3 +340,26 @@ def test_use_after_close_is_a_clear_error(smol_path):
     assert "closed" in repr(m) and m.closed
     m.close()
     llm.close()  # closing twice is harmless
+
+
+def test_running_conversation_prefix_is_forked_not_recomputed(smol_path):
+    """A conversation that shares a running one's system prompt copies its cached K/V
+    (seq_copy) instead of evaluating it again, and answers as it would alone."""
+    from conftest import INVARIANT_KERNELS
+    system = {"role": "system", "content": "You are a helpful assistant who answers in one short sentence. " * 8}
+    a_msgs, b_msgs = [system] + user("Name a fruit."), [system] + user("Name a river.")
+    with Llama(smol_path, n_ctx=512, n_parallel=2, kernels=INVARIANT_KERNELS) as m:
+        b_alone = m.chat(b_msgs, max_tokens=8, **GREEDY)["choices"][0]["message"]
+        m.reset()
+        n0 = m.n_evaluated
+        a = m.chat(a_msgs, max_tokens=40, stream=True, **GREEDY)
+        next(a), next(a)                            # a is decoding: its prompt is in its slot
+        b = m.chat(b_msgs, max_tokens=8, **GREEDY)
+        rest = list(a)
+        evaluated = m.n_evaluated - n0
+        ids_a, ids_b = m.tokenize_chat(a_msgs), m.tokenize_chat(b_msgs)
+        shared = next(i for i, (x, y) in enumerate(zip(ids_a, ids_b)) if x != y)
+    assert b["choices"][0]["message"] == b_alone
+    completions = a.generation.completion_tokens + b["usage"]["completion_tokens"]
+    assert evaluated <= len(ids_a) + (len(ids_b) - shared) + completions
+    assert shared > 100 and rest
