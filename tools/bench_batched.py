@@ -200,8 +200,8 @@ def render(ctx: dict) -> str:
              f"most {ctx['redo']} times; {len(ctx['redone'])} repeat(s)). CPU used by other jobs during the "
              f"kept runs: median {med(allf):.2f}, max {max(allf):.2f} cores.")
     L.append("")
-    L.append("| type | threads | B | llama.cpp S_TG t/s | llamacpu S_TG t/s | ratio | llama.cpp B/B=1 | "
-             "llamacpu B/B=1 | llama.cpp S_PP t/s | llamacpu S_PP t/s | PP ratio |")
+    L.append(f"| type | threads | B | llama.cpp S_TG t/s | llamacpu S_TG t/s | ratio | llama.cpp B/B={npl[0]} | "
+             f"llamacpu B/B={npl[0]} | llama.cpp S_PP t/s | llamacpu S_PP t/s | PP ratio |")
     L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     verdicts = []
     for typ in ctx["types"]:
@@ -229,8 +229,8 @@ def render(ctx: dict) -> str:
             if v:
                 verdicts.append(f"- {typ.upper()}, {t} thread(s): " + "; ".join(v) + ".")
     L.append("")
-    L.append("Ratio = median llamacpu / median llama.cpp (above 1: llamacpu is faster); B/B=1 = an engine's "
-             "S_TG at B over its own S_TG at B=1.")
+    L.append("Ratio = median llamacpu / median llama.cpp (above 1: llamacpu is faster); "
+             f"B/B={npl[0]} = an engine's S_TG at B over its own S_TG at B={npl[0]}.")
     L.append("")
     L.extend(verdicts)
     L.append("")
