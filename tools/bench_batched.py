@@ -328,6 +328,7 @@ def main(argv=None) -> int:
 
     engines = [("llama", "llama.cpp"), ("ours", "llamacpu")]
     samples, runs, redone = {}, [], []
+    partial = bv.BENCH_DIR / ("last-run-batched-quick.partial.json" if args.quick else "last-run-batched.partial.json")
     llama_meta, our_meta, llama_cmd = {}, {}, ""
     for rep in range(args.runs):
         for cfg, (typ, t) in enumerate((typ, t) for typ in types for t in threads):
@@ -355,6 +356,8 @@ def main(argv=None) -> int:
                         samples.setdefault((key, typ, t, b, q), []).append(r["res"][b][q])
                 runs.append({"rep": rep, "typ": typ, "t": t, "engine": label, "foreign": r["foreign"],
                              "wall": r["wall"], "rss": r["rss"], "res": r["res"]})
+                partial.write_text(json.dumps({"runs": runs, "argv": sys.argv[1:] if argv is None else argv},
+                                              indent=1, default=str))   # kept if the tool is stopped
 
     llama_cmd = llama_cmd.replace(str(bv.BENCH_DIR) + "/", "").replace(str(exe.parent) + "/", "")
     ctx = {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
