@@ -23,7 +23,9 @@ the preset, e.g. llamacpp-3b-q4_k_m.gguf):
      vendor/llama.cpp), built with cmake (-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
      -DLLAMA_BUILD_TESTS=OFF; targets llama-bench llama-quantize, and llama-perplexity
      llama-tokenize for tools/quality_vs_llamacpp.py; about 10 minutes on 2 cores, a
-     missing target is added by an incremental build) under llama.cpp-0.3.36/. cmake comes
+     missing target is added by an incremental build: tools/bench_batched.py and
+     tools/bench_serve.py add llama-batched-bench and llama-server to the same build folder)
+     under llama.cpp-0.3.36/. cmake comes
      from PyPI when the machine has none. On a CPU with AMX the "native" build is
      native-noamx (NATIVE_ISA_FLAGS below).
      --llama-bench PATH skips the build (the source is still fetched, for the converter).
