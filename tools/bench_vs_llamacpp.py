@@ -23,7 +23,9 @@ the preset, e.g. llamacpp-3b-q4_k_m.gguf):
      vendor/llama.cpp), built with cmake (-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF
      -DLLAMA_BUILD_TESTS=OFF; targets llama-bench llama-quantize, and llama-perplexity
      llama-tokenize for tools/quality_vs_llamacpp.py; about 10 minutes on 2 cores, a
-     missing target is added by an incremental build) under llama.cpp-0.3.36/. cmake comes
+     missing target is added by an incremental build: tools/bench_batched.py and
+     tools/bench_serve.py add llama-batched-bench and llama-server to the same build folder)
+     under llama.cpp-0.3.36/. cmake comes
      from PyPI when the machine has none. On a CPU with AMX the "native" build is
      native-noamx (NATIVE_ISA_FLAGS below).
      --llama-bench PATH skips the build (the source is still fetched, for the converter).
@@ -141,6 +143,9 @@ CMAKE_FLAGS["native-noamx"] = ["-DGGML_NATIVE=OFF"] + [
 
 # what build_llamacpp builds; llama-perplexity and llama-tokenize serve tools/quality_vs_llamacpp.py
 LLAMA_TARGETS = ["llama-bench", "llama-quantize", "llama-perplexity", "llama-tokenize"]
+# built on demand by tools/bench_batched.py and tools/bench_serve.py (build_llamacpp(variant, targets))
+BATCHED_TARGETS = ["llama-batched-bench", "llama-quantize"]
+SERVER_TARGETS = ["llama-server", "llama-quantize"]
 COMMON_CMAKE_FLAGS = ["-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                       "-DCMAKE_BUILD_TYPE=Release"]
 
@@ -286,6 +291,28 @@ def wait_quiet(max_wait: float, threshold: float) -> float:
         time.sleep(4.0)
 
 
+def run_undisturbed(run, quiet_wait: float, busy_threshold: float, redo: int, on_redo=None) -> dict:
+    """`run()` (it returns a dict with "foreign": cores other jobs used meanwhile, as
+    run_measured's) after waiting for a quiet machine (wait_quiet; quiet_wait 0: no wait);
+    run again, at most `redo` times, while other jobs used >= busy_threshold cores. Returns
+    the least disturbed attempt; on_redo(foreign) is called for each repeat. Shared with
+    tools/bench_batched.py."""
+    best = None
+    for attempt in range(redo + 1):
+        if quiet_wait > 0:
+            wait_quiet(quiet_wait, busy_threshold)
+        r = run()
+        if best is None or r["foreign"] < best["foreign"]:
+            best = r
+        if r["foreign"] < busy_threshold:
+            break
+        if attempt < redo:
+            log(f"  disturbed by other jobs ({r['foreign']:.2f} cores): running it again")
+            if on_redo is not None:
+                on_redo(r["foreign"])
+    return best
+
+
 def src_hash(paths) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
@@ -340,6 +367,14 @@ def cpu_info() -> dict:
     return info
 
 
+def machine_line(cpu: dict) -> str:
+    """The machine in words, from cpu_info(): model, family/model ids, CPUs, RAM, kernel, ISA.
+    Shared with tools/bench_batched.py and tools/bench_serve.py."""
+    return (f"{cpu['model']} (family {cpu['family']}, model {cpu['model_id']}), "
+            f"{cpu['cpus']} CPUs, {cpu['mem_gb']:.0f} GB RAM, Linux {platform.release()}; "
+            f"ISA flags: {isa_summary(cpu['flags'])}")
+
+
 def isa_summary(flags: set) -> str:
     wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
               "avx_vnni", "amx_int8"]
@@ -384,19 +419,23 @@ def find_cmake() -> str:
     raise SystemExit("bench_vs_llamacpp: cmake was installed but cannot be found")
 
 
-def build_llamacpp(variant: str) -> Path:
-    """Build LLAMA_TARGETS (cached; a missing one is built incrementally); return the bin folder."""
+def build_llamacpp(variant: str, targets=None) -> Path:
+    """Build `targets` (default LLAMA_TARGETS; tools/bench_batched.py and tools/bench_serve.py
+    ask for llama-batched-bench and llama-server) of llama.cpp's `variant` build; cached: only
+    the missing targets are built, incrementally in the same build folder. Returns the bin folder."""
+    targets = list(LLAMA_TARGETS if targets is None else targets)
     src = fetch_llama_source()
     build = src / ("build" if variant == "native" else f"build-{variant}")
     bindir = build / "bin"
-    if all((bindir / t).exists() for t in LLAMA_TARGETS):
+    missing = [t for t in targets if not (bindir / t).exists()]
+    if not missing:
         return bindir
     cmake = find_cmake()
-    log(f"building llama.cpp ({variant}); about 10 minutes on 2 cores")
+    log(f"building llama.cpp ({variant}: {', '.join(missing)}); about 10 minutes on 2 cores from scratch")
     blog = LLAMA_DIR / f"build-{variant}.log"
     sh([cmake, "-S", src, "-B", build, *CMAKE_FLAGS[variant], *COMMON_CMAKE_FLAGS], logfile=blog)
-    sh([cmake, "--build", build, "--target", *LLAMA_TARGETS, "-j", str(os.cpu_count() or 2)],
-       logfile=LLAMA_DIR / f"build-{variant}-make.log")
+    sh([cmake, "--build", build, "--target", *missing, "-j", str(os.cpu_count() or 2)],
+       logfile=LLAMA_DIR / f"build-{variant}-make-{'-'.join(missing)}.log")
     return bindir
 
 
@@ -487,10 +526,12 @@ def ensure_llamacpp_files(ck: Path, types, quantize: Path, conv_py: str, preset:
                               BENCH_DIR / f"llama-quantize-{preset}-{t}.log") for t in types}
 
 
-def converted_files(src: Path, directory: Path, stem: str, type_args: dict) -> dict:
+def converted_files(src: Path, directory: Path, stem: str, type_args: dict, prune: bool = True) -> dict:
     """`llamacpu convert` of src once per type (type -> its extra convert arguments), cached
     in directory as {stem}-{type}-{hash}.bin and redone when the converter, the format, the
-    C headers or the source file (size, mtime) change. Shared with tools/quality_vs_llamacpp.py."""
+    C headers or the source file (size, mtime) change; prune: a new file replaces the older
+    ones of its stem and type (prune=False keeps them: the cache is shared by checkouts at
+    other commits). Shared with tools/quality_vs_llamacpp.py."""
     deps = sorted((REPO / "llamacpu").glob("convert*.py"))
     deps += [REPO / "llamacpu" / n for n in ("format.py", "_core.pyx", "quant_mix.py", "gguf.py",
                                                  "gguf_tokenizer.py")]
@@ -504,7 +545,7 @@ def converted_files(src: Path, directory: Path, stem: str, type_args: dict) -> d
     for t, extra in type_args.items():
         f = directory / f"{stem}-{t}-{h}.bin"
         if not f.exists():
-            for old in directory.glob(f"{stem}-{t}-*.bin"):
+            for old in directory.glob(f"{stem}-{t}-*.bin") if prune else ():
                 old.unlink()
             sh([sys.executable, "-m", "llamacpu", "convert", src, f, *extra, "--quiet"], cwd=REPO,
                env=our_env())
@@ -512,14 +553,14 @@ def converted_files(src: Path, directory: Path, stem: str, type_args: dict) -> d
     return out
 
 
-def ensure_our_files(ck: Path, types, ggufs: dict, preset: str = "1b") -> dict:
+def ensure_our_files(ck: Path, types, ggufs: dict, preset: str = "1b", prune: bool = True) -> dict:
     """llamacpu's file of each type: its own conversion of the checkpoint (OWN_TYPES), or
     llama.cpp's GGUF of that type imported, every tensor's type and blocks kept (GGUF_TYPES)."""
     stem = f"llamacpu-{preset}"
-    out = converted_files(ck, BENCH_DIR, stem, {t: ["--type", t] for t in types if t in OWN_TYPES})
+    out = converted_files(ck, BENCH_DIR, stem, {t: ["--type", t] for t in types if t in OWN_TYPES}, prune)
     for t in types:
         if t in GGUF_TYPES:
-            out.update(converted_files(ggufs[t], BENCH_DIR, stem, {t: []}))
+            out.update(converted_files(ggufs[t], BENCH_DIR, stem, {t: []}, prune))
     return out
 
 
@@ -674,9 +715,7 @@ def render(ctx: dict) -> str:
     L.append(f"Measured {ctx['date']} by `python tools/bench_vs_llamacpp.py {ctx['argv']}`"
              f" ({ctx['elapsed_min']:.0f} min).")
     L.append("")
-    L.append(f"- Machine: {cpu['model']} (family {cpu['family']}, model {cpu['model_id']}), "
-             f"{cpu['cpus']} CPUs, {cpu['mem_gb']:.0f} GB RAM, Linux {platform.release()}; "
-             f"ISA flags: {isa_summary(cpu['flags'])}.")
+    L.append(f"- Machine: {machine_line(cpu)}.")
     allf = [x for v in ctx["foreign"].values() for x in v]
     L.append(f"- The machine is shared with other jobs, so timings are noisy: runs alternate between the "
              f"engines (order flipped every run) and the table shows medians of {ctx['reps']} run(s) each. "
@@ -1008,10 +1047,7 @@ def main(argv=None) -> int:
             # the order flips from one configuration to the next and from one run to the next
             order = engines if (rep + cfg) % 2 == 0 else engines[::-1]
             for key, label in order:
-                best = None
-                for attempt in range(args.redo + 1):
-                    if args.quiet_wait > 0:
-                        wait_quiet(args.quiet_wait, args.busy_threshold)
+                def once(key=key, label=label, typ=typ, t=t, rep=rep):
                     if key == "ours":
                         r = run_ours(ours[typ], args.p, args.n, t)
                     else:
@@ -1020,14 +1056,10 @@ def main(argv=None) -> int:
                         + ", ".join(f"{k} {v:.2f} t/s" for k, v in r["ts"].items())
                         + f" ({r['wall']:.0f} s, peak RSS {fmt_mb(r['rss'])}, "
                           f"other jobs {r['foreign']:.2f} cores)")
-                    if best is None or r["foreign"] < best["foreign"]:
-                        best = r
-                    if r["foreign"] < args.busy_threshold:
-                        break
-                    if attempt < args.redo:
-                        log(f"  disturbed by other jobs ({r['foreign']:.2f} cores): running it again")
-                        redone.append((key, typ, t, r["foreign"]))
-                r = best
+                    return r
+
+                r = run_undisturbed(once, args.quiet_wait, args.busy_threshold, args.redo,
+                                    on_redo=lambda f, key=key, typ=typ, t=t: redone.append((key, typ, t, f)))
                 if key == "ours":
                     loads.setdefault((typ, t), []).append(r["load_s"])
                     our_meta = r["meta"]

@@ -1,0 +1,78 @@
+"""tools/bench_batched.py and tools/bench_serve.py: the parts that need neither llama.cpp nor a
+server (our worker on a tiny model, the parsers, the statistics, the report)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import bench_batched  # noqa: E402
+import bench_serve  # noqa: E402
+
+
+def test_worker_rows_have_llama_batched_bench_fields(converted):
+    path = converted("tiny64", "q4_0")
+    r = subprocess.run([sys.executable, str(TOOLS / "bench_batched.py"), "--worker", str(path), "--npp", "8",
+                        "--ntg", "3", "--npl", "1,2,3", "-t", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = bench_batched.parse_jsonl(r.stdout)
+    head = [x for x in rows if x.get("header")]
+    assert len(head) == 1 and head[0]["n_seq"] == 3 and head[0]["n_ctx"] == 11
+    res = bench_batched.by_b([x for x in rows if not x.get("header")], [1, 2, 3], "worker", r.stdout)
+    for b in (1, 2, 3):
+        assert res[b]["s_tg"] == pytest.approx(b * 3 / res[b]["t_tg"], rel=1e-6)
+        assert res[b]["s_pp"] == pytest.approx(b * 8 / res[b]["t_pp"], rel=1e-6)
+
+
+def test_by_b_refuses_a_missing_b():
+    rows = [{"pl": 1, "speed_pp": 1, "speed_tg": 1, "t_pp": 1, "t_tg": 1}]
+    with pytest.raises(SystemExit, match=r"B = \[2\]"):
+        bench_batched.by_b(rows, [1, 2], "llama-batched-bench", "")
+
+
+def test_parse_jsonl_skips_log_lines():
+    text = "llama_model_loader: blah\n" + json.dumps({"pl": 2, "x": 1}) + "\n{not json}\n"
+    assert bench_batched.parse_jsonl(text) == [{"pl": 2, "x": 1}]
+
+
+def test_percentile():
+    assert bench_serve.percentile([3, 1, 2], 0.5) == 2
+    assert bench_serve.percentile([1, 2, 3, 4], 0.5) == 2.5
+    assert bench_serve.percentile([1, 2, 3, 4, 5], 0.95) == pytest.approx(4.8)
+    assert bench_serve.percentile([7], 0.95) == 7
+
+
+def test_batched_render_and_markers(tmp_path):
+    npl = [1, 2, 8]
+    samples, runs = {}, []
+    for key, scale in (("llama", 1.0), ("ours", 1.5)):
+        for b in npl:
+            samples[(key, "q4_0", 2, b, "s_tg")] = [10.0 * b * scale]
+            samples[(key, "q4_0", 2, b, "s_pp")] = [100.0 * scale]
+        runs.append({"rep": 0, "typ": "q4_0", "t": 2, "engine": key, "foreign": 0.1,
+                     "res": {b: {"s_tg": 10.0 * b * scale, "s_pp": 100.0 * scale} for b in npl}})
+    ctx = {"date": "d", "argv": "", "elapsed_min": 1, "cpu": bench_batched.bv.cpu_info(), "git": "g",
+           "npp": 512, "ntg": 128, "npl": npl, "types": ["q4_0"], "threads": [2], "reps": 1, "samples": samples,
+           "runs": runs, "redone": [], "llama_meta": {}, "our_meta": {}, "llama_flags": "", "llama_cmd": "",
+           "engine_changed": False, "quiet_wait": 0, "busy_threshold": 0.25, "redo": 0, "note": "noisy"}
+    body = bench_batched.render(ctx)
+    assert "| Q4_0 | 2 | 8 | 80.00 | 120.00 | **1.50×** | 8.00× | 8.00× |" in body
+    assert "B=8 is 8.00× our B=1 (target ≥ 3×: met)" in body
+    assert "lowest ratio at B ≥ 2: 1.50× at B=2" in body
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\n<!-- bench:3b:begin -->\nx\n<!-- bench:3b:end -->\n\n## What we tried\n")
+    bench_batched.write_section(out, body)
+    bench_batched.write_section(out, body)   # replaced, not added twice
+    text = out.read_text()
+    assert text.count(bench_batched.BEGIN) == 1
+    assert text.index("<!-- bench:3b:end -->") < text.index(bench_batched.BEGIN) < text.index("## What we tried")
+
+
+def test_help_runs():
+    for tool in ("bench_batched.py", "bench_serve.py"):
+        r = subprocess.run([sys.executable, str(TOOLS / tool), "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "--quick" in r.stdout
