@@ -9,7 +9,8 @@
 What is measured:
 
   Servers, one pair per K (both up together, the same port kind, 127.0.0.1):
-    llamacpu:  python -m llamacpu serve MODEL --parallel K -c K*SLOT_CTX -t T --port P
+    llamacpu:  python -m llamacpu serve MODEL --parallel K -c SLOT_CTX -t T --port P (its -c is
+               per slot: K slots of SLOT_CTX each, as llama-server's K*SLOT_CTX split K ways)
                (when `llamacpu serve --help` has no --parallel, the tool runs it without the
                flag: one request at a time, the others queued, and the table says so)
     llama.cpp: llama-server -m GGUF -np K -c K*SLOT_CTX -t T --port P, built from the same
@@ -308,7 +309,7 @@ def render(ctx: dict) -> str:
              f"its defaults.")
     if ctx["parallel"]:
         L.append(f"- llamacpu (git {ctx['git']}): `python -m llamacpu serve MODEL --parallel K -c "
-                 f"K×{ctx['slot_ctx']} -t {ctx['threads']}`.")
+                 f"{ctx['slot_ctx']} -t {ctx['threads']}` (its -c is per slot).")
     else:
         L.append(f"- llamacpu (git {ctx['git']}): `python -m llamacpu serve MODEL -c K×{ctx['slot_ctx']} -t "
                  f"{ctx['threads']}`. **This llamacpu has no `serve --parallel`: it answers one request at a "
@@ -452,7 +453,7 @@ def main(argv=None) -> int:
                     servers[key] = Server(key, label, cmd, log)
                 else:
                     cmd = [sys.executable, "-m", "llamacpu", "serve", our_model[typ],
-                           *(["--parallel", k] if parallel else []), "-c", ctx_total, "-t", args.threads,
+                           *(["--parallel", k, "-c", SLOT_CTX] if parallel else ["-c", ctx_total]), "-t", args.threads,
                            "--queue-size", max(16, n_requests), "--log-level", "warning",
                            "--host", "127.0.0.1", "--port", port]
                     servers[key] = Server(key, label, cmd, log, env=bv.our_env(), cwd=REPO)
