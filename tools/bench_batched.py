@@ -274,14 +274,7 @@ def main(argv=None) -> int:
                          "none with --quick)")
     ap.add_argument("--note", default=None, help="a line put in bold above the table (e.g. on noise)")
     ap.add_argument("--llama-batched-bench", type=Path, help="use this llama-batched-bench instead of building one")
-    ap.add_argument("--quiet-wait", type=float, default=300,
-                    help="before each run, wait at most this many seconds for other jobs to use under "
-                         "--busy-threshold cores (0: do not wait; default 300)")
-    ap.add_argument("--busy-threshold", type=float, default=0.25,
-                    help="cores used by other jobs that count as a disturbance (default 0.25)")
-    ap.add_argument("--redo", type=int, default=2,
-                    help="run again a run that other jobs disturbed, at most this many times; the least "
-                         "disturbed attempt is kept (default 2)")
+    bv.add_quiet_args(ap, "run", redo=2)
     ap.add_argument("--seed", type=int, default=1234, help="seed of our worker's random tokens")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)   # internal: our side of one run
     args = ap.parse_args(argv)
@@ -308,22 +301,8 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     # llama.cpp: the same sources and build as tools/bench_vs_llamacpp.py, plus llama-batched-bench
-    variant = bv.native_variant()
-    if args.llama_batched_bench:
-        exe = args.llama_batched_bench.resolve()
-        flags = f"given: {args.llama_batched_bench}"
-        quantize = exe.parent / "llama-quantize"
-    else:
-        d = bv.build_llamacpp(variant, bv.BATCHED_TARGETS)
-        exe, quantize = d / "llama-batched-bench", d / "llama-quantize"
-        flags = " ".join(bv.CMAKE_FLAGS[variant] + bv.COMMON_CMAKE_FLAGS)
-
-    # model files: bench_vs_llamacpp's (cached)
-    ck = bv.ensure_checkpoint("1b")
-    bf16 = bv.BENCH_DIR / "llamacpp-1b-bf16.gguf"
-    conv_py = None if bf16.exists() else bv.convert_python(None)
-    ggufs = bv.ensure_llamacpp_files(ck, types, quantize, conv_py, "1b")
-    ours = bv.ensure_our_files(ck, types, ggufs, "1b", prune=False)
+    exe, flags, ggufs, ours = bv.llamacpp_and_files(args.llama_batched_bench, bv.BATCHED_TARGETS,
+                                                    "llama-batched-bench", types, types)
     engine_before = bv.engine_fingerprint()
 
     engines = [("llama", "llama.cpp"), ("ours", "llamacpu")]

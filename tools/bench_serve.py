@@ -387,13 +387,7 @@ def main(argv=None) -> int:
                          "none with --quick)")
     ap.add_argument("--note", default=None, help="a line put in bold above the table (e.g. on noise)")
     ap.add_argument("--llama-server", type=Path, help="use this llama-server instead of building one")
-    ap.add_argument("--quiet-wait", type=float, default=300,
-                    help="before each round, wait at most this many seconds for other jobs to use under "
-                         "--busy-threshold cores (0: do not wait; default 300)")
-    ap.add_argument("--busy-threshold", type=float, default=0.25,
-                    help="cores used by other jobs that count as a disturbance (default 0.25)")
-    ap.add_argument("--redo", type=int, default=1,
-                    help="run a disturbed round again, at most this many times (default 1)")
+    bv.add_quiet_args(ap, "round", redo=1)
     args = ap.parse_args(argv)
     prompts = PROMPTS
     if args.quick:
@@ -416,20 +410,8 @@ def main(argv=None) -> int:
     out_path = args.out if args.out is not None else (None if args.quick else REPO / "BENCHMARKS.md")
     t_start = time.time()
 
-    variant = bv.native_variant()
-    if args.llama_server:
-        exe = args.llama_server.resolve()
-        flags = f"given: {args.llama_server}"
-        quantize = exe.parent / "llama-quantize"
-    else:
-        d = bv.build_llamacpp(variant, bv.SERVER_TARGETS)
-        exe, quantize = d / "llama-server", d / "llama-quantize"
-        flags = " ".join(bv.CMAKE_FLAGS[variant] + bv.COMMON_CMAKE_FLAGS)
-    ck = bv.ensure_checkpoint("1b")
-    bf16 = bv.BENCH_DIR / "llamacpp-1b-bf16.gguf"
-    conv_py = None if bf16.exists() else bv.convert_python(None)
-    ggufs = bv.ensure_llamacpp_files(ck, types, quantize, conv_py, "1b")
-    ours = bv.ensure_our_files(ck, [t for t in types if t in bv.OWN_TYPES], ggufs, "1b", prune=False)
+    exe, flags, ggufs, ours = bv.llamacpp_and_files(args.llama_server, bv.SERVER_TARGETS, "llama-server", types,
+                                                    [t for t in types if t in bv.OWN_TYPES])
     # Q4_K_M: llamacpu gets the very GGUF (it converts it into its cache); Q4_0: its own file
     our_model = {t: (ours[t] if t in bv.OWN_TYPES else ggufs[t]) for t in types}
     parallel = llamacpu_has_parallel()

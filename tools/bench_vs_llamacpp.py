@@ -291,6 +291,38 @@ def wait_quiet(max_wait: float, threshold: float) -> float:
         time.sleep(4.0)
 
 
+def add_quiet_args(ap, what: str = "run", redo: int = 2) -> None:
+    """--quiet-wait, --busy-threshold, --redo: run_undisturbed's settings (every bench tool's)."""
+    ap.add_argument("--quiet-wait", type=float, default=300,
+                    help=f"before each {what}, wait at most this many seconds for other jobs to use under "
+                         "--busy-threshold cores (0: do not wait; default 300)")
+    ap.add_argument("--busy-threshold", type=float, default=0.25,
+                    help="cores used by other jobs that count as a disturbance (default 0.25)")
+    ap.add_argument("--redo", type=int, default=redo,
+                    help=f"run again a {what} that other jobs disturbed, at most this many times; the least "
+                         f"disturbed attempt is kept (default {redo})")
+
+
+def llamacpp_and_files(given, targets: list, exe_name: str, types: list, our_types: list):
+    """The llama.cpp program `exe_name` (`given`, or built with `targets`) and the 1B files of
+    `types` for both engines (bench_batched.py, bench_serve.py): (exe, cmake flags, ggufs, ours)."""
+    variant = native_variant()
+    if given:
+        exe = given.resolve()
+        flags = f"given: {given}"
+        quantize = exe.parent / "llama-quantize"
+    else:
+        d = build_llamacpp(variant, targets)
+        exe, quantize = d / exe_name, d / "llama-quantize"
+        flags = " ".join(CMAKE_FLAGS[variant] + COMMON_CMAKE_FLAGS)
+    ck = ensure_checkpoint("1b")
+    bf16 = BENCH_DIR / "llamacpp-1b-bf16.gguf"
+    conv_py = None if bf16.exists() else convert_python(None)
+    ggufs = ensure_llamacpp_files(ck, types, quantize, conv_py, "1b")
+    ours = ensure_our_files(ck, our_types, ggufs, "1b", prune=False)
+    return exe, flags, ggufs, ours
+
+
 def run_undisturbed(run, quiet_wait: float, busy_threshold: float, redo: int, on_redo=None) -> dict:
     """`run()` (it returns a dict with "foreign": cores other jobs used meanwhile, as
     run_measured's) after waiting for a quiet machine (wait_quiet; quiet_wait 0: no wait);
@@ -956,14 +988,7 @@ def main(argv=None) -> int:
                                              "(default: a venv in the cache with torch CPU)")
     ap.add_argument("--out", type=Path, default=None, help="file to write (default BENCHMARKS.md; "
                                                           "none with --quick)")
-    ap.add_argument("--quiet-wait", type=float, default=300,
-                    help="before each run, wait at most this many seconds for other jobs to use under "
-                         "--busy-threshold cores (0: do not wait; default 300)")
-    ap.add_argument("--busy-threshold", type=float, default=0.25,
-                    help="cores used by other jobs that count as a disturbance (default 0.25)")
-    ap.add_argument("--redo", type=int, default=2,
-                    help="run again a run that other jobs disturbed, at most this many times; the least "
-                         "disturbed attempt is kept (default 2)")
+    add_quiet_args(ap)
     ap.add_argument("--build-only", action="store_true", help="build/fetch everything, run nothing")
     args = ap.parse_args(argv)
     if args.quick:
