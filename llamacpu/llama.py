@@ -253,27 +253,21 @@ class Llama:
         shape = ChatCompletion(self.model_name, tools=bool(tools), tokenizer=self.tokenizer if lp is not None else None)
         return (ids, max_tokens, params, stops, lp), shape
 
-    def chat_batch(self, conversations, *, progress: bool | None = None, **options) -> list[dict]:
+    def chat_batch(self, conversations, *, tools=None, max_tokens: int | None = 512, stop=None,
+                   logprobs: bool = False, top_logprobs: int = 0, parse_special_in_content: bool = False,
+                   progress: bool | None = None, stream: bool = False, **sampling) -> list[dict]:
         """chat() of every message list in `conversations`, decoded together (n_parallel
         at a time, the others queued in order): the chat.completion dicts, in order.
-        options: chat()'s (tools, max_tokens, stop, sampling...; not stream). Every
-        conversation is checked before any runs (a ValueError names the bad one).
-        progress: a requests / tokens-per-second / ETA line on stderr (None: on a
-        terminal, for more conversations than n_parallel)."""
-        if options.get("stream"):
+        Options as chat()'s (not stream). Every conversation is checked before any runs
+        (a ValueError names the bad one). progress: a requests / tokens-per-second / ETA
+        line on stderr (None: on a terminal, for more conversations than n_parallel)."""
+        if stream:
             raise ValueError("chat_batch returns whole results; use chat(stream=True) from threads to stream")
-        options.pop("stream", None)
-        kw = dict(tools=None, max_tokens=512, stop=None, logprobs=False, top_logprobs=0, parse_special_in_content=False)
-        unknown = set(options) - set(kw) - set(SAMPLING_KEYS)
-        if unknown:
-            raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        kw.update({k: v for k, v in options.items() if k in kw})
-        sampling = {k: v for k, v in options.items() if k in SAMPLING_KEYS}
         jobs = []
         for i, messages in enumerate(_as_list(conversations, "conversations")):
             try:
-                jobs.append(self._chat_job(messages, kw["tools"], kw["max_tokens"], kw["stop"], kw["logprobs"],
-                                           kw["top_logprobs"], kw["parse_special_in_content"], sampling))
+                jobs.append(self._chat_job(messages, tools, max_tokens, stop, logprobs, top_logprobs,
+                                           parse_special_in_content, sampling))
             except (ValueError, TypeError) as e:
                 raise type(e)(f"conversations[{i}]: {e}") from None
         return [shape.result(gen) for gen, (_, shape) in zip(self._run_all([j for j, _ in jobs], progress), jobs)]
