@@ -261,8 +261,10 @@ class Sampler:
             if cand is None:
                 cand = np.arange(r.size)
         inner = np.concatenate(inner_parts) if inner_parts else cand[:0]
-        rc, ec = r[cand], e[cand]
-        order = np.lexsort((cand, -rc))
+        # Sorted by the logits themselves: lg - max can round two different logits
+        # to one value (-1e-41 and 0 beside 12), and the tie rule must not see that.
+        order = np.lexsort((cand, -lg[cand]))
+        ec = e[cand]
         cum = base + np.cumsum(ec[order])
         hit = np.flatnonzero(cum >= target)
         keep = int(hit[0]) + 1 if hit.size else order.size
