@@ -73,6 +73,69 @@ def test_batched_render_and_markers(tmp_path):
 
 
 def test_help_runs():
-    for tool in ("bench_batched.py", "bench_serve.py"):
+    for tool in ("bench_batched.py", "bench_serve.py", "bench_vs_llamacpp.py"):
         r = subprocess.run([sys.executable, str(TOOLS / tool), "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "--quick" in r.stdout
+
+
+# ---------------------------------------------------------------- bench_vs_llamacpp.py --depth
+
+import bench_vs_llamacpp as bv  # noqa: E402
+
+
+def test_llama_bench_rows_name_depth_tests():
+    out = json.dumps([{"n_prompt": 512, "n_gen": 0, "n_depth": 4096, "n_threads": 2, "avg_ts": 50.5},
+                      {"n_prompt": 0, "n_gen": 128, "n_depth": 4096, "n_threads": 2, "avg_ts": 9.5},
+                      {"n_prompt": 0, "n_gen": 128, "n_depth": 0, "n_threads": 1, "avg_ts": 7.0}])
+    by, _ = bv.llama_bench_rows(out)
+    assert by == {(2, "pp512 @ d4096"): 50.5, (2, "tg128 @ d4096"): 9.5, (1, "tg128"): 7.0}
+
+
+def test_kv_args():
+    assert bv.kv_args("llama", "q8_0") == ["-fa", "1", "-ctk", "q8_0", "-ctv", "q8_0"]
+    assert bv.kv_args("ours", "q4_0") == ["-ctk", "q4_0", "-ctv", "q4_0"]
+    assert bv.kv_args("ours", "f16") == []  # our default; no flag before the KV-type branch lands
+
+
+def test_run_ours_at_depth(converted):
+    r = bv.run_ours(converted("tiny64", "q4_0"), 8, 3, "1,2", ["-d", 12])
+    assert sorted(r["by_threads"]) == [(1, "pp8 @ d12"), (1, "tg3 @ d12"), (2, "pp8 @ d12"), (2, "tg3 @ d12")]
+    assert all(v > 0 for v in r["by_threads"].values()) and r["meta"]["n_threads"] == [1, 2]
+
+
+def _depth_ctx():
+    samples, foreign = {}, {}
+    for e, scale in (("llama", 1.0), ("ours", 2.0)):
+        for ct in ("f16", "q8_0"):
+            for t in (1, 2):
+                for test, v in (("pp512 @ d4096", 40.0), ("tg128 @ d4096", 8.0)):
+                    samples[(e, ct, 4096, t, test)] = [v * scale * t, v * scale * t + 1, v * scale * t + 2]
+                    foreign[(e, ct, 4096, t, test)] = [0.1, 0.0, 0.2]
+    return {"date": "d", "argv": "--depth 4096", "elapsed_min": 1, "cpu": bv.cpu_info(), "git": "g",
+            "depths": [4096], "ctypes": ["f16", "q8_0"], "threads": [1, 2], "p": 512, "n": 128, "reps": 3,
+            "samples": samples, "foreign": foreign, "walls": {}, "redone": [], "engine_changed": False,
+            "meta": {"llama": {"build_number": 1}, "ours": {"version": "v", "kernels": "k"}},
+            "llama_flags": "-DX", "busy_threshold": 0.25, "redo_max": 2}
+
+
+def test_depth_render_and_markers(tmp_path):
+    body = bv.render_depth(_depth_ctx())
+    # medians of the three runs: llama.cpp 81 (2 threads: 80, 81, 82), ours 161
+    assert "| Q8_0 | 4096 | 2 | pp512 @ d4096 | 81.00 | 161.00 | **1.99×** |" in body
+    assert "| F16 | 4096 | 1 | tg128 @ d4096 | 9.00 | 17.00 | **1.89×** |" in body
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\n<!-- bench:begin -->\n1b\n<!-- bench:end -->\n\n<!-- bench:3b:begin -->\n3b\n"
+                   "<!-- bench:3b:end -->\n\n<!-- batched:begin -->\nb\n<!-- batched:end -->\n\n## What we tried\n")
+    bv.write_depth(out, body)
+    bv.write_depth(out, body)  # replaced, not added twice
+    text = out.read_text()
+    assert text.count(bv.DEPTH_BEGIN) == 1 and text.count("| Q8_0 | 4096 | 2 | pp512 @ d4096 | 81.00 |") == 1
+    assert text.index("<!-- bench:3b:end -->") < text.index(bv.DEPTH_BEGIN) < text.index("<!-- batched:begin -->")
+
+
+def test_depth_mode_refuses_bad_values():
+    for args, msg in ((["--depth", "0"], "--depth"), (["--depth", "64", "--cache-types", "q5_0"], "--cache-types"),
+                      (["--depth", "64", "--preset", "3b"], "1B Q4_0 files only")):
+        r = subprocess.run([sys.executable, str(TOOLS / "bench_vs_llamacpp.py"), *args, "--quick"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr
