@@ -73,7 +73,7 @@ def test_batched_render_and_markers(tmp_path):
 
 
 def test_help_runs():
-    for tool in ("bench_batched.py", "bench_serve.py", "bench_vs_llamacpp.py"):
+    for tool in ("bench_batched.py", "bench_serve.py", "bench_vs_llamacpp.py", "bench_busy.py"):
         r = subprocess.run([sys.executable, str(TOOLS / tool), "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "--quick" in r.stdout
 
@@ -139,3 +139,83 @@ def test_depth_mode_refuses_bad_values():
         r = subprocess.run([sys.executable, str(TOOLS / "bench_vs_llamacpp.py"), *args, "--quick"],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and msg in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- bench_busy.py
+
+import bench_busy  # noqa: E402
+
+
+def _gone(pid, timeout=10.0):
+    import os
+    import time
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":  # a zombie no longer runs
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_competitor_spins_and_dies_on_ctrl_c():
+    with pytest.raises(KeyboardInterrupt):
+        with bench_busy.competitor() as p:
+            pid = p.pid
+            assert p.poll() is None
+            t0 = _cpu_seconds(pid)
+            import time
+            time.sleep(1.0)
+            assert _cpu_seconds(pid) - t0 > 0.05  # it burns CPU (a shared machine may give it little)
+            raise KeyboardInterrupt
+    assert p.poll() is not None and _gone(pid)
+
+
+def _cpu_seconds(pid):
+    import os
+    with open(f"/proc/{pid}/stat") as f:
+        v = f.read().split(")")[-1].split()
+    return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_competitor_dies_with_the_tool(how):
+    """SIGTERM: the with-block's exit kills it; SIGKILL (no Python code runs): PR_SET_PDEATHSIG."""
+    import signal
+    code = ("import sys, time; sys.path.insert(0, %r); import bench_busy\n"
+            "with bench_busy.competitor() as p:\n    print(p.pid, flush=True)\n    time.sleep(60)\n") % str(TOOLS)
+    tool = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = int(tool.stdout.readline())
+    assert not _gone(pid, timeout=0.2)
+    tool.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+    tool.wait(timeout=30)
+    assert _gone(pid)
+    if how == "sigterm":
+        assert tool.returncode == 143 and f"competing process {pid} stopped" in tool.stderr.read()
+
+
+def test_busy_summary_and_render(tmp_path):
+    samples = {}
+    for load, slow in (("idle", 1.0), ("busy", 0.5)):
+        for e, base in (("ours", 20.0), ("llama", 16.0)):
+            for c, f in ((None, 0.9), (1, 0.7), (2, 1.0)):
+                samples[(e, load, c, "tg128")] = [base * slow * f, base * slow * f * 2, 0.0]  # median: the first
+    s = bench_busy.summarize(samples, "busy", 2, "tg128")
+    assert s["best_fixed"] == 2
+    assert s["vs_best_fixed"] == pytest.approx(0.9) and s["vs_llama_default"] == pytest.approx(20 / 16)
+    ctx = {"date": "d", "argv": "", "elapsed_min": 1, "cpu": bv.cpu_info(), "git": "g", "n": 128, "cpus": 2,
+           "loads": ["idle", "busy"], "reps": 3, "samples": samples, "foreign": {}, "redone": [],
+           "meta": {}, "default_threads": {"ours": {"idle": 2, "busy": 2}, "llama": {"idle": 2, "busy": 2}},
+           "llama_flags": "", "engine_changed": False, "busy_threshold": 0.25, "redo_max": 2}
+    body = bench_busy.render(ctx)
+    assert "| busy | 9.00 | 7.00 | 10.00 | 7.20 | 5.60 | 8.00 | **0.90×** (best: t=2) | **1.25×** |" in body
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\n<!-- bench:begin -->\n1b\n<!-- bench:end -->\n\n## What we tried\n")
+    bench_busy.write_section(out, body)
+    bench_busy.write_section(out, body)
+    text = out.read_text()
+    assert text.count(bench_busy.BEGIN) == 1
+    assert text.index("<!-- bench:end -->") < text.index(bench_busy.BEGIN) < text.index("## What we tried")
