@@ -73,7 +73,8 @@ def test_batched_render_and_markers(tmp_path):
 
 
 def test_help_runs():
-    for tool in ("bench_batched.py", "bench_serve.py", "bench_vs_llamacpp.py", "bench_busy.py"):
+    for tool in ("bench_batched.py", "bench_serve.py", "bench_vs_llamacpp.py", "bench_busy.py",
+                 "bench_long_context.py"):
         r = subprocess.run([sys.executable, str(TOOLS / tool), "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "--quick" in r.stdout
 
@@ -219,3 +220,45 @@ def test_busy_summary_and_render(tmp_path):
     text = out.read_text()
     assert text.count(bench_busy.BEGIN) == 1
     assert text.index("<!-- bench:end -->") < text.index(bench_busy.BEGIN) < text.index("## What we tried")
+
+
+# ---------------------------------------------------------------- bench_long_context.py
+
+import bench_long_context  # noqa: E402
+
+
+def test_long_context_worker_fills_the_cache(converted):
+    path = converted("tiny64", "q4_0")
+    r = subprocess.run([sys.executable, str(TOOLS / "bench_long_context.py"), "--worker", str(path), "--n-ctx", "64",
+                        "--fill", "40", "--chunk", "16", "--every", "0", "-t", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["n_past"] == 40 and [n for n, _ in res["points"]] == [16, 32, 40]
+    assert res["peak_rss"] >= res["rss_after_load"] > 0 and res["fill_s"] > 0
+    assert "fill 40/40 tokens" in r.stderr
+
+
+def test_long_context_kv_bytes_and_time_fit():
+    from llamacpu.bench import _kv_bytes
+    cfg = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 16,
+           "head_dim": 64}
+    assert bench_long_context.kv_bytes(cfg, 131072, "f16") == _kv_bytes(cfg, 131072) == 4 * 2**30
+    assert bench_long_context.kv_bytes(cfg, 131072, "q8_0") == 4 * 2**30 * 34 // 64
+    assert bench_long_context.kv_bytes(cfg, 131072, "q4_0") == 4 * 2**30 * 18 // 64
+    pts = [(n, 0.01 * n + 2e-6 * n * n) for n in (512, 1024, 1536, 2048)]
+    a, b = bench_long_context.fit_time(pts)
+    assert a == pytest.approx(0.01) and b == pytest.approx(2e-6)
+
+
+def test_long_context_render_says_extrapolated():
+    row = {"preset": "1b", "file_size": 700e6, "fill": 1024, "kv_fill": 33554432, "kv_full": 4 * 2**30,
+           "peak_rss": 900e6, "fill_s": 60.0, "points": [(512, 30.0), (1024, 60.0)]}
+    ctx = {"date": "d", "argv": "", "elapsed_min": 1, "cpu": bv.cpu_info(), "git": "g", "n_ctx": 131072,
+           "cache_type": "f16", "type": "q4_0", "chunk": 512, "threads": 2, "kernels": "k", "rows": [row]}
+    body = bench_long_context.render(ctx)
+    # 900 MB measured + the 4,261.4 MB of KV not written
+    assert "| 5,161.4 MB (extrapolated) | 128 min (extrapolated) |" in body and "are extrapolated" in body
+    full = dict(row, fill=131072, kv_fill=4 * 2**30, peak_rss=5e9, fill_s=7200.0)
+    body = bench_long_context.render(dict(ctx, rows=[full]))
+    assert "extrapolated" not in body.split("|---")[1] and "| 5,000.0 MB | 120 min |" in body
