@@ -41,7 +41,6 @@ import bench_vs_llamacpp as bv  # noqa: E402
 
 BEGIN, END = "<!-- longctx:begin -->", "<!-- longctx:end -->"
 KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
-WEIGHT_TYPES = bv.OWN_TYPES + ("q4_1", "q6_k", "q4_k_m")
 
 
 def kv_bytes(cfg: dict, positions: int, cache_type: str) -> int:
