@@ -20,9 +20,10 @@ KV bytes = 2 (K and V) x layers x KV heads x head_dim x positions x bytes per el
 (F16 2, Q8_0 34/32, Q4_0 18/32). The cache takes memory as positions are written, so
 with --fill below --n-ctx the peak RSS at n_ctx is extrapolated as measured peak RSS +
 KV bytes per position x (n_ctx - fill), and the output says "extrapolated". The fill
-time to n_ctx is extrapolated too, from a fit t(N) = a N + b N^2 (attention grows
-with the position) to the progress points; at today's speed on 2 cores the full 128k
-fill of 1B takes hours: start with --fill and read the estimate.
+time to n_ctx is estimated too: the measured time scaled by the arithmetic of n_ctx
+positions over that of the filled ones (attention grows with the position, so it
+dominates at 128k); at today's speed on 2 cores the full 128k fill takes hours for 1B
+and most of a day for 3B: start with --fill and read the estimate.
 
 The result goes between <!-- longctx:begin --> and <!-- longctx:end --> in BENCHMARKS.md.
 """
@@ -49,21 +50,22 @@ def kv_bytes(cfg: dict, positions: int, cache_type: str) -> int:
                * KV_ELEMENT_BYTES[cache_type])
 
 
-def fit_time(points) -> tuple[float, float]:
-    """Least squares t = a N + b N^2 through (N, t) points (no constant term)."""
-    s11 = sum(n * n for n, _ in points)
-    s12 = sum(n ** 3 for n, _ in points)
-    s22 = sum(n ** 4 for n, _ in points)
-    r1 = sum(n * t for n, t in points)
-    r2 = sum(n * n * t for n, t in points)
-    det = s11 * s22 - s12 * s12
-    if len(points) < 2 or det <= 0:
-        n, t = points[-1]
-        return t / n, 0.0
-    a, b = (r1 * s22 - r2 * s12) / det, (s11 * r2 - s12 * r1) / det
-    if b < 0:  # noise: fall back to the linear rate
-        return sum(t for _, t in points) / sum(n for n, _ in points), 0.0
-    return a, b
+def fill_flops(cfg: dict, n: int) -> float:
+    """Arithmetic of writing n positions from an empty cache: the matrices (2 flops per weight
+    per token, the output head included) plus attention (token p reads p + 1 positions:
+    4 flops per element of Q.K and of the weighted V sum, per head and layer)."""
+    dim, ffn, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hd = int(cfg.get("head_dim") or dim // cfg["num_attention_heads"])
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    weights = L * (dim * (q + 2 * kv) + q * dim + 3 * dim * ffn) + cfg["vocab_size"] * dim
+    attention = 4 * L * cfg["num_attention_heads"] * hd
+    return 2.0 * weights * n + attention * n * (n + 1) / 2
+
+
+def estimate_time(cfg: dict, done: int, secs: float, n: int) -> float:
+    """Seconds to write n positions, scaled from `secs` for the first `done` by fill_flops
+    (assumes attention runs at the matrices' arithmetic rate: an estimate)."""
+    return secs * fill_flops(cfg, n) / fill_flops(cfg, done)
 
 
 # ----------------------------------------------------------------------------- worker
@@ -86,23 +88,21 @@ def worker(args) -> int:
     load_s = time.perf_counter() - t0
     rss_load = _peak_rss_bytes()
     toks = _tokens(np.random.default_rng(0), args.fill, m.vocab_size, 1)
-    points, last = [], [time.perf_counter()]
+    last = [time.perf_counter()]
     t_fill = time.perf_counter()
 
     def progress(done, total):
         now = time.perf_counter()
-        points.append((done, now - t_fill))
         if now - last[0] >= args.every or done == total:
             last[0] = now
-            a, b = fit_time(points)
-            eta = a * total + b * total * total - (now - t_fill)
+            eta = estimate_time(m.config, done, now - t_fill, total) - (now - t_fill)
             print(f"  fill {done}/{total} tokens, {now - t_fill:.0f} s, {done / (now - t_fill):.1f} t/s, "
                   f"about {max(eta, 0) / 60:.1f} min to go (estimate)", file=sys.stderr, flush=True)
 
     fill_cache(m, toks, chunk=args.chunk, progress=progress)
     fill_s = time.perf_counter() - t_fill
     out = {"load_s": load_s, "rss_after_load": rss_load, "fill": args.fill, "n_past": m.n_past, "fill_s": fill_s,
-           "points": points, "peak_rss": _peak_rss_bytes(), "kernels": m.kernels, "n_threads": m.n_threads}
+           "peak_rss": _peak_rss_bytes(), "kernels": m.kernels, "n_threads": m.n_threads}
     m.close()
     print(json.dumps(out))
     return 0
@@ -134,8 +134,7 @@ def render(ctx: dict) -> str:
         partial |= not full
         kv_fill, kv_full = r["kv_fill"], r["kv_full"]
         rss_full = r["peak_rss"] + (kv_full - kv_fill)
-        a, b = fit_time(r["points"])
-        t_full = r["fill_s"] if full else a * n_ctx + b * n_ctx * n_ctx
+        t_full = r["fill_s"] if full else estimate_time(r["config"], r["fill"], r["fill_s"], n_ctx)
         mark = "" if full else " (extrapolated)"
         L.append(f"| {r['preset'].upper()} | {bv.fmt_mb(r['file_size'])} | {r['fill']} | {bv.fmt_mb(kv_fill)} | "
                  f"{bv.fmt_mb(r['file_size'] + kv_fill)} | {bv.fmt_mb(r['peak_rss'])} | "
@@ -145,8 +144,10 @@ def render(ctx: dict) -> str:
     L.append("")
     if partial:
         L.append(f"Rows filled below {n_ctx} are extrapolated: peak RSS at {n_ctx} = measured peak RSS + the KV "
-                 f"bytes of the positions not written; the fill time from a fit t(N) = aN + bN² to the "
-                 f"progress points. Measured values are the columns before them.")
+                 f"bytes of the positions not written; the fill time = the measured fill time × the "
+                 f"arithmetic of {n_ctx} positions / that of the filled ones (weights: 2 flops per weight "
+                 f"per token; attention: 4 flops per head element per cached position; assumes attention "
+                 f"runs at the matrices' rate). Measured values are the columns before them.")
     else:
         L.append(f"Every row filled the cache to {n_ctx}: all values measured.")
     return "\n".join(L)
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
         if p.returncode != 0:
             raise SystemExit(f"bench_long_context: the {preset} worker failed ({p.returncode})")
         res = json.loads(p.stdout.strip().splitlines()[-1])
-        rows.append(dict(res, preset=preset, file_size=path.stat().st_size,
+        rows.append(dict(res, preset=preset, config=cfg, file_size=path.stat().st_size,
                          kv_fill=kv_bytes(cfg, fill, args.cache_type),
                          kv_full=kv_bytes(cfg, args.n_ctx, args.cache_type)))
         bv.log(f"{preset}: peak RSS {bv.fmt_mb(res['peak_rss'])}, file {bv.fmt_mb(path.stat().st_size)}, "
