@@ -148,7 +148,6 @@ import bench_busy  # noqa: E402
 
 
 def _gone(pid, timeout=10.0):
-    import os
     import time
     t_end = time.time() + timeout
     while time.time() < t_end:

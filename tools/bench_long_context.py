@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -125,8 +125,8 @@ def render(ctx: dict) -> str:
              f"ru_maxrss (Python and numpy included). KV bytes = 2 × layers × KV heads × head_dim × positions "
              f"× {KV_ELEMENT_BYTES[ct]:g} bytes.")
     L.append("")
-    L.append("| model | file size | filled | KV bytes (filled) | file + KV (filled) | peak RSS | peak RSS − file − KV "
-             f"| KV bytes at {n_ctx} | file + KV at {n_ctx} | peak RSS at {n_ctx} | fill time to {n_ctx} |")
+    L.append("| model | file size | filled | KV bytes (filled) | file + KV (filled) | peak RSS "
+             f"| peak RSS − file − KV | KV bytes at {n_ctx} | file + KV at {n_ctx} | peak RSS at {n_ctx} | fill time to {n_ctx} |")
     L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     partial = False
     for r in ctx["rows"]:
@@ -208,7 +208,6 @@ def main(argv=None) -> int:
         if args.threads:
             cmd += ["-t", args.threads]
         # stderr (the progress lines) straight to ours: run_measured would hold it to the end
-        import subprocess
         p = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE, text=True, env=bv.our_env(), cwd=bv.REPO)
         if p.returncode != 0:
             raise SystemExit(f"bench_long_context: the {preset} worker failed ({p.returncode})")
