@@ -257,13 +257,21 @@ BAD = [
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "n=1"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", "4"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "seed": "x"}, "seed", "integer"),
-    ("chat", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
-     "response_format", "constrained decoding"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
+     "response_format", "'json_schema'"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}],
-              "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format", "constrained decoding"),
-    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": WEATHER, "tool_choice": "required"},
-     "tool_choice", "constrained decoding"),
+              "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "response_format", "response_format.json_schema.schema: Invalid type: nope"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}],
+              "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/x"}}}},
+     "response_format", "/x"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+     "tool_choice", "needs 'tools'"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": WEATHER,
+              "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "no tool is named"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "a": {"type": "wat"}}}}}]}, "tools", "tools[0].function.parameters: Invalid type: wat"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools[0]",
      "function"),
     ("chat", {"messages": [{"role": "user", "content": LONG}]}, "messages", "maximum context length is 1024"),
@@ -300,8 +308,9 @@ def test_bad_requests_get_clear_400s(server, client, model_id):
         r = http.get("/v1/models/gpt-4")
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     # the openai client sees the same errors as exceptions; the server keeps serving
-    with pytest.raises(openai.BadRequestError, match="constrained decoding"):
-        client.chat.completions.create(model=model_id, messages=user("hi"), response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="Invalid type"):
+        client.chat.completions.create(model=model_id, messages=user("hi"), response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
     r = client.chat.completions.create(model=model_id, messages=user("hi"), temperature=0, max_tokens=2)
     assert r.usage.completion_tokens >= 1
     assert server.health()["requests"]["failed"] == 0
