@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+import pydantic
 import pytest
 from serving import N_CTX, Server, raw_request, read_response
 
@@ -174,6 +175,54 @@ def test_tool_call_round_trip(client, llm, model_id):
     calls = [d.tool_calls for d in deltas if d.tool_calls]
     assert len(calls) == 1 and calls[0][0].function.name == "get_weather" and calls[0][0].index == 0
     assert not any(d.content for d in deltas)
+
+
+class Step(pydantic.BaseModel):
+    explanation: str
+    output: str
+
+
+class MathReasoning(pydantic.BaseModel):
+    steps: list[Step]
+    final_answer: str
+
+
+def test_structured_output(client, llm, model_id):
+    """response_format and forced tool calls, whole and streamed, as the in-process Llama
+    gives them; the openai client's parse() with a Pydantic model, end to end."""
+    msgs = user("Solve 8x + 7 = -23 step by step.")
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse  # openai < 1.92
+    r = parse(model=model_id, messages=msgs, response_format=MathReasoning, temperature=0, max_tokens=200)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "stop", msg.content
+    assert isinstance(msg.parsed, MathReasoning) and msg.parsed == MathReasoning.model_validate_json(msg.content)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "sunny": {
+        "type": "boolean"}}, "required": ["city", "sunny"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema, "strict": True}}
+    msgs = user("Describe the weather in a city.")
+    r = client.chat.completions.create(model=model_id, messages=msgs, response_format=fmt, temperature=0,
+                                       max_tokens=40)
+    ref = llm.chat(msgs, response_format=fmt, temperature=0, max_tokens=40)
+    assert r.choices[0].message.content == ref["choices"][0]["message"]["content"]
+    assert set(json.loads(r.choices[0].message.content)) == {"city", "sunny"}
+    chunks = list(client.chat.completions.create(model=model_id, messages=msgs, response_format=fmt,
+                                                 temperature=0, max_tokens=40, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    r = client.chat.completions.create(model=model_id, messages=user("Hi"), response_format={"type": "json_object"},
+                                       temperature=0, max_tokens=30)
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = client.chat.completions.create(model=model_id, messages=user("Hi"), tools=WEATHER, tool_choice=choice,
+                                           temperature=0, max_tokens=40)
+        assert r.choices[0].finish_reason == "tool_calls"
+        call = r.choices[0].message.tool_calls[0].function
+        assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+        chunks = list(client.chat.completions.create(model=model_id, messages=user("Hi"), tools=WEATHER,
+                                                     tool_choice=choice, temperature=0, max_tokens=40, stream=True))
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        assert [(c.function.name, c.function.arguments) for c in calls] == [(call.name, call.arguments)]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
 def test_completions(client, llm, model_id):
