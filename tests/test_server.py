@@ -177,25 +177,26 @@ def test_tool_call_round_trip(client, llm, model_id):
     assert not any(d.content for d in deltas)
 
 
-class Step(pydantic.BaseModel):
-    explanation: str
-    output: str
+class CityWeather(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=20)
+    temperature_c: int
+    sunny: bool
 
 
-class MathReasoning(pydantic.BaseModel):
-    steps: list[Step]
-    final_answer: str
+class Forecast(pydantic.BaseModel):   # a nested model: $defs and $ref in the schema openai sends
+    today: CityWeather
+    note: str = pydantic.Field(max_length=30)
 
 
 def test_structured_output(client, llm, model_id):
     """response_format and forced tool calls, whole and streamed, as the in-process Llama
     gives them; the openai client's parse() with a Pydantic model, end to end."""
-    msgs = user("Solve 8x + 7 = -23 step by step.")
+    msgs = user("What is the weather forecast for Paris?")
     parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse  # openai < 1.92
-    r = parse(model=model_id, messages=msgs, response_format=MathReasoning, temperature=0, max_tokens=200)
+    r = parse(model=model_id, messages=msgs, response_format=Forecast, temperature=0, max_tokens=80)
     msg = r.choices[0].message
     assert r.choices[0].finish_reason == "stop", msg.content
-    assert isinstance(msg.parsed, MathReasoning) and msg.parsed == MathReasoning.model_validate_json(msg.content)
+    assert isinstance(msg.parsed, Forecast) and msg.parsed == Forecast.model_validate_json(msg.content)
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "sunny": {
         "type": "boolean"}}, "required": ["city", "sunny"], "additionalProperties": False}
     fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema, "strict": True}}
