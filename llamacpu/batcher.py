@@ -225,7 +225,8 @@ class Batcher:
         """The masks of the constrained requests sampling this step, on the worker thread
         (the forward runs meanwhile)."""
         for r in owners:
-            if r is not None and r.constraint is not None:
+            if r is not None and r.constraint is not None and (
+                    r.max_tokens is None or r.completion_tokens < r.max_tokens):   # else it ends: "length"
                 if self._mask_pool is None:
                     self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="llamacpu-mask")
                 r.mask = self._mask_pool.submit(r.constraint.mask)

@@ -42,8 +42,9 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
 
 
 @pytest.fixture(scope="module")
-def llm(smollm_model):
-    with Llama(smollm_model, n_ctx=512, n_threads=1, n_parallel=4) as m:
+def llm(smollm_model, chunk_invariant_kernels):
+    """Chunk-invariant kernels: greedy answers are compared across prompt-cache hits."""
+    with Llama(smollm_model, n_ctx=512, n_threads=1, n_parallel=4, kernels=chunk_invariant_kernels) as m:
         yield m
 
 
@@ -76,9 +77,9 @@ def test_generate_regex_and_grammars(llm):
     for g in ('start: " yes" | " no"', 'root ::= " yes" | " no"'):
         out = llm.generate("Is water wet? Answer:", grammar=g, stream=False, max_tokens=5, seed=3)
         assert out in (" yes", " no")
-    assert llm.generate_batch(["A", "B"], regex="[xy]{3}", max_tokens=6, seed=0) == \
-        [t for t in llm.generate_batch(["A", "B"], regex="[xy]{3}", max_tokens=6, seed=0)]
-    assert all(re.fullmatch("[xy]{3}", t) for t in llm.generate_batch(["A", "B"], regex="[xy]{3}", max_tokens=6))
+    first = llm.generate_batch(["A", "B"], regex="[xy]{3}", max_tokens=6, seed=0)   # each prompt its own matcher
+    assert all(re.fullmatch("[xy]{3}", t) for t in first)
+    assert llm.generate_batch(["A", "B"], regex="[xy]{3}", max_tokens=6, seed=0) == first
 
 
 def test_constrained_logprobs(llm):
@@ -212,3 +213,24 @@ def test_forced_tool_call_suite(llm):
         for c in ch["message"]["tool_calls"]:
             jsonschema.validate(json.loads(c["function"]["arguments"]), by_name[c["function"]["name"]],
                                 format_checker=FORMATS)
+
+
+def test_mask_on_worker_thread_and_free_regex_changes_nothing(llm, monkeypatch):
+    """The mask is computed off the batcher's thread; a constraint that allows any text
+    leaves greedy decoding as it was."""
+    from llamacpu import constrained
+    names = []
+    mask = constrained.Constraint.mask
+
+    def recording(self):
+        names.append(threading.current_thread().name)
+        return mask(self)
+
+    monkeypatch.setattr(constrained.Constraint, "mask", recording)
+    msgs = user("Write one sentence about the sea.")
+    free = llm.chat(msgs, temperature=0, max_tokens=24)
+    anything = llm.chat(msgs, regex=r"(?s:.*)", temperature=0, max_tokens=24)
+    assert anything["choices"][0]["message"]["content"] == free["choices"][0]["message"]["content"]
+    assert anything["choices"][0]["finish_reason"] == free["choices"][0]["finish_reason"]
+    assert len(names) == anything["usage"]["completion_tokens"]
+    assert all(n.startswith("llamacpu-mask") for n in names)
