@@ -234,3 +234,27 @@ def test_mask_on_worker_thread_and_free_regex_changes_nothing(llm, monkeypatch):
     assert anything["choices"][0]["finish_reason"] == free["choices"][0]["finish_reason"]
     assert len(names) == anything["usage"]["completion_tokens"]
     assert all(n.startswith("llamacpu-mask") for n in names)
+
+
+def test_llama32_tokenizer_and_template(converted):
+    """A random-weight model with Llama 3.2's real tokenizer and chat template: whatever the
+    weights say, a forced call is the template's tool-call JSON with valid arguments, and a
+    schema's output validates."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"]}}}]
+    with Llama(converted("tiny64", "q4_0"), n_ctx=512, n_threads=1, n_parallel=2) as m:
+        assert m.tokenizer.vocab_size > 128000
+        res = m.chat_batch([user("Weather in Oslo?"), user("Hi")], tools=tools, tool_choice="required",
+                           max_tokens=64, seed=2)
+        for r in res:
+            ch = r["choices"][0]
+            assert ch["finish_reason"] == "tool_calls", ch
+            call = ch["message"]["tool_calls"][0]["function"]
+            assert call["name"] == "get_weather"
+            jsonschema.validate(json.loads(call["arguments"]), tools[0]["function"]["parameters"])
+        r = m.chat(user("Describe a person."), response_format=schema_format(PERSON), max_tokens=64, seed=3)
+        ch = r["choices"][0]
+        assert ch["finish_reason"] == "stop", ch
+        jsonschema.validate(json.loads(ch["message"]["content"]), PERSON)
