@@ -21,7 +21,8 @@ SUITE = json.loads((Path(__file__).parent / "data" / "structured_schemas.json").
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
                                       "parameters": {"type": "object", "properties": {
-                                          "city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+                                          "city": {"type": "string", "maxLength": 30},
+                                          "unit": {"enum": ["celsius", "fahrenheit"]}},
                                           "required": ["city", "unit"]}}},
     {"type": "function", "function": {"name": "send_email", "description": "Send an email",
                                       "parameters": {"type": "object", "properties": {
