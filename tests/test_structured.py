@@ -259,3 +259,12 @@ def test_llama32_tokenizer_and_template(converted):
         ch = r["choices"][0]
         assert ch["finish_reason"] == "stop", ch
         jsonschema.validate(json.loads(ch["message"]["content"]), PERSON)
+
+
+def test_bench_tool_runs(smollm_model, capsys):
+    import bench_structured   # tools/ is on sys.path (conftest)
+    bench_structured.main([str(smollm_model), "-t", "1", "--tokens", "8", "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert re.search(r"threads 1: unconstrained [\d.]+ t/s, constrained [\d.]+ t/s, ratio [\d.]+", out), out
+    assert re.search(r"engine per token: mask [\d.]+ ms, advance [\d.]+ ms \(\d+ tokens", out), out
+    assert re.search(rf"compile \({len(SUITE['schemas'])} suite schemas.*median [\d.]+ ms", out), out
