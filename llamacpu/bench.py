@@ -42,7 +42,7 @@ def register_bench(sub) -> None:
                     "cache) in tokens/s, plus load time and peak RSS. One warm-up run per test. With "
                     "-d D, each test runs after D tokens are already in the cache (the fill is not "
                     "timed), reported as e.g. 'pp512 @ d4096'.")
-    p.add_argument("model", help="llamacpu model file or GGUF file (converted once into the cache)")
+    p.add_argument("model", help="llamacpu model file, GGUF file, Hugging Face folder or Hub name org/name[:TAG] (converted once into the cache)")
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0 = skip pp; default 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0 = skip tg; default 128)")
     p.add_argument("-t", "--threads", default=None,

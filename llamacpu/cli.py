@@ -7,6 +7,10 @@
     llamacpu serve [MODEL] [--host H] [--port P] [--api-key K] (server/)
     llamacpu perplexity MODEL TEXTFILE [-c N]                 (perplexity.py)
     llamacpu batch IN.jsonl OUT.jsonl [--model M] [--ray [ADDR]] (batch.py, batch_ray.py)
+    llamacpu pull [MODEL] | list | rm MODEL                   (cli_models.py)
+
+MODEL, wherever a model is taken, is a llamacpu file, a GGUF file, a Hugging Face folder,
+or a Hub name org/name[:TAG] (model_cache.resolve_model).
 
 Each subcommand is a `register_<name>(subparsers)` function that adds its parser
 and sets `func`; add a new one to COMMANDS. `func(args)` returns the exit status.
@@ -166,6 +170,8 @@ from .bench import register_bench; COMMANDS.append(register_bench)  # noqa: E402
 from .server import register_serve; COMMANDS.append(register_serve)  # noqa: E402,E702
 from .perplexity import register_perplexity; COMMANDS.append(register_perplexity)  # noqa: E402,E702
 from .batch import register_batch; COMMANDS.append(register_batch)  # noqa: E402,E702
+from .cli_models import register_pull, register_list, register_rm  # noqa: E402
+COMMANDS += [register_pull, register_list, register_rm]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ def register_run(sub) -> None:
                     "stdin is a terminal; with -p PROMPT or a prompt piped on stdin it answers once "
                     "and exits.",
         epilog=HELP, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="llamacpu model file or GGUF file (converted once into the cache; "
+    p.add_argument("model", nargs="?", help="llamacpu model file, GGUF file, Hugging Face folder or Hub name org/name[:TAG] (converted once into the cache; "
                                             "default: SmolLM2-135M-Instruct)")
     p.add_argument("-p", "--prompt", help="answer this prompt once and exit")
     p.add_argument("--system", help="system prompt")

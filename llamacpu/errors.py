@@ -10,3 +10,8 @@ class ModelFormatError(ValueError):
 
 class ContextOverflowError(ValueError):
     """A forward call would write past the KV cache (n_ctx)."""
+
+
+class ModelFetchError(OSError):
+    """A model could not be fetched (no network, a gated or missing Hub repo, a missing
+    extra). The message is one line that says what to do."""

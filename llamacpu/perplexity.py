@@ -229,7 +229,7 @@ def register_perplexity(sub) -> None:
                     "after each chunk goes to stdout as [1]x,[2]y,... then 'Final estimate: PPL = x ± e'. "
                     "With --stride S: windows of n_ctx tokens every S tokens, each scoring its last "
                     "S tokens (docs/QUALITY.md).")
-    p.add_argument("model", help="llamacpu model file or GGUF file (converted once into the cache)")
+    p.add_argument("model", help="llamacpu model file, GGUF file, Hugging Face folder or Hub name org/name[:TAG] (converted once into the cache)")
     p.add_argument("textfile", help="UTF-8 text file ('-' reads standard input)")
     p.add_argument("-c", "--ctx-size", type=int, default=DEFAULT_N_CTX,
                    help=f"tokens per chunk / window (default {DEFAULT_N_CTX}, as llama-perplexity)")

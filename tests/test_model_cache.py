@@ -149,7 +149,8 @@ def test_concurrent_starts_share_the_cache(tmp_path, cache):
     assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
     [f] = cached(cache)
     assert {o[0].strip() for o in outs} == {str(f)}
-    assert [p.name for p in f.parent.iterdir()] == [f.name]  # no temporary file left
+    # no temporary file left: the conversion and its record (name and source, for `list`)
+    assert sorted(p.name for p in f.parent.iterdir()) == [f.with_suffix(".json").name, f.name]
     with llamacpu.Model(f, n_ctx=16, n_threads=1) as m:
         assert m.forward([1, 2, 3]).shape == (m.vocab_size,)
 

