@@ -80,10 +80,15 @@ def snapshot_of(folder: Path) -> tuple[Path, str] | None:
     return snaps[0], repo
 
 
+def _stem(filename: str) -> str:
+    """A GGUF file's name without .gguf and without a split part's -00001-of-00003."""
+    return re.sub(r"-\d{5}-of-\d{5}$", "", Path(filename).name[:-len(".gguf")])
+
+
 def file_tag(filename: str) -> str:
-    """The quant tag of a GGUF file name: what follows its last '-' or '.'."""
-    stem = Path(filename).name[:-len(".gguf")]
-    return re.split(r"[-.]", stem)[-1]
+    """The quant tag of a GGUF file name: what follows its last '-' or '.'
+    (`Llama-3.2-1B-Instruct-Q4_K_M.gguf`: Q4_K_M)."""
+    return re.split(r"[-.]", _stem(filename))[-1]
 
 
 def pick_gguf(files, repo: str, tag: str | None) -> str:
@@ -99,14 +104,23 @@ def pick_gguf(files, repo: str, tag: str | None) -> str:
             return ggufs[0]
         raise ModelFetchError(f"{repo} holds {len(ggufs)} GGUF files: name one with a tag, "
                               f"{repo}:TAG, TAG one of {', '.join(tags)}")
-    hits = [f for f in ggufs if file_tag(f).lower() == tag.lower()]
+    hits = [f for f in ggufs if tag_matches(f, tag)]
     if not hits:
         raise ModelFetchError(f"{repo} has no GGUF file tagged {tag}; its tags: {', '.join(tags)}")
+    if len({_stem(f) for f in hits}) > 1:
+        raise ModelFetchError(f"{repo}:{tag} names {len(hits)} files ({', '.join(hits)}): give "
+                              "more of the name as the tag (the part after the model's name)")
     if len(hits) > 1:
         raise ModelFetchError(f"{repo}:{tag} names {len(hits)} files ({', '.join(hits)}); "
                               "a GGUF split into parts is not supported: merge it with "
                               "llama-gguf-split --merge and run the file")
     return hits[0]
+
+
+def tag_matches(filename: str, tag: str) -> bool:
+    """Whether a GGUF file name ends in the tag (after a '-' or '.'), case-insensitive."""
+    stem, t = _stem(filename).lower(), tag.lower()
+    return stem.endswith(("-" + t, "." + t))
 
 
 def is_complete_hf(folder: Path) -> bool:

@@ -58,8 +58,9 @@ def _stops(stop) -> list[str]:
 class Llama:
     """A model ready to chat.
 
-    model_path: a llamacpu model file, a GGUF file (converted once into the cache:
-    model_cache.py), or None for the default model (SmolLM2-135M-Instruct).
+    model_path: a llamacpu model file, a GGUF file or Hugging Face folder (converted once
+    into the cache), a Hub name "org/name" or "org/name:TAG" (model_cache.py, hub.py), or
+    None for the default model (SmolLM2-135M-Instruct).
     n_parallel: sequences decoded together (calls from several threads, chat_batch),
     each with a KV cache of n_ctx positions that takes memory as it fills. Default:
     model.default_parallel() (twice the physical cores, 2 to 16), fewer when the

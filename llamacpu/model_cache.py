@@ -309,10 +309,9 @@ def remove(name: str) -> list:
     for m in cached_models():
         n = m["name"] or ""
         if n == name or n == absname or (parsed and _same_hub_name(n, parsed)):
-            for f in (m["path"], m["path"].with_suffix(".json")):
-                if f.exists():
-                    removed.append((f, f.stat().st_size))
-                    f.unlink()
+            removed.append((m["path"], m["size"]))
+            m["path"].unlink()
+            m["path"].with_suffix(".json").unlink(missing_ok=True)
     if parsed:
         removed += _remove_hub_files(*parsed)
     if not removed:
@@ -341,7 +340,7 @@ def _remove_hub_files(repo: str, tag) -> list:
         return [(folder, size)]
     removed = []
     for link in sorted((folder / "snapshots").glob("*/**/*.gguf")):
-        if hub.file_tag(link.name).lower() != tag.lower():
+        if not hub.tag_matches(link.name, tag):
             continue
         blob = link.resolve()
         if blob.is_file() and blob != link:

