@@ -11,16 +11,13 @@
  *
  * Matmuls with quantized weights take activations quantized once per row
  * (block_q8a); several tokens share each weight load (kernels' gemm tiles).
- * Threads: the model's pool (threads.c) over chunks of weight rows (matmuls) and over
- * the tokens of a prefill; OpenMP over (token, head) pairs in attention. */
+ * Threads: the model's pool (threads.c) over chunks of weight rows (matmuls), over
+ * (token, head) pairs (attention) and over the tokens of a prefill (the other steps). */
 #define _POSIX_C_SOURCE 200112L /* posix_memalign under -std=c11 */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include "llamacpu.h"
 
 struct lc_model {
@@ -58,22 +55,6 @@ static void *xalloc(size_t n) {
     if (n == 0) n = 64;
     if (posix_memalign(&p, 64, (n + 63) / 64 * 64) != 0) return NULL;
     return p;
-}
-
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
 }
 
 void lc_model_free(lc_model *m) {
@@ -144,8 +125,6 @@ static lc_sizes sizes_of(const lc_config *c, const lc_kernels *k) {
     return z;
 }
 
-static int scratch_threads(const lc_config *c) { return c->n_threads > max_threads() ? c->n_threads : max_threads(); }
-
 static int config_ok(const lc_config *c) {
     return c->dim > 0 && c->hidden_dim > 0 && c->n_layers > 0 && c->n_heads > 0 && c->n_kv_heads > 0 &&
            c->head_dim > 0 && c->head_dim % 2 == 0 && c->head_dim <= 1024 && c->n_heads % c->n_kv_heads == 0 &&
@@ -159,7 +138,7 @@ int64_t lc_model_bytes(const lc_config *cfg, const lc_kernels *k, int64_t *per_t
     const int64_t thread = (int64_t)(z.att + z.amx_panel);
     if (per_thread) *per_thread = thread;
     return (int64_t)(2 * z.cache + 3 * z.x + z.xb + z.q + 3 * z.kv + 2 * z.hid + z.xq + z.xq2 + z.xbf + z.zeros) +
-           scratch_threads(cfg) * thread;
+           cfg->n_threads * thread;
 }
 
 lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kernels *k, char *err, size_t errlen) {
@@ -219,7 +198,7 @@ lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kerne
     }
     if (!m->w.layers || !inv || !m->kcache || !m->vcache || !m->x || !m->xb || !m->q || !m->kb || !m->vb ||
         !m->hb || !m->hb2 || !m->proj || !m->xq || !m->res || !m->xq2 || !m->vb2 || (k->gemm_amx && (!m->xbf || !m->zeros)) ||
-        alloc_att(m, scratch_threads(&c)) != 0 || !(m->pool = lc_pool_new(c.n_threads))) {
+        alloc_att(m, c.n_threads) != 0 || !(m->pool = lc_pool_new(c.n_threads))) {
         snprintf(err, errlen, "out of memory allocating the KV cache (%.1f MiB) and buffers",
                  z.cache * 2.0 / (1024.0 * 1024.0));
         lc_model_free(m);
@@ -425,16 +404,24 @@ static void residual_unit(void *ctx, int t, int thread) {
     for (int64_t i = t * dim; i < (t + 1) * dim; i++) m->x[i] += m->proj[i];
 }
 
+/* unit i: token i / n_heads, head i % n_heads */
+static void attention_unit(void *ctx, int i, int thread) {
+    const tok_job *j = ctx;
+    const lc_model *m = j->m;
+    const lc_config *c = &m->c;
+    const int t = i / c->n_heads, h = i % c->n_heads, hd = c->head_dim, qd = m->q_dim;
+    const size_t off = cache_off(m, j->l, j->seq[t], h / (c->n_heads / c->n_kv_heads));
+    m->k->attention(m->xb + (int64_t)t * qd + h * hd, m->q + (int64_t)t * qd + h * hd, m->kcache + off,
+                    m->vcache + off, j->pos[t] + 1, hd, 1.0f / sqrtf((float)hd), m->att + (size_t)thread * c->n_ctx);
+}
+
 /* One chunk of a batch: token t of sequence seq[t] at position pos[t]; the logits of
  * the tokens with want[t] go to consecutive rows of `logits`. */
 static void forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq, const int32_t *pos,
                           const int8_t *want, int nt, float *logits) {
     const lc_config *c = &m->c;
     const lc_kernels *k = m->k;
-    const int dim = c->dim, hd = c->head_dim, qd = m->q_dim, kvd = m->kv_dim, hid = c->hidden_dim;
-    const int group = c->n_heads / c->n_kv_heads;
-    const float scale = 1.0f / sqrtf((float)hd);
-    const int nth = c->n_threads;
+    const int dim = c->dim, qd = m->q_dim, kvd = m->kv_dim, hid = c->hidden_dim;
 
     for (int t = 0; t < nt; t++) embed_row(m, &m->w.tok_embeddings, tokens[t], m->x + (int64_t)t * dim);
     m->amx = k->gemm_amx != NULL && nt >= LC_AMX_MIN_TOKENS;
@@ -454,14 +441,7 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq
         matmuls(m, qkv, vres ? 4 : 3, nt);
         tj.vres = vres;
         lc_parallel_for(m->pool, nt, rope_cache_unit, &tj);
-        const int pairs = nt * c->n_heads;
-#pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (nth > 1 && pairs > 1)
-        for (int i = 0; i < pairs; i++) {
-            const int t = i / c->n_heads, h = i % c->n_heads;
-            const size_t off = cache_off(m, l, seq[t], h / group);
-            k->attention(m->xb + (int64_t)t * qd + h * hd, m->q + (int64_t)t * qd + h * hd, m->kcache + off,
-                         m->vcache + off, pos[t] + 1, hd, scale, m->att + (size_t)thread_id() * c->n_ctx);
-        }
+        lc_parallel_for(m->pool, nt * c->n_heads, attention_unit, &tj);
         quantize_rows(m, m->xb, nt, qd, lc_is_quantized(L->wo.type));
         matmul(m, &L->wo, m->xb, m->xq, nt, m->proj, dim);
 
