@@ -6,7 +6,8 @@ Environment switches:
                              every report is fatal (-fno-sanitize-recover=all). Running it
                              needs the ASan runtime first: LD_PRELOAD=$(cc -print-file-name=libasan.so)
                              ASAN_OPTIONS=detect_leaks=0 (README.md, "Sanitizers")
-  LLAMACPU_NO_OPENMP=1       build single-threaded
+  LLAMACPU_NO_OPENMP=1       build without OpenMP (the forward pass's threads are
+                             csrc/threads.c's pthreads pool either way)
 """
 import os
 import platform
@@ -47,7 +48,8 @@ machine = platform.machine().lower()
 is_x86 = machine in ("x86_64", "amd64", "i686", "x86")
 is_arm64 = machine in ("aarch64", "arm64")
 
-sources = ["llamacpu/_core.pyx", "csrc/kernels_scalar.c", "csrc/quants_ref.c", "csrc/dispatch.c", "csrc/forward.c"]
+sources = ["llamacpu/_core.pyx", "csrc/kernels_scalar.c", "csrc/quants_ref.c", "csrc/dispatch.c", "csrc/forward.c",
+           "csrc/threads.c"]
 # each SIMD table: a tiny .c that includes its ISA's .inc with its own flavour macro; compiled
 # with in-file target pragmas, chosen at run time (dispatch.c)
 if is_x86:
@@ -57,6 +59,9 @@ if is_arm64:
 
 cflags = ["-std=c11", "-ffp-contract=off", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"]
 ldflags = []
+if os.name != "nt":
+    cflags.append("-pthread")
+    ldflags.append("-pthread")
 if os.environ.get("DEBUG") == "1":
     cflags += ["-O0", "-g"]
 else:
@@ -70,12 +75,12 @@ if san:
     ldflags += [f"-fsanitize={san}"]
 
 if os.environ.get("LLAMACPU_NO_OPENMP") == "1":
-    warnings.warn("llamacpu: LLAMACPU_NO_OPENMP=1, building single-threaded")
+    warnings.warn("llamacpu: LLAMACPU_NO_OPENMP=1, building without OpenMP")
 elif _compiles_with(["-fopenmp"]):
     cflags.append("-fopenmp")
     ldflags.append("-fopenmp")
 else:
-    warnings.warn("llamacpu: the C compiler has no OpenMP (-fopenmp failed); building single-threaded")
+    warnings.warn("llamacpu: the C compiler has no OpenMP (-fopenmp failed); building without it")
 
 ext = Extension(
     "llamacpu._core",

@@ -11,15 +11,13 @@
  *
  * Matmuls with quantized weights take activations quantized once per row
  * (block_q8a); several tokens share each weight load (kernels' gemm tiles).
- * Threads: OpenMP over weight rows (matmuls) and over (token, head) pairs. */
+ * Threads: the model's pool (threads.c) over chunks of weight rows (matmuls), over
+ * (token, head) pairs (attention) and over the tokens of a prefill (the other steps). */
 #define _POSIX_C_SOURCE 200112L /* posix_memalign under -std=c11 */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include "llamacpu.h"
 
 struct lc_model {
@@ -49,6 +47,7 @@ struct lc_model {
     uint8_t *amx_scratch; /* (n_scratch_threads, LC_AMX_SCRATCH(widest)) */
     float *zeros;   /* (widest,) zeros: the padding tokens' activations */
     int64_t widest;
+    lc_pool *pool;  /* n_threads threads (the caller's and n_threads - 1 workers) */
 };
 
 static void *xalloc(size_t n) {
@@ -58,24 +57,9 @@ static void *xalloc(size_t n) {
     return p;
 }
 
-static int max_threads(void) {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-static int thread_id(void) {
-#ifdef _OPENMP
-    return omp_get_thread_num();
-#else
-    return 0;
-#endif
-}
-
 void lc_model_free(lc_model *m) {
     if (!m) return;
+    lc_pool_free(m->pool);
     free(m->w.layers);
     free((void *)m->w.inv_freq);
     free(m->kcache); free(m->vcache);
@@ -141,8 +125,6 @@ static lc_sizes sizes_of(const lc_config *c, const lc_kernels *k) {
     return z;
 }
 
-static int scratch_threads(const lc_config *c) { return c->n_threads > max_threads() ? c->n_threads : max_threads(); }
-
 static int config_ok(const lc_config *c) {
     return c->dim > 0 && c->hidden_dim > 0 && c->n_layers > 0 && c->n_heads > 0 && c->n_kv_heads > 0 &&
            c->head_dim > 0 && c->head_dim % 2 == 0 && c->head_dim <= 1024 && c->n_heads % c->n_kv_heads == 0 &&
@@ -156,7 +138,7 @@ int64_t lc_model_bytes(const lc_config *cfg, const lc_kernels *k, int64_t *per_t
     const int64_t thread = (int64_t)(z.att + z.amx_panel);
     if (per_thread) *per_thread = thread;
     return (int64_t)(2 * z.cache + 3 * z.x + z.xb + z.q + 3 * z.kv + 2 * z.hid + z.xq + z.xq2 + z.xbf + z.zeros) +
-           scratch_threads(cfg) * thread;
+           cfg->n_threads * thread;
 }
 
 lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kernels *k, char *err, size_t errlen) {
@@ -216,7 +198,7 @@ lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kerne
     }
     if (!m->w.layers || !inv || !m->kcache || !m->vcache || !m->x || !m->xb || !m->q || !m->kb || !m->vb ||
         !m->hb || !m->hb2 || !m->proj || !m->xq || !m->res || !m->xq2 || !m->vb2 || (k->gemm_amx && (!m->xbf || !m->zeros)) ||
-        alloc_att(m, scratch_threads(&c)) != 0) {
+        alloc_att(m, c.n_threads) != 0 || !(m->pool = lc_pool_new(c.n_threads))) {
         snprintf(err, errlen, "out of memory allocating the KV cache (%.1f MiB) and buffers",
                  z.cache * 2.0 / (1024.0 * 1024.0));
         lc_model_free(m);
@@ -229,7 +211,12 @@ const lc_kernels *lc_model_kernels(const lc_model *m) { return m->k; }
 
 void lc_model_set_threads(lc_model *m, int n_threads) {
     if (n_threads < 1) n_threads = 1;
-    if (alloc_att(m, n_threads) == 0) m->c.n_threads = n_threads;
+    if (n_threads == m->c.n_threads || alloc_att(m, n_threads) != 0) return;
+    lc_pool *p = lc_pool_new(n_threads);
+    if (!p) return;
+    lc_pool_free(m->pool);
+    m->pool = p;
+    m->c.n_threads = n_threads;
 }
 
 /* One matmul of a group: Y (nt, W.rows) [row stride ldy] = X W^T, X given as
@@ -247,43 +234,51 @@ typedef struct {
     int amx_terms;
 } lc_mm;
 
-/* Up to 4 independent matmuls over the same tokens in one OpenMP region: their
+/* Up to 4 independent matmuls over the same tokens in one lc_parallel_for: their
  * rows are cut into chunks (multiples of 8 rows, the x8 groups; about 8 a thread)
- * and the threads share out all chunks of all of them, so q/k/v and w1/w3 cost one
- * fork and one barrier instead of three and two. Chunks are handed out dynamically:
- * on a shared machine one thread may run slower (a busy sibling core), and a static
- * split makes the other wait for it (pp512, 2 threads: 131-141 t/s static, 146-149
- * dynamic, BENCHMARKS.md). */
-static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
+ * and the threads claim chunks of all of them, so q/k/v and w1/w3 cost one call
+ * instead of three and two. Chunks are claimed one at a time: on a shared machine
+ * one thread may run slower or not at all (another process on its core), and the
+ * others take its share (pp512, 2 threads: 131-141 t/s static, 146-149 dynamic,
+ * BENCHMARKS.md). */
+typedef struct {
+    lc_model *m;
+    const lc_mm *mm;
+    int nt;
+    int64_t chunk[4];
+    int first[5];
+} mm_job;
+
+static void mm_unit(void *ctx, int ci, int thread) {
+    const mm_job *j = ctx;
+    const lc_model *m = j->m;
     const lc_kernels *k = m->k;
+    int i = 0;
+    while (ci >= j->first[i + 1]) i++;
+    const lc_mm *mm = &j->mm[i];
+    const lc_tensor *W = mm->W;
+    const int64_t rows = W->rows;
+    const int64_t r0 = (int64_t)(ci - j->first[i]) * j->chunk[i], r1 = r0 + j->chunk[i] < rows ? r0 + j->chunk[i] : rows;
+    const lc_gemm g = lc_gemm_of(k, W->type, W->layout); /* checked in lc_model_new */
+    if (g.q && m->amx) /* x8 layout: every quantized tensor with rows % 8 == 0 */
+        k->gemm_amx(W->type, mm->amx_terms, W->data, W->cols, m->xbf, j->nt, mm->Y, mm->ldy, r0, r1,
+                    m->amx_scratch + (size_t)thread * LC_AMX_SCRATCH(m->widest));
+    else if (g.q) g.q(W->data, W->cols, mm->xq, j->nt, mm->Y, mm->ldy, r0, r1);
+    else g.f(W->data, W->cols, mm->xf, j->nt, mm->Y, mm->ldy, r0, r1);
+}
+
+static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
     const int nth = m->c.n_threads;
-    int64_t chunk[4], first[5];
+    mm_job j = {m, mm, nt, {0}, {0}};
     const int64_t unit = m->amx ? 32 : 8; /* AMX panels are 32 rows; x8 groups 8 */
-    first[0] = 0;
     for (int i = 0; i < n; i++) {
         const int64_t rows = mm[i].W->rows;
         int64_t c = (rows + (int64_t)nth * 8 - 1) / ((int64_t)nth * 8);
         c = (c + unit - 1) / unit * unit;
-        chunk[i] = c < unit ? unit : c;
-        first[i + 1] = first[i] + (rows + chunk[i] - 1) / chunk[i];
+        j.chunk[i] = c < unit ? unit : c;
+        j.first[i + 1] = j.first[i] + (int)((rows + j.chunk[i] - 1) / j.chunk[i]);
     }
-    const int64_t total = first[n];
-#pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (nth > 1)
-    for (int64_t ci = 0; ci < total; ci++) {
-        int i = 0;
-        while (ci >= first[i + 1]) i++;
-        const lc_tensor *W = mm[i].W;
-        const block_q8a *xq = mm[i].xq;
-        float *Y = mm[i].Y;
-        const int64_t ldy = mm[i].ldy, rows = W->rows;
-        const int64_t r0 = (ci - first[i]) * chunk[i], r1 = r0 + chunk[i] < rows ? r0 + chunk[i] : rows;
-        const lc_gemm g = lc_gemm_of(k, W->type, W->layout); /* checked in lc_model_new */
-        if (g.q && m->amx) /* x8 layout: every quantized tensor with rows % 8 == 0 */
-            k->gemm_amx(W->type, mm[i].amx_terms, W->data, W->cols, m->xbf, nt, Y, ldy, r0, r1,
-                        m->amx_scratch + (size_t)thread_id() * LC_AMX_SCRATCH(m->widest));
-        else if (g.q) g.q(W->data, W->cols, xq, nt, Y, ldy, r0, r1);
-        else g.f(W->data, W->cols, mm[i].xf, nt, Y, ldy, r0, r1);
-    }
+    lc_parallel_for(m->pool, j.first[n], mm_unit, &j);
 }
 
 static void matmul(lc_model *m, const lc_tensor *W, const float *xf, const block_q8a *xq, int nt, float *Y, int64_t ldy) {
@@ -307,20 +302,34 @@ static void embed_row(const lc_model *m, const lc_tensor *E, int64_t row, float 
     }
 }
 
+/* What the per-token steps of a chunk read: each runs as lc_parallel_for units, one per
+ * token (a single token runs on the calling thread). */
+typedef struct {
+    lc_model *m;
+    const lc_layer_weights *L;
+    const float *x; /* quantize_rows: the rows */
+    int cols, nt, l, vres;
+    const int32_t *seq, *pos;
+} tok_job;
+
+static void amx_unit(void *ctx, int t, int thread) {
+    const tok_job *j = ctx;
+    const lc_model *m = j->m; /* tokens after nt: zero */
+    m->k->act_to_amx(m->xbf, t < j->nt ? j->x + (int64_t)t * j->cols : m->zeros, j->cols, t);
+}
+
+static void q8a_unit(void *ctx, int t, int thread) {
+    const tok_job *j = ctx;
+    j->m->k->quantize_act(j->x + (int64_t)t * j->cols, j->m->xq + t * (j->cols / QK), j->cols);
+}
+
 /* Quantize nt rows of `cols` floats to q8a (when any consumer needs it); for an AMX
  * chunk, to bf16 in xbf, zero rows after them up to a multiple of 32 (gemm_amx's tiles). */
 static void quantize_rows(lc_model *m, const float *x, int nt, int cols, int needed) {
     if (!needed) return;
-    if (m->amx) {
-        const int ntp = (nt + 31) / 32 * 32;
-#pragma omp parallel for num_threads(m->c.n_threads) schedule(static) if (m->c.n_threads > 1)
-        for (int t = 0; t < ntp; t++) /* tokens after nt: zero */
-            m->k->act_to_amx(m->xbf, t < nt ? x + (int64_t)t * cols : m->zeros, cols, t);
-        return;
-    }
-    const int64_t nb = cols / QK;
-#pragma omp parallel for num_threads(m->c.n_threads) schedule(static) if (nt > 1 && m->c.n_threads > 1)
-    for (int t = 0; t < nt; t++) m->k->quantize_act(x + (int64_t)t * cols, m->xq + t * nb, cols);
+    tok_job j = {.m = m, .x = x, .cols = cols, .nt = nt};
+    if (m->amx) lc_parallel_for(m->pool, (nt + 31) / 32 * 32, amx_unit, &j);
+    else lc_parallel_for(m->pool, nt, q8a_unit, &j);
 }
 
 /* V gets a second pass over the rounding error of its 8-bit input: with it, wv
@@ -329,19 +338,17 @@ static void quantize_rows(lc_model *m, const float *x, int nt, int cols, int nee
  * them, so an 8-bit V costs more accuracy than all other matmuls together,
  * while wv is under 2% of the weights of Llama 3.2 1B. This quantizes that
  * rounding error (xq2); the second wv pass runs in the q/k/v matmul group. */
-static void value_residual_input(lc_model *m, int nt) {
+static void value_residual_unit(void *ctx, int t, int thread) {
+    const lc_model *m = ((const tok_job *)ctx)->m;
     const int dim = m->c.dim;
     const int64_t nb = dim / QK;
-#pragma omp parallel for num_threads(m->c.n_threads) schedule(static) if (nt > 1 && m->c.n_threads > 1)
-    for (int t = 0; t < nt; t++) {
-        const float *x = m->xb + (int64_t)t * dim;
-        float *r = m->res + (int64_t)t * dim;
-        for (int64_t b = 0; b < nb; b++) {
-            const block_q8a *q = m->xq + t * nb + b;
-            for (int j = 0; j < QK; j++) r[b * QK + j] = x[b * QK + j] - q->qs[j] * q->d[lc_q8a_group(j)];
-        }
-        m->k->quantize_act(r, m->xq2 + t * nb, dim);
+    const float *x = m->xb + (int64_t)t * dim;
+    float *r = m->res + (int64_t)t * dim;
+    for (int64_t b = 0; b < nb; b++) {
+        const block_q8a *q = m->xq + t * nb + b;
+        for (int j = 0; j < QK; j++) r[b * QK + j] = x[b * QK + j] - q->qs[j] * q->d[lc_q8a_group(j)];
     }
+    m->k->quantize_act(r, m->xq2 + t * nb, dim);
 }
 
 /* The cache of layer l, sequence seq, kv head h: (n_ctx, head_dim) f16 */
@@ -350,17 +357,71 @@ static size_t cache_off(const lc_model *m, int l, int seq, int h) {
     return (((size_t)l * c->n_seq + seq) * c->n_kv_heads + h) * c->n_ctx * c->head_dim;
 }
 
+static void attention_norm_unit(void *ctx, int t, int thread) {
+    const tok_job *j = ctx;
+    const lc_model *m = j->m;
+    const int dim = m->c.dim;
+    m->k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, j->L->attention_norm, dim, m->c.norm_eps);
+}
+
+/* v += its residual pass; rope q and k; k and v into the cache */
+static void rope_cache_unit(void *ctx, int t, int thread) {
+    const tok_job *j = ctx;
+    const lc_model *m = j->m;
+    const lc_config *c = &m->c;
+    const int hd = c->head_dim, qd = m->q_dim, kvd = m->kv_dim, pos = j->pos[t];
+    if (j->vres)
+        for (int64_t i = (int64_t)t * kvd; i < (int64_t)(t + 1) * kvd; i++) m->vb[i] += m->vb2[i];
+    m->k->rope(m->q + (int64_t)t * qd, c->n_heads, hd, pos, m->w.inv_freq);
+    m->k->rope(m->kb + (int64_t)t * kvd, c->n_kv_heads, hd, pos, m->w.inv_freq);
+    for (int h = 0; h < c->n_kv_heads; h++) {
+        const size_t off = cache_off(m, j->l, j->seq[t], h) + (size_t)pos * hd;
+        m->k->f32_to_f16(m->kcache + off, m->kb + (int64_t)t * kvd + h * hd, hd);
+        m->k->f32_to_f16(m->vcache + off, m->vb + (int64_t)t * kvd + h * hd, hd);
+    }
+}
+
+/* x += the attention's projection; the feed-forward's norm */
+static void ffn_norm_unit(void *ctx, int t, int thread) {
+    const tok_job *j = ctx;
+    const lc_model *m = j->m;
+    const int dim = m->c.dim;
+    float *x = m->x + (int64_t)t * dim;
+    const float *p = m->proj + (int64_t)t * dim;
+    for (int i = 0; i < dim; i++) x[i] += p[i];
+    m->k->rmsnorm(m->xb + (int64_t)t * dim, x, j->L->ffn_norm, dim, m->c.norm_eps);
+}
+
+static void swiglu_unit(void *ctx, int t, int thread) {
+    const lc_model *m = ((const tok_job *)ctx)->m;
+    const int64_t hid = m->c.hidden_dim;
+    m->k->swiglu(m->hb + t * hid, m->hb2 + t * hid, hid);
+}
+
+static void residual_unit(void *ctx, int t, int thread) {
+    const lc_model *m = ((const tok_job *)ctx)->m;
+    const int64_t dim = m->c.dim;
+    for (int64_t i = t * dim; i < (t + 1) * dim; i++) m->x[i] += m->proj[i];
+}
+
+/* unit i: token i / n_heads, head i % n_heads */
+static void attention_unit(void *ctx, int i, int thread) {
+    const tok_job *j = ctx;
+    const lc_model *m = j->m;
+    const lc_config *c = &m->c;
+    const int t = i / c->n_heads, h = i % c->n_heads, hd = c->head_dim, qd = m->q_dim;
+    const size_t off = cache_off(m, j->l, j->seq[t], h / (c->n_heads / c->n_kv_heads));
+    m->k->attention(m->xb + (int64_t)t * qd + h * hd, m->q + (int64_t)t * qd + h * hd, m->kcache + off,
+                    m->vcache + off, j->pos[t] + 1, hd, 1.0f / sqrtf((float)hd), m->att + (size_t)thread * c->n_ctx);
+}
+
 /* One chunk of a batch: token t of sequence seq[t] at position pos[t]; the logits of
  * the tokens with want[t] go to consecutive rows of `logits`. */
 static void forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq, const int32_t *pos,
                           const int8_t *want, int nt, float *logits) {
     const lc_config *c = &m->c;
     const lc_kernels *k = m->k;
-    const int dim = c->dim, hd = c->head_dim, qd = m->q_dim, kvd = m->kv_dim, hid = c->hidden_dim;
-    const int group = c->n_heads / c->n_kv_heads;
-    const float scale = 1.0f / sqrtf((float)hd);
-    const int nth = c->n_threads;
-    const int par = nt > 1 && nth > 1;
+    const int dim = c->dim, qd = m->q_dim, kvd = m->kv_dim, hid = c->hidden_dim;
 
     for (int t = 0; t < nt; t++) embed_row(m, &m->w.tok_embeddings, tokens[t], m->x + (int64_t)t * dim);
     m->amx = k->gemm_amx != NULL && nt >= LC_AMX_MIN_TOKENS;
@@ -368,58 +429,31 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq
     for (int l = 0; l < c->n_layers; l++) {
         const lc_layer_weights *L = &m->w.layers[l];
 
-        /* attention block; the per-token loops run in parallel over the tokens of a prefill
-         * (one token: the if clauses keep them serial, no fork) */
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
-        for (int t = 0; t < nt; t++)
-            k->rmsnorm(m->xb + (int64_t)t * dim, m->x + (int64_t)t * dim, L->attention_norm, dim, c->norm_eps);
+        /* attention block; the per-token steps run in parallel over the tokens of a prefill
+         * (one token: on this thread) */
+        tok_job tj = {.m = m, .L = L, .nt = nt, .l = l, .seq = seq, .pos = pos};
+        lc_parallel_for(m->pool, nt, attention_norm_unit, &tj);
         quantize_rows(m, m->xb, nt, dim, lc_is_quantized(L->wq.type) || lc_is_quantized(L->wk.type) || lc_is_quantized(L->wv.type));
         const int vres = lc_is_quantized(L->wv.type) && !m->amx; /* bf16 inputs: no 8-bit rounding to undo */
-        if (vres) value_residual_input(m, nt);
+        if (vres) lc_parallel_for(m->pool, nt, value_residual_unit, &tj);
         const lc_mm qkv[4] = {{&L->wq, m->xb, m->xq, m->q, qd, 2}, {&L->wk, m->xb, m->xq, m->kb, kvd, 2},
                               {&L->wv, m->xb, m->xq, m->vb, kvd, 2}, {&L->wv, NULL, m->xq2, m->vb2, kvd, 2}};
         matmuls(m, qkv, vres ? 4 : 3, nt);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
-        for (int t = 0; t < nt; t++) {
-            if (vres)
-                for (int64_t i = (int64_t)t * kvd; i < (int64_t)(t + 1) * kvd; i++) m->vb[i] += m->vb2[i];
-            k->rope(m->q + (int64_t)t * qd, c->n_heads, hd, pos[t], m->w.inv_freq);
-            k->rope(m->kb + (int64_t)t * kvd, c->n_kv_heads, hd, pos[t], m->w.inv_freq);
-            for (int h = 0; h < c->n_kv_heads; h++) {
-                const size_t off = cache_off(m, l, seq[t], h) + (size_t)pos[t] * hd;
-                k->f32_to_f16(m->kcache + off, m->kb + (int64_t)t * kvd + h * hd, hd);
-                k->f32_to_f16(m->vcache + off, m->vb + (int64_t)t * kvd + h * hd, hd);
-            }
-        }
-        const int pairs = nt * c->n_heads;
-#pragma omp parallel for num_threads(nth) schedule(dynamic, 1) if (nth > 1 && pairs > 1)
-        for (int i = 0; i < pairs; i++) {
-            const int t = i / c->n_heads, h = i % c->n_heads;
-            const size_t off = cache_off(m, l, seq[t], h / group);
-            k->attention(m->xb + (int64_t)t * qd + h * hd, m->q + (int64_t)t * qd + h * hd, m->kcache + off,
-                         m->vcache + off, pos[t] + 1, hd, scale, m->att + (size_t)thread_id() * c->n_ctx);
-        }
+        tj.vres = vres;
+        lc_parallel_for(m->pool, nt, rope_cache_unit, &tj);
+        lc_parallel_for(m->pool, nt * c->n_heads, attention_unit, &tj);
         quantize_rows(m, m->xb, nt, qd, lc_is_quantized(L->wo.type));
         matmul(m, &L->wo, m->xb, m->xq, nt, m->proj, dim);
 
-        /* feed-forward block (the residual add fused into the norm's loop) */
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
-        for (int t = 0; t < nt; t++) {
-            float *x = m->x + (int64_t)t * dim;
-            const float *p = m->proj + (int64_t)t * dim;
-            for (int i = 0; i < dim; i++) x[i] += p[i];
-            k->rmsnorm(m->xb + (int64_t)t * dim, x, L->ffn_norm, dim, c->norm_eps);
-        }
+        /* feed-forward block (the residual add fused into the norm's step) */
+        lc_parallel_for(m->pool, nt, ffn_norm_unit, &tj);
         quantize_rows(m, m->xb, nt, dim, lc_is_quantized(L->w1.type) || lc_is_quantized(L->w3.type));
         const lc_mm up[2] = {{&L->w1, m->xb, m->xq, m->hb, hid, 1}, {&L->w3, m->xb, m->xq, m->hb2, hid, 1}};
         matmuls(m, up, 2, nt);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
-        for (int t = 0; t < nt; t++) k->swiglu(m->hb + (int64_t)t * hid, m->hb2 + (int64_t)t * hid, hid);
+        lc_parallel_for(m->pool, nt, swiglu_unit, &tj);
         quantize_rows(m, m->hb, nt, hid, lc_is_quantized(L->w2.type));
         matmul(m, &L->w2, m->hb, m->xq, nt, m->proj, dim);
-#pragma omp parallel for num_threads(nth) schedule(static) if (par)
-        for (int t = 0; t < nt; t++)
-            for (int64_t i = (int64_t)t * dim; i < (int64_t)(t + 1) * dim; i++) m->x[i] += m->proj[i];
+        lc_parallel_for(m->pool, nt, residual_unit, &tj);
     }
 
     /* logits of the wanted tokens: their final norms packed into rows 0..nw-1 of xb */

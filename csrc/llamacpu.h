@@ -119,6 +119,23 @@ const lc_kernels *lc_kernels_best(void);
 /* Table by name, or NULL when it is not compiled in or the CPU lacks it. */
 const lc_kernels *lc_kernels_by_name(const char *name);
 
+/* ---------------------------------------------------------------- threads */
+
+/* The forward pass's thread pool (threads.c): n_threads - 1 persistent workers beside
+ * the calling thread. lc_parallel_for runs fn(ctx, unit, thread) for every unit in
+ * [0, n_units) and returns when all are done; units are claimed one at a time from a
+ * shared counter by the caller (thread 0) and the workers (1 .. n_threads - 1), so a
+ * thread that lost its core to another process leaves its share to the others.
+ * `thread` indexes per-thread scratch. Units must not depend on each other or on
+ * which thread runs them; fn must not call lc_parallel_for on the same pool. One
+ * caller at a time per pool. NULL pool, or a child process after fork(): serial. */
+typedef struct lc_pool lc_pool;
+typedef void (*lc_task_fn)(void *ctx, int unit, int thread);
+lc_pool *lc_pool_new(int n_threads); /* NULL when out of memory */
+void lc_pool_free(lc_pool *p);       /* joins the workers */
+int lc_pool_threads(const lc_pool *p);
+void lc_parallel_for(lc_pool *p, int n_units, lc_task_fn fn, void *ctx);
+
 /* ---------------------------------------------------------------- model */
 
 typedef struct {
