@@ -10,7 +10,8 @@ HELP = """commands:
   /exit           leave (or Ctrl-D)
 Ctrl-C stops the reply being written; the conversation keeps what was said.
 When the conversation no longer fits -c (with room for a reply of -n tokens, at most a
-quarter of -c), its oldest turns are dropped, never the system prompt; a line says so.
+quarter of -c), its oldest turns are dropped down to half of -c, never the system
+prompt; a line says so.
 End a line with \\ to continue on the next one, or wrap several lines in \"\"\"."""
 
 

@@ -4,12 +4,15 @@ The policy (`truncate="oldest"`, shared by `llamacpu run`, `Llama.chat` and the 
 
 * a reply gets room for `reply_room(n_ctx, max_tokens)` tokens: max_tokens, but at most a
   quarter of the context (a reply of -n 512 must not empty a context of 1024);
-* while prompt + room exceed n_ctx, the oldest turns are dropped, whole: a turn is a user
-  message with the assistant and tool messages that follow it. The leading system
-  message(s) and the newest user message (with what follows it) are never dropped;
+* when prompt + room exceed n_ctx, the oldest turns are dropped, whole (a turn is a user
+  message with the assistant and tool messages that follow it), until prompt + room take
+  at most half the context (as llama.cpp's context shift frees half): every drop evaluates
+  the kept turns again, so it should come once per half a context of conversation, not at
+  every turn. The leading system message(s) and the newest user message (with what
+  follows it) are never dropped;
 * when nothing is left to drop, what remains is sent if it fits at all (it then has less
-  room than asked), else it is a ContextOverflowError (a ValueError): the system prompt and the newest message alone
-  do not fit.
+  room than asked), else it is a ContextOverflowError (a ValueError): the system prompt
+  and the newest message alone do not fit.
 
 Only whole messages are dropped, so the kept prompt is a prefix of the old one up to the
 first dropped message: the KV cache keeps the system prompt (batcher.py's prefix reuse) and
@@ -73,9 +76,10 @@ def _turns(messages: list) -> tuple[list, list[list], list]:
 
 
 def fit_oldest(messages: list, ids_of: Callable[[list], list[int] | None], n_ctx: int, room: int) -> Fit:
-    """The conversation with its fewest oldest turns dropped so that prompt + room <= n_ctx
-    (see the module docstring). ids_of(messages): the prompt's token ids, or None when it is
-    known to be too long without tokenizing it."""
+    """The conversation as it fits n_ctx: unchanged if prompt + room <= n_ctx, else with its
+    fewest oldest turns dropped so that prompt + room <= n_ctx // 2 (see the module
+    docstring). ids_of(messages): the prompt's token ids, or None when it is known to be
+    too long without tokenizing it."""
     full = ids_of(messages)
     if full is not None and len(full) + room <= n_ctx:
         return Fit(list(messages), full)
@@ -84,12 +88,12 @@ def fit_oldest(messages: list, ids_of: Callable[[list], list[int] | None], n_ctx
     def kept(k):
         return head + [m for t in turns[k:] for m in t] + tail
 
-    lo, hi = 1, len(turns)          # find the fewest turns k to drop whose prompt fits
+    lo, hi = 1, len(turns)          # find the fewest turns k to drop that bring it to half
     best = None
     while lo <= hi:
         mid = (lo + hi) // 2
         ids = ids_of(kept(mid))
-        if ids is not None and len(ids) + room <= n_ctx:
+        if ids is not None and len(ids) + room <= n_ctx // 2:
             best, hi = (mid, ids), mid - 1
         else:
             lo = mid + 1

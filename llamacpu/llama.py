@@ -272,11 +272,11 @@ class Llama:
 
     def fit_chat(self, messages, tools=None, max_tokens: int | None = 512,
                  parse_special_in_content: bool = False) -> Fit:
-        """The conversation as chat(truncate="oldest") sends it (context_fit.py): its
-        oldest turns dropped, whole, until the prompt leaves room for a reply of
-        min(max_tokens, n_ctx // 4) tokens; never the system prompt or the newest user
-        message (a ValueError when those alone do not fit). A Fit: .messages (kept),
-        .ids, .dropped_messages, .dropped_tokens."""
+        """The conversation as chat(truncate="oldest") sends it (context_fit.py): when it
+        leaves no room for a reply of min(max_tokens, n_ctx // 4) tokens, its oldest turns
+        dropped, whole, until prompt + room take half the context; never the system prompt
+        or the newest user message (ContextOverflowError, a ValueError, when those alone do
+        not fit). A Fit: .messages (kept), .ids, .dropped_messages, .dropped_tokens."""
         _check_messages(messages)
         return fit_oldest(list(messages), lambda m: self.tokenize_chat(
             m, tools=tools, parse_special_in_content=parse_special_in_content), self.n_ctx,

@@ -44,20 +44,20 @@ def test_fits_unchanged():
     assert fit.messages == conv and fit.dropped is None and len(fit.ids) == 94
 
 
-def test_drops_the_fewest_oldest_whole_turns():
-    conv = conversation(5)               # 10 + 11 * 12 = 142 tokens; turns of 24
-    for n_ctx, room, dropped in ((142, 1, 1), (150, 10, 1), (150, 40, 2), (100, 10, 3), (60, 10, 4), (60, 26, 5)):
+def test_drops_the_fewest_oldest_whole_turns_down_to_half_the_context():
+    conv = conversation(5)               # 10 + 11 * 12 = 142 tokens; turns of 24, 22 without any
+    for n_ctx, room, dropped in ((142, 1, 3), (150, 10, 4), (180, 40, 4), (100, 10, 5)):
         fit = fit_oldest(conv, ids_of, n_ctx, room)
-        assert len(fit.ids) + room <= n_ctx
+        assert len(fit.ids) + room <= n_ctx // 2
         assert fit.messages == [SYSTEM] + conv[1 + 2 * dropped:]    # whole user+assistant pairs, oldest first
         assert fit.dropped == {"messages": 2 * dropped, "tokens": 24 * dropped}
-        if dropped > 1:      # the fewest: one turn less would not fit
-            assert len(ids_of([SYSTEM] + conv[2 * dropped - 1:])) + room > n_ctx
+        if dropped > 1:      # the fewest: one turn less would not bring it to half
+            assert len(ids_of([SYSTEM] + conv[2 * dropped - 1:])) + room > n_ctx // 2
 
 
 def test_only_system_and_newest_left():
     conv = conversation(2)               # system 10 + newest 12 = 22 when alone
-    fit = fit_oldest(conv, ids_of, 30, 20)   # wants 42; 22 still fits the context: sent, less room
+    fit = fit_oldest(conv, ids_of, 30, 20)   # wants 42 (15 after a drop); 22 still fits: sent, less room
     assert fit.messages == [SYSTEM, conv[-1]] and fit.dropped["messages"] == 4
     with pytest.raises(ValueError, match="system prompt and the newest message alone are 22 tokens"):
         fit_oldest(conv, ids_of, 22, 1)
@@ -68,7 +68,7 @@ def test_only_system_and_newest_left():
 def test_turns_keep_their_tool_messages_and_no_system_is_fine():
     conv = [msg("user", 5, "q0"), {"role": "assistant", "content": "call"}, msg("tool", 5, "result"),
             msg("assistant", 5, "a0"), msg("user", 5, "q1"), msg("assistant", 5), msg("user", 5, "newest")]
-    fit = fit_oldest(conv, ids_of, 30, 5)
+    fit = fit_oldest(conv, ids_of, 46, 2)    # 45 + 2 > 46; 21 + 2 <= 23
     assert fit.messages == conv[4:] and fit.dropped["messages"] == 4   # the tool turn goes whole
 
 
@@ -120,7 +120,7 @@ def test_chat_truncate_oldest_drops_turns_and_answers(small):
     fit = small.fit_chat(msgs, max_tokens=32)
     assert fit.messages[0] == msgs[0] and fit.messages[-1] == msgs[-1]
     assert fit.dropped_messages % 2 == 0 and fit.messages[1:] == msgs[1 + fit.dropped_messages:]
-    assert len(fit.ids) + 32 <= small.n_ctx
+    assert len(fit.ids) + 32 <= small.n_ctx // 2
     out = small.chat(msgs, max_tokens=32, truncate="oldest", **GREEDY)
     assert out["usage"]["truncated"] == fit.dropped
     assert out["usage"]["prompt_tokens"] == len(fit.ids)
