@@ -523,6 +523,15 @@ def test_chat_page_round_trip(server, llm, model_id):
         reply = browser.execute_script("return document.querySelector('.msg.assistant .content').textContent")
         chunks = int(browser.find_element(By.CSS_SELECTOR, ".msg.assistant").get_attribute("data-chunks"))
         user_text = browser.execute_script("return document.querySelector('.msg.user .content').textContent")
+        # a chat that has outgrown the context: the page sends "truncate": "oldest" and drops
+        # from its own history what the server dropped
+        long = ocean_chat(30)[:-1]
+        browser.execute_script("messages.splice(0, messages.length, ...arguments[0])", long)
+        box.send_keys("What colour is the sky?")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant .stats")) == 2)
+        stats = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .stats")[1].text
+        kept = browser.execute_script("return messages")
         errors = browser.find_elements(By.CSS_SELECTOR, ".msg.error")
     finally:
         browser.quit()
@@ -531,3 +540,7 @@ def test_chat_page_round_trip(server, llm, model_id):
     assert user_text == "What is the capital of France?"
     assert reply == ref["choices"][0]["message"]["content"] != ""
     assert chunks > 1   # the reply arrived in pieces and was shown as they came
+    sent = long + user("What colour is the sky?")
+    fit = llm.fit_chat(sent, max_tokens=12)
+    assert f"context full: dropped the oldest {fit.dropped_messages} messages" in stats
+    assert kept[:-1] == fit.messages and kept[-1]["role"] == "assistant"
