@@ -37,7 +37,7 @@ from contextlib import closing
 from dataclasses import dataclass
 
 from .server.errors import APIError, api_error, bad
-from .server.parse import parse_chat, parse_json
+from .server.parse import check_structured, parse_chat, parse_json
 from .server.prompts import PromptCheck
 
 CHAT_URL = "/v1/chat/completions"
@@ -92,7 +92,7 @@ class Answerer:
         self.prompts = PromptCheck(llm)
         self.renders_tool_calls = "tool_calls" in (llm.template.source or "")
 
-    def settings(self, body) -> dict:
+    def settings(self, body) -> tuple[dict, dict | None]:
         """The Llama.chat arguments for a /v1/chat/completions body and what "truncate"
         dropped (None: nothing), or an APIError (400)."""
         if not isinstance(body, dict):
@@ -104,9 +104,11 @@ class Answerer:
             self.llm.sampling_params(**s["sampling"])
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
+        check_structured(s, self.llm.tokenizer)
         self.prompts.check(s)
         return dict(messages=s["messages"], tools=s["tools"], max_tokens=s["max_tokens"], stop=s["stop"],
-                    logprobs=s["logprobs"], top_logprobs=s["top_logprobs"], **s["sampling"]), s.get("truncated")
+                    logprobs=s["logprobs"], top_logprobs=s["top_logprobs"], response_format=s["response_format"],
+                    tool_choice=s["tool_choice"], **s["sampling"]), s.get("truncated")
 
     def answer(self, custom_id: str, body) -> dict:
         try:

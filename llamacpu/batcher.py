@@ -18,16 +18,23 @@ fork), so conversations with one system prompt evaluate it once.
 
 Sampling, the end-of-generation and length checks run here, per request, after each
 step; what a token means as text is the Sink's business (Llama's: generation.py).
+
+Constrained requests (structured output: constrained.py) carry their own Constraint. The
+mask of the tokens it allows next is computed on a worker thread while the forward runs
+(llguidance and the C forward both release the GIL), then applied to the request's
+logits before its sampler's chain, so logprobs report the constrained distribution.
 """
 from __future__ import annotations
 
 import collections
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .constrained import apply_mask
 from .sampling import Sampler, SamplingParams
 
 
@@ -56,12 +63,14 @@ class Request:
     sink: Sink
     logprobs: int | None = None       # top-n logprobs wanted (None: none)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    constraint: object = None         # a constrained.Constraint (its own, not shared), or None
     # the batcher's bookkeeping
     slot: int = -1
     fed: int = 0                      # tokens of `history` whose K/V are in the slot
     history: list = field(default_factory=list)
     completion_tokens: int = 0
     sampler: Sampler | None = None
+    mask: object = None               # the Future of this step's allowed-token mask
 
     def cancel(self) -> None:
         """Stop after the current step (any thread)."""
@@ -101,6 +110,7 @@ class Batcher:
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._mask_pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ outside
     def submit(self, req: Request) -> None:
@@ -141,6 +151,8 @@ class Batcher:
             t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join()
+        if self._mask_pool is not None:
+            self._mask_pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
@@ -154,6 +166,7 @@ class Batcher:
                 with self._cv:
                     self._admit()
                     plan = self._plan()
+                self._start_masks(plan[4])
                 out = self.model.forward_batch(*plan[:4]) if plan[0] else None
                 with self._cv:
                     self._after(plan, out)
@@ -208,6 +221,16 @@ class Batcher:
                 budget -= k
         return toks, seqs, poss, want, owners
 
+    def _start_masks(self, owners) -> None:
+        """The masks of the constrained requests sampling this step, on the worker thread
+        (the forward runs meanwhile)."""
+        for r in owners:
+            if r is not None and r.constraint is not None and (
+                    r.max_tokens is None or r.completion_tokens < r.max_tokens):   # else it ends: "length"
+                if self._mask_pool is None:
+                    self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="llamacpu-mask")
+                r.mask = self._mask_pool.submit(r.constraint.mask)
+
     def _after(self, plan, out) -> None:
         toks, seqs, poss, want, owners = plan
         # bookkeeping of what the slots now hold
@@ -236,15 +259,24 @@ class Batcher:
         try:
             if r.sampler is None:
                 r.sampler = Sampler(r.params)
+            if r.constraint is not None:
+                logits = apply_mask(logits, r.mask.result())
             tok = r.sampler.sample(logits, r.history)
             lp, top = (None, [])
             if r.logprobs is not None:
                 lp, top = r.sampler.logprobs(logits, tok, r.logprobs)
+                if r.constraint is not None:   # tokens the constraint refuses are not alternatives
+                    top = [(t, v) for t, v in top if v != -np.inf]
         except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
             return self._finish(r, None, e)
         r.completion_tokens += 1
         if tok in self.eog_ids:
             return self._finish(r, "stop")
+        if r.constraint is not None:
+            try:
+                r.constraint.advance(tok)
+            except Exception as e:  # noqa: BLE001 - this request's failure, not the batch's
+                return self._finish(r, None, e)
         r.history.append(tok)
         try:
             hit = r.sink.token(tok, lp, top)

@@ -1,12 +1,16 @@
 """`llamacpu bench MODEL`: prompt and generation speed, measured the way llama-bench does.
 
-    llamacpu bench MODEL [-p 512] [-n 128] [-t 1,2] [-r 5] [--json]
+    llamacpu bench MODEL [-p 512] [-n 128] [-t 1,2] [-d 0,4096] [-r 5] [--json]
 
-For each thread count:
-  ppP  one forward of P random prompt tokens from an empty cache (the engine chunks it
+For each depth D (-d, default 0) and thread count:
+  ppP  one forward of P random prompt tokens at positions D..D+P-1 (the engine chunks it
        by its n_batch, 512); t/s = P / time of that call.
-  tgN  N tokens decoded one at a time (one forward([tok], pos=i) each) from an empty
-       cache, as llama-bench's tg test does; t/s = N / total time.
+  tgN  N tokens decoded one at a time (one forward([tok], pos=D+i) each), as
+       llama-bench's tg test does; t/s = N / total time.
+With D > 0 the cache first holds D random tokens (llama-bench's -d/--n-depth; the test is
+named "pp512 @ d4096"): they are written once per depth, untimed, by forwards of n_batch
+tokens, and stay in the cache for every test at that depth (each test rewinds to D and
+overwrites the positions after it). The context is max(D) + P + N.
 The first token of both is BOS when the model adds one, the others are uniform random
 ids (llama-bench does the same). Each test runs once untimed (warm-up), then -r
 timed repetitions; the table shows mean ± sample standard deviation of t/s.
@@ -35,12 +39,17 @@ def register_bench(sub) -> None:
         "bench", help="measure prompt (ppP) and generation (tgN) speed, llama-bench style",
         description="Measure prompt processing (ppP: one forward of P random tokens from an empty "
                     "cache) and text generation (tgN: N tokens decoded one at a time from an empty "
-                    "cache) in tokens/s, plus load time and peak RSS. One warm-up run per test.")
+                    "cache) in tokens/s, plus load time and peak RSS. One warm-up run per test. With "
+                    "-d D, each test runs after D tokens are already in the cache (the fill is not "
+                    "timed), reported as e.g. 'pp512 @ d4096'.")
     p.add_argument("model", help="llamacpu model file or GGUF file (converted once into the cache)")
     p.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (0 = skip pp; default 512)")
     p.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (0 = skip tg; default 128)")
     p.add_argument("-t", "--threads", default=None,
                    help="comma-separated thread counts (default: physical cores)")
+    p.add_argument("-d", "--n-depth", default="0",
+                   help="comma-separated depths: tokens already in the KV cache before each test, written "
+                        "untimed (llama-bench's -d; default 0); the context becomes max depth + -p + -n")
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
     p.add_argument("--loads", type=int, default=3, help="model loads timed for the load time (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
@@ -48,11 +57,8 @@ def register_bench(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
-def _thread_list(s) -> list[int]:
-    from .model import MAX_THREADS, physical_cores
-
-    if s is None:
-        return [physical_cores()]
+def _int_list(s, flag: str, lo: int, hi: int | None = None) -> list[int]:
+    """A comma-separated list of integers in [lo, hi] (hi None: no upper bound)."""
     out = []
     for part in str(s).split(","):
         part = part.strip()
@@ -61,13 +67,35 @@ def _thread_list(s) -> list[int]:
         try:
             n = int(part)
         except ValueError:
-            raise ValueError(f"--threads: not an integer: {part!r}") from None
-        if not 1 <= n <= MAX_THREADS:
-            raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {n}")
+            raise ValueError(f"{flag}: not an integer: {part!r}") from None
+        if n < lo or (hi is not None and n > hi):
+            raise ValueError(f"{flag} must be >= {lo}, got {n}" if hi is None
+                             else f"{flag} must be in [{lo}, {hi}], got {n}")
         out.append(n)
     if not out:
-        raise ValueError("--threads: give at least one thread count")
+        raise ValueError(f"{flag}: give at least one value")
     return out
+
+
+def _thread_list(s) -> list[int]:
+    from .model import MAX_THREADS, physical_cores
+
+    if s is None:
+        return [physical_cores()]
+    return _int_list(s, "--threads", 1, MAX_THREADS)
+
+
+def _depth_list(s) -> list[int]:
+    """-d/--n-depth: depths >= 0, each once, in the order given."""
+    out = _int_list(s, "-d/--n-depth", 0)
+    if len(set(out)) != len(out):
+        raise ValueError(f"-d/--n-depth: a depth is given twice: {s}")
+    return out
+
+
+def bench_label(kind: str, n: int, depth: int) -> str:
+    """llama-bench's test label: 'pp512', 'tg128', 'pp512 @ d4096'."""
+    return f"{kind}{n}" + (f" @ d{depth}" if depth else "")
 
 
 def _check_counts(n_prompt: int, n_gen: int, repetitions: int, loads: int) -> None:
@@ -83,11 +111,12 @@ def _check_counts(n_prompt: int, n_gen: int, repetitions: int, loads: int) -> No
         raise ValueError(f"--loads must be >= 1, got {loads}")
 
 
-def _check_context(desc: dict, n: int) -> None:
-    """The context given to the model is -p + -n (as llama-bench does): it must fit."""
+def _check_context(desc: dict, n: int, depth: int = 0) -> None:
+    """The context given to the model is depth + -p + -n (as llama-bench does): it must fit."""
     max_pos = desc["config"]["max_position_embeddings"]
-    if n > max_pos:
-        raise ValueError(f"-p + -n = {n} tokens do not fit the model's context of {max_pos}")
+    if depth + n > max_pos:
+        what = f"-d {depth} + -p + -n = {depth + n}" if depth else f"-p + -n = {n}"
+        raise ValueError(f"{what} tokens do not fit the model's context of {max_pos}")
 
 
 def _describe(path) -> dict:
@@ -142,26 +171,38 @@ def _tokens(rng, n: int, vocab: int, bos):
     return t
 
 
-def _run_pp(m, rng, n_prompt: int, vocab: int, bos) -> float:
-    toks = _tokens(rng, n_prompt, vocab, bos)
+def fill_cache(m, toks, chunk: int = 512, progress=None) -> None:
+    """Write `toks` at positions 0.. of sequence 0 (the cache of a depth test), `chunk`
+    tokens per forward; progress(done, total) after each. Shared with
+    tools/bench_long_context.py."""
     m.reset()
+    total = len(toks)
+    for i in range(0, total, chunk):
+        m.forward(toks[i:i + chunk], pos=i)
+        if progress is not None:
+            progress(min(i + chunk, total), total)
+
+
+def _run_pp(m, rng, n_prompt: int, vocab: int, bos, depth: int = 0) -> float:
+    """P tokens at positions depth.. (positions below depth must be in the cache)."""
+    toks = _tokens(rng, n_prompt, vocab, None if depth else bos)
     t0 = time.perf_counter()
-    m.forward(toks, pos=0)
+    m.forward(toks, pos=depth)
     return time.perf_counter() - t0
 
 
-def _run_tg(m, rng, n_gen: int, vocab: int, bos) -> float:
-    toks = _tokens(rng, n_gen, vocab, bos)
-    m.reset()
+def _run_tg(m, rng, n_gen: int, vocab: int, bos, depth: int = 0) -> float:
+    """N tokens one at a time at positions depth.. (positions below depth must be in the cache)."""
+    toks = _tokens(rng, n_gen, vocab, None if depth else bos)
     fwd = m.forward
     t0 = time.perf_counter()
     for i in range(n_gen):
-        fwd(toks[i:i + 1], pos=i)
+        fwd(toks[i:i + 1], pos=depth + i)
     return time.perf_counter() - t0
 
 
 def run_bench(path, n_prompt: int = 512, n_gen: int = 128, threads=(1,), repetitions: int = 5,
-              loads: int = 3, seed: int = 0) -> dict:
+              loads: int = 3, seed: int = 0, depths=(0,)) -> dict:
     """Run the benchmark and return the JSON-able result (what --json prints)."""
     import numpy as np
 
@@ -170,9 +211,11 @@ def run_bench(path, n_prompt: int = 512, n_gen: int = 128, threads=(1,), repetit
 
     _check_counts(n_prompt, n_gen, repetitions, loads)
     threads = list(threads)
+    depths = _depth_list(",".join(map(str, depths)))
     desc = _describe(path)
-    _check_context(desc, n_prompt + n_gen)
-    n_ctx = max(n_prompt + n_gen, 1)  # what llama-bench gives its context: n_prompt + n_gen
+    _check_context(desc, n_prompt + n_gen, max(depths))
+    # what llama-bench gives its context: n_depth + n_prompt + n_gen (here the largest depth's)
+    n_ctx = max(max(depths) + n_prompt + n_gen, 1)
 
     load_s = []
     m = None
@@ -195,23 +238,29 @@ def run_bench(path, n_prompt: int = 512, n_gen: int = 128, threads=(1,), repetit
         tests.append(("tg", n_gen))
     results = []
     try:
-        for nt in threads:
-            m.n_threads = nt
-            for kind, n in tests:
-                run = _run_pp if kind == "pp" else _run_tg
-                run(m, rng, n, vocab, bos)  # warm-up
-                secs = [run(m, rng, n, vocab, bos) for _ in range(repetitions)]
-                ts = [n / s for s in secs]
-                results.append({
-                    "test": f"{kind}{n}",
-                    "n_prompt": n if kind == "pp" else 0,
-                    "n_gen": n if kind == "tg" else 0,
-                    "n_threads": nt,
-                    "samples_ns": [int(s * 1e9) for s in secs],
-                    "samples_ts": ts,
-                    "avg_ts": statistics.fmean(ts),
-                    "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
-                })
+        for depth in depths:
+            if depth:  # untimed; every test at this depth rewinds to it
+                m.n_threads = max(threads)
+                fill_cache(m, _tokens(rng, depth, vocab, bos))
+            for nt in threads:
+                m.n_threads = nt
+                for kind, n in tests:
+                    run = _run_pp if kind == "pp" else _run_tg
+                    run(m, rng, n, vocab, bos, depth)  # warm-up
+                    secs = [run(m, rng, n, vocab, bos, depth) for _ in range(repetitions)]
+                    ts = [n / s for s in secs]
+                    results.append({
+                        "test": bench_label(kind, n, depth),
+                        "n_prompt": n if kind == "pp" else 0,
+                        "n_gen": n if kind == "tg" else 0,
+                        "n_depth": depth,
+                        "n_threads": nt,
+                        "n_past": m.n_past,  # positions in the cache after the test: depth + n
+                        "samples_ns": [int(s * 1e9) for s in secs],
+                        "samples_ts": ts,
+                        "avg_ts": statistics.fmean(ts),
+                        "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+                    })
         kernels = m.kernels
     finally:
         m.close()
@@ -285,14 +334,16 @@ def cmd_bench(args) -> int:
     from .model_cache import resolve_model
 
     threads = _thread_list(args.threads)
+    depths = _depth_list(args.n_depth)
     _check_counts(args.n_prompt, args.n_gen, args.repetitions, args.loads)  # before any output
     path = resolve_model(args.model)  # a GGUF: converted once into the cache, not timed
-    _check_context(_describe(path), args.n_prompt + args.n_gen)
+    _check_context(_describe(path), args.n_prompt + args.n_gen, max(depths))
     if not args.json:
         print(f"llamacpu bench: {args.model}, threads {','.join(map(str, threads))}, "
-              f"-p {args.n_prompt} -n {args.n_gen} -r {args.repetitions} ...", file=sys.stderr, flush=True)
+              f"-p {args.n_prompt} -n {args.n_gen} -d {','.join(map(str, depths))} -r {args.repetitions} ...",
+              file=sys.stderr, flush=True)
     res = run_bench(path, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads,
-                    repetitions=args.repetitions, loads=args.loads, seed=args.seed)
+                    repetitions=args.repetitions, loads=args.loads, seed=args.seed, depths=depths)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -23,6 +23,7 @@ import sys
 
 from . import __version__
 from .errors import ModelFormatError
+from .progress import end_open_line
 
 
 # ----------------------------------------------------------------------------- convert
@@ -175,11 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for register in COMMANDS:
         register(sub)
+    ap.commands = sub.choices  # name -> its parser, for parse()
     return ap
 
 
+def parse(ap: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """ap.parse_args, except that arguments a subcommand does not know are reported by that
+    subcommand's parser (its usage, not the top-level one's), with the closest flag it has."""
+    import difflib
+
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        p = ap.commands[args.command]
+        msg = f"unrecognized arguments: {' '.join(extra)}"
+        flag = next((a.split("=", 1)[0] for a in extra if a.startswith("-")), None)
+        close = difflib.get_close_matches(flag, list(p._option_string_actions), n=1) if flag else []
+        p.error(msg + (f" (did you mean {close[0]}?)" if close else ""))
+    return args
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     try:
         return args.func(args)
     except ModelFormatError as e:
@@ -192,6 +209,7 @@ def main(argv=None) -> int:
         print(f"llamacpu {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        end_open_line()
         print(f"llamacpu {args.command}: interrupted", file=sys.stderr)
         return 130
 

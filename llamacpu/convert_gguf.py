@@ -167,7 +167,7 @@ def plan_gguf(src: Path) -> Plan:
             "pad_token_id": pad,
             "add_bos_token": bool(tk.get("add_bos_token")),
         }
-        plan.generation = {}
+        plan.generation = _sampling_defaults(g.kv, where)
 
         sources = {}
         for t in g.tensors.values():
@@ -180,6 +180,41 @@ def plan_gguf(src: Path) -> Plan:
         plan.close()
         raise
     return plan
+
+
+# GGUF's recommended-sampling keys (llama.cpp's general.sampling.*) -> generation_config.json's
+GGUF_SAMPLING_KEYS = {"general.sampling.temp": "temperature", "general.sampling.top_k": "top_k",
+                      "general.sampling.top_p": "top_p", "general.sampling.min_p": "min_p",
+                      "general.sampling.penalty_repeat": "repetition_penalty"}
+
+# What a model's publisher recommends when its GGUF files carry no general.sampling.* keys, by
+# general.basename. SmolLM2-Instruct's model card generates with temperature=0.2, top_p=0.9
+# (at Llama 3.2's 0.6 the 135M model drifts: "La femme ... is the capital of France").
+RECOMMENDED_SAMPLING = {"smollm2": {"temperature": 0.2, "top_p": 0.9}}
+
+
+def _sampling_defaults(kv: dict, where: str) -> dict:
+    """The file's sampling defaults as generation_config.json keys: its general.sampling.*
+    values, else the publisher's recommendation for its family (RECOMMENDED_SAMPLING), else none
+    (the Llama 3.2 defaults of SamplingParams apply)."""
+    from .sampling import SamplingParams
+
+    gen = {}
+    for key, name in GGUF_SAMPLING_KEYS.items():
+        v = kv.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ModelFormatError(f"{where}: {key} must be a number, got {v!r}")
+        gen[name] = int(v) if name == "top_k" else float(v)
+    base = kv.get("general.basename")
+    if not gen and isinstance(base, str):
+        gen = dict(RECOMMENDED_SAMPLING.get(base.lower(), {}))
+    try:
+        SamplingParams.from_generation_config(gen)
+    except (TypeError, ValueError) as e:
+        raise ModelFormatError(f"{where}: general.sampling.*: {e}") from None
+    return gen
 
 
 def _check_tokenizer_kv_types(kv: dict, where: str) -> None:

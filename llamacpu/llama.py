@@ -5,7 +5,8 @@ generation API. Every generation is a batcher.Request: calls from several thread
 (and chat_batch / generate_batch) decode together, one forward per step, each in a
 sequence slot that reuses its cached prompt prefix. The text of a sequence (stop
 strings, held-back text) is generation.TextTracker's; the OpenAI shapes of chat() are
-openai_format's; streams are generation.GenerationStream.
+openai_format's; streams are generation.GenerationStream; structured output
+(response_format, regex, grammar, tool_choice) is structured.py's.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .model_cache import resolve_model
 from .openai_format import ChatCompletion, parse_tool_calls  # noqa: F401 (parse_tool_calls: importable here)
 from .progress import JobProgress
 from .sampling import SamplingParams
+from .structured import output_spec, tools_for_prompt
 from .tokenizer import Tokenizer
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed")
@@ -168,13 +170,15 @@ class Llama:
 
     # ------------------------------------------------------------------ core loop
     def _request(self, ids: list[int], max_tokens, params: SamplingParams, stop: list[str],
-                 logprobs: int | None, gen: Generation, cancel: threading.Event) -> Iterator[Step]:
-        """Submit one generation to the batcher now; the iterator of its Steps."""
+                 logprobs: int | None, spec, gen: Generation, cancel: threading.Event) -> Iterator[Step]:
+        """Submit one generation to the batcher now (spec: its structured.OutputSpec or
+        None); the iterator of its Steps."""
         self._check_prompt(ids)
         gen.prompt_tokens = len(ids)
         out: queue.SimpleQueue = queue.SimpleQueue()
         sink = _QueueSink(TextTracker(self.tokenizer.stream_decoder(), stop), gen, out.put)
-        self._batcher.submit(Request(ids, params, max_tokens, sink, logprobs, cancelled=cancel))
+        self._batcher.submit(Request(ids, params, max_tokens, sink, logprobs, cancelled=cancel,
+                                     constraint=spec.constraint() if spec is not None else None))
         return _results(out, cancel)
 
     def _check_prompt(self, ids) -> None:
@@ -201,65 +205,83 @@ class Llama:
         return ids
 
     # ------------------------------------------------------------------ public generation
-    def _stream(self, ids, max_tokens, params, stops, logprobs, shape, now: bool = False,
+    def _stream(self, ids, max_tokens, params, stops, logprobs, spec, shape, now: bool = False,
                 result=None) -> GenerationStream:
         """A GenerationStream of shape(steps, generation) (result(generation): its whole
         result): the request joins the batch at its first next(), or at once with now=True."""
         gen, cancel = Generation(), threading.Event()
 
         def start():
-            return self._request(ids, max_tokens, params, stops, logprobs, gen, cancel)
+            return self._request(ids, max_tokens, params, stops, logprobs, spec, gen, cancel)
         steps = start() if now else _later(start)
         return GenerationStream(shape(steps, gen), gen, cancel, result)
 
-    def generate(self, prompt, max_tokens: int | None = 256, stream: bool = True, stop=None, **sampling):
+    def generate(self, prompt, max_tokens: int | None = 256, stream: bool = True, stop=None, *,
+                 response_format=None, regex=None, grammar=None, **sampling):
         """Continue `prompt` (a string, or token ids). stream=True returns a
         GenerationStream of the text pieces as they are decoded (its .generation holds
         token counts and finish_reason); stream=False returns the whole text. Sampling
         options: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed
-        (defaults from the model's generation config)."""
+        (defaults from the model's generation config). Structured output (one of):
+        response_format (as chat's), regex= (the whole text matches it), grammar= (Lark
+        or GBNF); see constrained.py."""
         self._check_open()
         max_tokens = _check_max_tokens(max_tokens)
         params = self.sampling_params(**sampling)
         stops = _stops(stop)
+        spec = output_spec(self.tokenizer, response_format=response_format, regex=regex, grammar=grammar)
         ids = self._prompt_ids(prompt)
         self._check_prompt(ids)  # now, not at the first next() of a stream
-        it = self._stream(ids, max_tokens, params, stops, None, lambda steps, gen: (s.text for s in steps if s.text))
+        it = self._stream(ids, max_tokens, params, stops, None, spec,
+                          lambda steps, gen: (s.text for s in steps if s.text))
         return it if stream else _finish(it).text
 
     def chat(self, messages, tools=None, stream: bool = False, max_tokens: int | None = 512, stop=None,
-             logprobs: bool = False, top_logprobs: int = 0, parse_special_in_content: bool = False,
-             truncate: str | None = None, **sampling):
+             logprobs: bool = False, top_logprobs: int = 0, parse_special_in_content: bool = False, *,
+             truncate: str | None = None, response_format=None, tool_choice=None, regex=None, grammar=None,
+             **sampling):
         """OpenAI-shaped chat completion: a dict (choices[0].message, finish_reason
         "stop" / "length" / "tool_calls", usage), or with stream=True a GenerationStream
         of chat.completion.chunk dicts. A reply in Llama 3.2's tool-call format
         ({"name": ..., "parameters": ...}) becomes message.tool_calls.
         Special-token text in messages is tokenized as text unless
         parse_special_in_content=True (tokenize_chat).
+        Structured output (one of; ValueError for what the engine cannot take):
+        response_format={"type": "json_schema", "json_schema": {"schema": {...}}} or
+        {"type": "json_object"}; regex=; grammar= (Lark or GBNF); tool_choice="required"
+        or {"type": "function", "function": {"name": ...}} forces a call of the tools
+        with valid arguments ("auto", the default: the model decides; "none": no tools).
         truncate: None (default), a conversation that does not fit n_ctx is a ValueError;
         "oldest", its oldest turns are dropped (fit_chat), and usage["truncated"] says
         {"messages": n, "tokens": t} when any were."""
         job, shape = self._chat_job(messages, tools, max_tokens, stop, logprobs, top_logprobs,
-                                    parse_special_in_content, sampling, truncate)
+                                    parse_special_in_content, sampling,
+                                    dict(response_format=response_format, tool_choice=tool_choice,
+                                         regex=regex, grammar=grammar), truncate)
         if stream:
             return self._stream(*job, shape.chunks, result=shape.result)
         return shape.result(_finish(self._stream(*job, lambda steps, gen: steps)))
 
-    def _chat_job(self, messages, tools, max_tokens, stop, logprobs, top_logprobs, parse_special_in_content,
-                  sampling, truncate=None):
-        """chat()'s arguments checked: (ids, max_tokens, params, stops, logprobs), its ChatCompletion."""
+    def _chat_job(self, messages, tools, max_tokens, stop, logprobs, top_logprobs, parse_special_in_content, sampling,
+                  structure, truncate=None):
+        """chat()'s arguments checked: (ids, max_tokens, params, stops, logprobs, spec), its
+        ChatCompletion. structure: the structured-output options (structured.output_spec);
+        truncate: context_fit's policy (None or "oldest")."""
         self._check_open()
         max_tokens = _check_max_tokens(max_tokens)
         params = self.sampling_params(**sampling)
         stops = _stops(stop)
+        spec = output_spec(self.tokenizer, tools=tools, **structure)
+        tools = tools_for_prompt(tools, structure["tool_choice"])
         if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
             raise ValueError("top_logprobs must be an integer in [0, 20]")
         dropped = None
         if check_truncate(truncate) is None:
             ids = self.tokenize_chat(messages, tools=tools, parse_special_in_content=parse_special_in_content)
             if ids and len(ids) >= self.n_ctx:
-                raise ContextOverflowError(f"the conversation has {len(ids)} tokens; the context holds {self.n_ctx} (pass "
-                                 "truncate='oldest' to drop its oldest turns, or load with a larger n_ctx)")
+                raise ContextOverflowError(f"the conversation has {len(ids)} tokens; the context holds "
+                                           f"{self.n_ctx} (pass truncate='oldest' to drop its oldest turns, "
+                                           "or load with a larger n_ctx)")
         else:
             fit = self.fit_chat(messages, tools=tools, max_tokens=max_tokens,
                                 parse_special_in_content=parse_special_in_content)
@@ -268,7 +290,7 @@ class Llama:
         lp = top_logprobs if (logprobs or top_logprobs) else None
         shape = ChatCompletion(self.model_name, tools=bool(tools), tokenizer=self.tokenizer if lp is not None else None,
                                truncated=dropped)
-        return (ids, max_tokens, params, stops, lp), shape
+        return (ids, max_tokens, params, stops, lp, spec), shape
 
     def fit_chat(self, messages, tools=None, max_tokens: int | None = 512,
                  parse_special_in_content: bool = False) -> Fit:
@@ -285,7 +307,7 @@ class Llama:
     def chat_batch(self, conversations, *, tools=None, max_tokens: int | None = 512, stop=None,
                    logprobs: bool = False, top_logprobs: int = 0, parse_special_in_content: bool = False,
                    truncate: str | None = None, progress: bool | None = None, stream: bool = False,
-                   **sampling) -> list[dict]:
+                   response_format=None, tool_choice=None, regex=None, grammar=None, **sampling) -> list[dict]:
         """chat() of every message list in `conversations`, decoded together (n_parallel
         at a time, the others queued in order): the chat.completion dicts, in order.
         Options as chat()'s (not stream). Every conversation is checked before any runs
@@ -297,19 +319,23 @@ class Llama:
         for i, messages in enumerate(_as_list(conversations, "conversations")):
             try:
                 jobs.append(self._chat_job(messages, tools, max_tokens, stop, logprobs, top_logprobs,
-                                           parse_special_in_content, sampling, truncate))
+                                           parse_special_in_content, sampling,
+                                           dict(response_format=response_format, tool_choice=tool_choice,
+                                                regex=regex, grammar=grammar), truncate))
             except (ValueError, TypeError) as e:
                 raise type(e)(f"conversations[{i}]: {e}") from None
         return [shape.result(gen) for gen, (_, shape) in zip(self._run_all([j for j, _ in jobs], progress), jobs)]
 
     def generate_batch(self, prompts, *, max_tokens: int | None = 256, stop=None,
-                       progress: bool | None = None, **sampling) -> list[str]:
+                       progress: bool | None = None, response_format=None, regex=None, grammar=None,
+                       **sampling) -> list[str]:
         """generate(stream=False) of every prompt (strings or token-id lists), decoded
         together: the texts, in order (as chat_batch)."""
         self._check_open()
         max_tokens = _check_max_tokens(max_tokens)
         params = self.sampling_params(**sampling)
         stops = _stops(stop)
+        spec = output_spec(self.tokenizer, response_format=response_format, regex=regex, grammar=grammar)
         jobs = []
         for i, p in enumerate(_as_list(prompts, "prompts")):
             try:
@@ -317,7 +343,7 @@ class Llama:
                 self._check_prompt(ids)
             except (ValueError, TypeError) as e:
                 raise type(e)(f"prompts[{i}]: {e}") from None
-            jobs.append((ids, max_tokens, params, stops, None))
+            jobs.append((ids, max_tokens, params, stops, None, spec))
         return [gen.text for gen in self._run_all(jobs, progress)]
 
     def _run_all(self, jobs, progress) -> list[Generation]:

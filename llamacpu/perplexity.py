@@ -37,6 +37,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from .progress import fmt_eta, mark_open
+
 DEFAULT_N_CTX = 512
 
 
@@ -246,6 +248,7 @@ class _Progress:
     a progress bar when stderr is a terminal and stdout is not; stdout: the running PPL."""
 
     def __init__(self, print_running: bool, quiet: bool):
+        self.first = 0.0
         self.print_running = print_running
         self.quiet = quiet
         self.bar = not quiet and sys.stderr.isatty() and not sys.stdout.isatty()
@@ -257,14 +260,20 @@ class _Progress:
         if self.print_running:
             sys.stdout.write(f"[{i + 1}]{ppl:.4f},")
             sys.stdout.flush()
+        if i == 0:
+            self.first = secs
         if self.bar:
             done = (i + 1) / n
-            eta = secs / (i + 1) * (n - i - 1)
+            # the first chunk also pages the model in from disk (seconds for a 1B file): the ETA
+            # comes from the chunks after it once there are some
+            per = secs if i == 0 else (secs - self.first) / i
+            eta = per * (n - i - 1)
             bar = "=" * int(30 * done)
-            sys.stderr.write(f"\r[{bar:<30}] {i + 1}/{n} chunks, PPL {ppl:.4f}, ETA {eta:.0f} s ")
+            sys.stderr.write(f"\r[{bar:<30}] {i + 1}/{n} chunks, PPL {ppl:.4f}, ETA {fmt_eta(eta)} ")
             if i + 1 == n:
                 sys.stderr.write("\n")
             sys.stderr.flush()
+            mark_open(sys.stderr, i + 1 < n)
 
 
 def cmd_perplexity(args) -> int:

@@ -7,6 +7,28 @@ import sys
 import time
 
 
+_open = None  # the stream whose last progress line is still open (drawn without its newline)
+
+
+def mark_open(stream, is_open: bool) -> None:
+    """A progress line was drawn on `stream`, left open (redrawn in place) or ended."""
+    global _open
+    _open = stream if is_open else None
+
+
+def end_open_line() -> None:
+    """End a progress line left open (an interrupt mid-bar), so what is printed next starts
+    on a line of its own instead of after the bar."""
+    global _open
+    if _open is not None:
+        try:
+            _open.write("\n")
+            _open.flush()
+        except (OSError, ValueError):
+            pass
+        _open = None
+
+
 class Progress:
     """Tensors done / bytes, rate, ETA on stderr; a bar only on a TTY."""
 
@@ -53,6 +75,7 @@ class Progress:
         self._width = len(line)
         self.stream.write(line + pad + ("\n" if final else ""))
         self.stream.flush()
+        mark_open(self.stream, not final)
 
     def message(self, text: str):
         if not self.quiet:
@@ -118,6 +141,7 @@ class JobProgress:
             pad = " " * max(0, self._width - len(line))  # erase what a longer line left
             self._width = len(line)
             self.stream.write("\r" + line + pad + ("\n" if final else ""))
+            mark_open(self.stream, not final)
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
@@ -130,5 +154,6 @@ class JobProgress:
             if self.tty and self._width:   # below the bar, which the next update redraws
                 self.stream.write("\r" + " " * self._width + "\r")
                 self._width = 0
+                mark_open(self.stream, False)
             self.stream.write(text + "\n")
             self.stream.flush()

@@ -154,6 +154,16 @@ def test_run_bad_flags_fail_before_the_default_model_is_fetched(tmp_path):
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
+@pytest.mark.parametrize("cmd,flag,hint", [("run", "--temperature", "--temp"), ("bench", "--threds", "--threads"),
+                                           ("perplexity", "--chunk-count", "--chunks")])
+def test_unknown_flag_gets_the_subcommands_usage(model_path, cmd, flag, hint):
+    r = cli(cmd, model_path, *(["text.txt"] if cmd == "perplexity" else []), flag, "1")
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"usage: llamacpu {cmd} "), r.stderr   # not the top-level usage
+    assert r.stderr.rstrip().endswith(f"llamacpu {cmd}: error: unrecognized arguments: {flag} 1 "
+                                      f"(did you mean {hint}?)"), r.stderr
+
+
 @pytest.mark.parametrize("flags,words", [
     (["-t", "0"], ["--threads"]),
     (["-t", "1,-2"], ["--threads"]),

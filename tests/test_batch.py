@@ -128,7 +128,8 @@ def test_lines_that_are_not_requests_become_error_rows(llm, reference, tmp_path,
         request("stream", {**REQUESTS["q0"], "stream": True}),
         request("role", {"messages": [{"role": "wizard", "content": "hi"}]}),
         request("long", {"messages": [{"role": "user", "content": long_text}]}),
-        request("format", {**REQUESTS["q0"], "response_format": {"type": "json_object"}}),
+        request("format", {**REQUESTS["q0"], "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "nope"}}}}),
     ]
     inp = write_lines(tmp_path / "in.jsonl", lines)
     out = tmp_path / "out.jsonl"
@@ -154,7 +155,7 @@ def test_lines_that_are_not_requests_become_error_rows(llm, reference, tmp_path,
         params[cid] = err["param"], err["code"]
     assert params == {"hot": ("temperature", None), "empty": ("messages", None), "stream": ("stream", None),
                       "role": ("messages[0].role", None), "long": ("messages", "context_length_exceeded"),
-                      "format": ("response_format", "unsupported_response_format")}
+                      "format": ("response_format", "invalid_schema")}
     # a rerun has nothing to do: no model is loaded
     def no_model():
         raise AssertionError("nothing to run, yet a runner was made")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PREFILL_REL = 1e-5  # test_engine.py's: a chunked prefill against one forward
 
 
 def _bench(model, *extra):
@@ -63,3 +64,58 @@ def test_bench_bad_threads(tiny):
     r = subprocess.run([sys.executable, "-m", "llamacpu", "bench", str(tiny), "-t", "0"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
     assert r.returncode == 1 and "threads" in r.stderr
+
+
+def test_bench_depth_json(tiny):
+    res = json.loads(_bench(tiny, "-t", "1", "-d", "0,24", "--json").stdout)
+    assert res["n_ctx"] == 24 + 16 + 4  # the largest depth + -p + -n, as llama-bench sizes it
+    rows = [(r["test"], r["n_depth"], r["n_threads"], r["n_past"]) for r in res["results"]]
+    # n_past: the cache held the depth's positions and the test wrote the ones after them
+    assert rows == [("pp16", 0, 1, 16), ("tg4", 0, 1, 4), ("pp16 @ d24", 24, 1, 40), ("tg4 @ d24", 24, 1, 28)]
+    assert all(r["avg_ts"] > 0 for r in res["results"])
+
+
+def test_bench_depth_table(tiny):
+    lines = _bench(tiny, "-t", "2", "-d", "8").stdout.splitlines()
+    rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:4]]
+    assert [(r[4], r[5]) for r in rows] == [("2", "pp16 @ d8"), ("2", "tg4 @ d8")]
+
+
+def test_depth_tests_run_on_the_filled_cache(tiny):
+    """A pp test at depth D continues the D filled positions: its logits are those of one
+    forward of fill + prompt from an empty cache (a chunk-invariant kernel table, as in
+    test_engine.py's continuation test); a tg step at D + i likewise."""
+    import numpy as np
+
+    from conftest import INVARIANT_KERNELS
+    from llamacpu import Model
+    from llamacpu.bench import _tokens, fill_cache
+
+    rng = np.random.default_rng(1)
+    kw = dict(n_ctx=64, n_threads=1, kernels=INVARIANT_KERNELS)
+    with Model(tiny, **kw) as m, Model(tiny, **kw) as ref:
+        fill = _tokens(rng, 21, m.vocab_size, 1)
+        seen = []
+        fill_cache(m, fill, chunk=8, progress=lambda done, total: seen.append((done, total)))
+        assert seen == [(8, 21), (16, 21), (21, 21)] and m.n_past == 21
+        prompt = _tokens(rng, 5, m.vocab_size, None)
+        got = m.forward(prompt, pos=21)
+        want = ref.forward(np.concatenate([fill, prompt]), pos=0)
+        assert np.abs(got - want).max() / np.abs(want).max() < PREFILL_REL
+        # a second test at the same depth rewinds to it: the filled positions are kept
+        got2 = m.forward(prompt[:1], pos=21)
+        want2 = ref.forward(prompt[:1], pos=21)
+        assert np.abs(got2 - want2).max() / np.abs(want2).max() < PREFILL_REL
+
+
+@pytest.mark.parametrize("depth, message", [
+    ("-1", "-d/--n-depth must be >= 0, got -1"),
+    ("x", "-d/--n-depth: not an integer: 'x'"),
+    ("8,8", "a depth is given twice"),
+    ("1000000", "-d 1000000 + -p + -n = 1000020 tokens do not fit the model's context"),
+])
+def test_bench_bad_depth(tiny, depth, message):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "llamacpu", "bench", str(tiny), "-p", "16", "-n", "4",
+                        "-d", depth], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+    assert r.returncode == 1 and message in r.stderr, r.stderr

@@ -73,6 +73,199 @@ def test_batched_render_and_markers(tmp_path):
 
 
 def test_help_runs():
-    for tool in ("bench_batched.py", "bench_serve.py"):
+    for tool in ("bench_batched.py", "bench_serve.py", "bench_vs_llamacpp.py", "bench_busy.py",
+                 "bench_long_context.py"):
         r = subprocess.run([sys.executable, str(TOOLS / tool), "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "--quick" in r.stdout
+
+
+# ---------------------------------------------------------------- bench_vs_llamacpp.py --depth
+
+import bench_vs_llamacpp as bv  # noqa: E402
+
+
+def test_llama_bench_rows_name_depth_tests():
+    out = json.dumps([{"n_prompt": 512, "n_gen": 0, "n_depth": 4096, "n_threads": 2, "avg_ts": 50.5},
+                      {"n_prompt": 0, "n_gen": 128, "n_depth": 4096, "n_threads": 2, "avg_ts": 9.5},
+                      {"n_prompt": 0, "n_gen": 128, "n_depth": 0, "n_threads": 1, "avg_ts": 7.0}])
+    by, _ = bv.llama_bench_rows(out)
+    assert by == {(2, "pp512 @ d4096"): 50.5, (2, "tg128 @ d4096"): 9.5, (1, "tg128"): 7.0}
+
+
+def test_kv_args():
+    assert bv.kv_args("llama", "q8_0") == ["-fa", "1", "-ctk", "q8_0", "-ctv", "q8_0"]
+    assert bv.kv_args("ours", "q4_0") == ["-ctk", "q4_0", "-ctv", "q4_0"]
+    assert bv.kv_args("ours", "f16") == []  # our default; no flag before the KV-type branch lands
+
+
+def test_run_ours_at_depth(converted):
+    r = bv.run_ours(converted("tiny64", "q4_0"), 8, 3, "1,2", ["-d", 12])
+    assert sorted(r["by_threads"]) == [(1, "pp8 @ d12"), (1, "tg3 @ d12"), (2, "pp8 @ d12"), (2, "tg3 @ d12")]
+    assert all(v > 0 for v in r["by_threads"].values()) and r["meta"]["n_threads"] == [1, 2]
+
+
+def _depth_ctx():
+    samples, foreign = {}, {}
+    for e, scale in (("llama", 1.0), ("ours", 2.0)):
+        for ct in ("f16", "q8_0"):
+            for t in (1, 2):
+                for test, v in (("pp512 @ d4096", 40.0), ("tg128 @ d4096", 8.0)):
+                    samples[(e, ct, 4096, t, test)] = [v * scale * t, v * scale * t + 1, v * scale * t + 2]
+                    foreign[(e, ct, 4096, t, test)] = [0.1, 0.0, 0.2]
+    return {"date": "d", "argv": "--depth 4096", "elapsed_min": 1, "cpu": bv.cpu_info(), "git": "g",
+            "depths": [4096], "ctypes": ["f16", "q8_0"], "threads": [1, 2], "p": 512, "n": 128, "reps": 3,
+            "samples": samples, "foreign": foreign, "walls": {}, "redone": [], "engine_changed": False,
+            "meta": {"llama": {"build_number": 1}, "ours": {"version": "v", "kernels": "k"}},
+            "llama_flags": "-DX", "busy_threshold": 0.25, "redo_max": 2}
+
+
+def test_depth_render_and_markers(tmp_path):
+    body = bv.render_depth(_depth_ctx())
+    # medians of the three runs: llama.cpp 81 (2 threads: 80, 81, 82), ours 161
+    assert "| Q8_0 | 4096 | 2 | pp512 @ d4096 | 81.00 | 161.00 | **1.99×** |" in body
+    assert "| F16 | 4096 | 1 | tg128 @ d4096 | 9.00 | 17.00 | **1.89×** |" in body
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\n<!-- bench:begin -->\n1b\n<!-- bench:end -->\n\n<!-- bench:3b:begin -->\n3b\n"
+                   "<!-- bench:3b:end -->\n\n<!-- batched:begin -->\nb\n<!-- batched:end -->\n\n## What we tried\n")
+    bv.write_depth(out, body)
+    bv.write_depth(out, body)  # replaced, not added twice
+    text = out.read_text()
+    assert text.count(bv.DEPTH_BEGIN) == 1 and text.count("| Q8_0 | 4096 | 2 | pp512 @ d4096 | 81.00 |") == 1
+    assert text.index("<!-- bench:3b:end -->") < text.index(bv.DEPTH_BEGIN) < text.index("<!-- batched:begin -->")
+
+
+def test_depth_mode_refuses_bad_values():
+    for args, msg in ((["--depth", "0"], "--depth"), (["--depth", "64", "--cache-types", "q5_0"], "--cache-types"),
+                      (["--depth", "64", "--preset", "3b"], "1B Q4_0 files only")):
+        r = subprocess.run([sys.executable, str(TOOLS / "bench_vs_llamacpp.py"), *args, "--quick"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and msg in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------- bench_busy.py
+
+import bench_busy  # noqa: E402
+
+
+def _gone(pid, timeout=10.0):
+    import time
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":  # a zombie no longer runs
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_competitor_spins_and_dies_on_ctrl_c():
+    with pytest.raises(KeyboardInterrupt):
+        with bench_busy.competitor() as p:
+            pid = p.pid
+            assert p.poll() is None
+            t0 = _cpu_seconds(pid)
+            import time
+            time.sleep(1.0)
+            assert _cpu_seconds(pid) - t0 > 0.05  # it burns CPU (a shared machine may give it little)
+            raise KeyboardInterrupt
+    assert p.poll() is not None and _gone(pid)
+
+
+def _cpu_seconds(pid):
+    import os
+    with open(f"/proc/{pid}/stat") as f:
+        v = f.read().split(")")[-1].split()
+    return (int(v[11]) + int(v[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_competitor_dies_with_the_tool(how):
+    """SIGTERM: the with-block's exit kills it; SIGKILL (no Python code runs): PR_SET_PDEATHSIG."""
+    import signal
+    code = ("import sys, time; sys.path.insert(0, %r); import bench_busy\n"
+            "with bench_busy.competitor() as p:\n    print(p.pid, flush=True)\n    time.sleep(60)\n") % str(TOOLS)
+    tool = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = int(tool.stdout.readline())
+    assert not _gone(pid, timeout=0.2)
+    tool.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+    tool.wait(timeout=30)
+    assert _gone(pid)
+    if how == "sigterm":
+        assert tool.returncode == 143 and f"competing process {pid} stopped" in tool.stderr.read()
+
+
+def test_busy_summary_and_render(tmp_path):
+    samples = {}
+    for load, slow in (("idle", 1.0), ("busy", 0.5)):
+        for e, base in (("ours", 20.0), ("llama", 16.0)):
+            for c, f in ((None, 0.9), (1, 0.7), (2, 1.0)):
+                samples[(e, load, c, "tg128")] = [base * slow * f, base * slow * f * 2, 0.0]  # median: the first
+    s = bench_busy.summarize(samples, "busy", 2, "tg128")
+    assert s["best_fixed"] == 2
+    assert s["vs_best_fixed"] == pytest.approx(0.9) and s["vs_llama_default"] == pytest.approx(20 / 16)
+    ctx = {"date": "d", "argv": "", "elapsed_min": 1, "cpu": bv.cpu_info(), "git": "g", "n": 128, "cpus": 2,
+           "loads": ["idle", "busy"], "reps": 3, "samples": samples, "foreign": {}, "redone": [],
+           "meta": {}, "default_threads": {"ours": {"idle": 2, "busy": 2}, "llama": {"idle": 2, "busy": 2}},
+           "llama_flags": "", "engine_changed": False, "busy_threshold": 0.25, "redo_max": 2}
+    body = bench_busy.render(ctx)
+    assert "| busy | 9.00 | 7.00 | 10.00 | 7.20 | 5.60 | 8.00 | **0.90×** (best: t=2) | **1.25×** |" in body
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\n<!-- bench:begin -->\n1b\n<!-- bench:end -->\n\n## What we tried\n")
+    bench_busy.write_section(out, body)
+    bench_busy.write_section(out, body)
+    text = out.read_text()
+    assert text.count(bench_busy.BEGIN) == 1
+    assert text.index("<!-- bench:end -->") < text.index(bench_busy.BEGIN) < text.index("## What we tried")
+
+
+# ---------------------------------------------------------------- bench_long_context.py
+
+import bench_long_context  # noqa: E402
+
+
+def test_long_context_worker_fills_the_cache(converted):
+    path = converted("tiny64", "q4_0")
+    r = subprocess.run([sys.executable, str(TOOLS / "bench_long_context.py"), "--worker", str(path), "--n-ctx", "64",
+                        "--fill", "40", "--chunk", "16", "--every", "0", "-t", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["n_past"] == 40
+    assert res["peak_rss"] >= res["rss_after_load"] > 0 and res["fill_s"] > 0
+    assert "fill 40/40 tokens" in r.stderr
+
+
+def test_long_context_kv_bytes_and_time_fit():
+    from llamacpu.bench import _kv_bytes
+    cfg = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 16,
+           "head_dim": 64}
+    assert bench_long_context.kv_bytes(cfg, 131072, "f16") == _kv_bytes(cfg, 131072) == 4 * 2**30
+    assert bench_long_context.kv_bytes(cfg, 131072, "q8_0") == 4 * 2**30 * 34 // 64
+    assert bench_long_context.kv_bytes(cfg, 131072, "q4_0") == 4 * 2**30 * 18 // 64
+    cfg.update(intermediate_size=8192, vocab_size=128256)
+    # 2 flops per matrix weight per token; attention 4 * 16 * 32 * 64 per cached position
+    weights = 16 * (2048 * (2048 + 2 * 512) + 2048 * 2048 + 3 * 2048 * 8192) + 128256 * 2048
+    assert weights == 1235814400 - (2 * 16 + 1) * 2048  # the 1B parameter count less the norms
+    assert bench_long_context.fill_flops(cfg, 3) == 2 * weights * 3 + 131072 * (1 + 2 + 3)
+    assert bench_long_context.estimate_time(cfg, 1, 10.0, 3) == pytest.approx(
+        10.0 * (6 * weights + 6 * 131072) / (2 * weights + 131072))
+
+
+def test_long_context_render_says_extrapolated():
+    cfg = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 16,
+           "head_dim": 64, "intermediate_size": 8192, "vocab_size": 128256}
+    row = {"preset": "1b", "file_size": 700e6, "fill": 1024, "kv_fill": 33554432, "kv_full": 4 * 2**30,
+           "peak_rss": 900e6, "fill_s": 60.0, "config": cfg}
+    t_full = bench_long_context.estimate_time(cfg, 1024, 60.0, 131072) / 60
+    ctx = {"date": "d", "argv": "", "elapsed_min": 1, "cpu": bv.cpu_info(), "git": "g", "n_ctx": 131072,
+           "cache_type": "f16", "type": "q4_0", "chunk": 512, "threads": 2, "kernels": "k", "rows": [row]}
+    body = bench_long_context.render(ctx)
+    # 900 MB measured + the 4,261.4 MB of KV not written
+    assert f"| 5,161.4 MB (extrapolated) | {t_full:.0f} min (extrapolated) |" in body and "are extrapolated" in body
+    assert 128 * 3 < t_full < 128 * 10  # 128 min at the linear rate; attention makes it several times that
+    full = dict(row, fill=131072, kv_fill=4 * 2**30, peak_rss=5e9, fill_s=7200.0)
+    body = bench_long_context.render(dict(ctx, rows=[full]))
+    assert "extrapolated" not in body.split("|---")[1] and "| 5,000.0 MB | 120 min |" in body

@@ -461,6 +461,28 @@ def test_gguf_refuses_other_architectures(tmp_path):
         convert(p, tmp_path / "g.lcpu", quiet=True)
 
 
+def test_gguf_sampling_defaults_of_smollm2(smollm_model):
+    """SmolLM2's GGUF has no general.sampling.* keys: its model card's recommendation applies."""
+    with read_model(smollm_model) as m:
+        assert m.meta["generation"] == {"temperature": 0.2, "top_p": 0.9}
+
+
+def test_gguf_sampling_keys():
+    from llamacpu.convert_gguf import _sampling_defaults
+
+    kv = {"general.sampling.temp": np.float32(0.7), "general.sampling.top_k": np.int32(40),
+          "general.sampling.penalty_repeat": 1.1, "general.basename": "smollm2"}
+    gen = _sampling_defaults(kv, "f.gguf")  # the file's own keys win over the family's
+    assert gen == {"temperature": pytest.approx(0.7), "top_k": 40, "repetition_penalty": pytest.approx(1.1)}
+    assert type(gen["top_k"]) is int and type(gen["temperature"]) is float
+    assert _sampling_defaults({"general.basename": "Llama-3.2"}, "f.gguf") == {}
+    assert _sampling_defaults({}, "f.gguf") == {}
+    with pytest.raises(ModelFormatError, match=r"f.gguf: general.sampling.\*: .*top_p"):
+        _sampling_defaults({"general.sampling.top_p": 1.5}, "f.gguf")
+    with pytest.raises(ModelFormatError, match="general.sampling.temp must be a number"):
+        _sampling_defaults({"general.sampling.temp": "hot"}, "f.gguf")
+
+
 # ----------------------------------------------------------------------------- safety
 
 def test_refuses_to_overwrite_source(smol, tiny, tmp_path):

@@ -5,6 +5,7 @@ stop strings, the prompt cache and threads can be compared exactly.
 """
 import json
 import threading
+import time
 
 import pytest
 
@@ -153,6 +154,33 @@ def test_stream_cancel_and_generation(llm):
     assert g.finish_reason == "cancelled" and 0 < g.completion_tokens < 200
     assert got[-1]["choices"][0]["finish_reason"] == "stop"
     assert got[-1]["usage"]["completion_tokens"] == g.completion_tokens
+
+
+def test_cancel_stops_a_long_prompt_within_one_chunk(smol_path):
+    """A prompt is evaluated in chunks of n_batch (512) tokens, one batcher step each; a cancel
+    takes effect after the step in flight, and the slot keeps the chunks it finished: the same
+    prompt again reuses them and answers as a cold start does."""
+    from conftest import INVARIANT_KERNELS
+    prompt = "The quick brown fox jumps over the lazy dog. " * 380      # ~3,800 tokens: 8 chunks
+    with Llama(smol_path, n_ctx=4096, kernels=INVARIANT_KERNELS, n_parallel=1) as m:
+        n_prompt = len(m.tokenize(prompt))
+        assert n_prompt > 6 * 512
+        it = m.generate(prompt, max_tokens=8, **GREEDY)
+        done = threading.Thread(target=lambda: list(it))
+        done.start()
+        while m.n_evaluated == 0:       # the first chunk is done
+            time.sleep(0.001)
+        at_cancel = m.n_evaluated
+        it.cancel()
+        done.join(30)
+        assert it.generation.finish_reason == "cancelled" and it.generation.completion_tokens == 0
+        assert m.n_evaluated <= at_cancel + 512 < n_prompt      # the step in flight, no more
+        partial = m.n_evaluated
+        again = m.generate(prompt, max_tokens=8, **GREEDY)
+        text = "".join(again)
+        assert m.n_evaluated - partial <= n_prompt - partial + 8    # the finished chunks are reused
+    with Llama(smol_path, n_ctx=4096, kernels=INVARIANT_KERNELS, n_parallel=1) as cold:
+        assert "".join(cold.generate(prompt, max_tokens=8, **GREEDY)) == text
 
 
 def test_threads_share_one_llama(llm):

@@ -236,3 +236,13 @@ def test_cli_bad_inputs(converted, tmp_path, capsys):
         assert main(["perplexity", *argv, "--quiet"]) == rc, argv
         err = capsys.readouterr().err
         assert err.startswith("llamacpu perplexity: error:") and msg in err, (argv, err)
+
+
+def test_progress_eta_leaves_out_the_first_chunk(capsys):
+    """The first chunk also pages the model in: the bar's ETA comes from the chunks after it."""
+    from llamacpu.perplexity import _Progress
+    p = _Progress(print_running=False, quiet=True)
+    p.bar = True                       # as on a terminal
+    p(0, 10, 5.0, 9.0)                 # the first chunk: 9 s
+    p(1, 10, 5.0, 10.0)                # the second: 1 s; 8 to go
+    assert capsys.readouterr().err.rstrip().endswith("2/10 chunks, PPL 5.0000, ETA 0:08")

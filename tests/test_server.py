@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
+import pydantic
 import pytest
 from serving import N_CTX, Server, raw_request, read_response
 
@@ -176,6 +177,55 @@ def test_tool_call_round_trip(client, llm, model_id):
     assert not any(d.content for d in deltas)
 
 
+class CityWeather(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=20)
+    temperature_c: int
+    sunny: bool
+
+
+class Forecast(pydantic.BaseModel):   # a nested model: $defs and $ref in the schema openai sends
+    today: CityWeather
+    note: str = pydantic.Field(max_length=30)
+
+
+def test_structured_output(client, llm, model_id):
+    """response_format and forced tool calls, whole and streamed, as the in-process Llama
+    gives them; the openai client's parse() with a Pydantic model, end to end."""
+    msgs = user("What is the weather forecast for Paris?")
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse  # openai < 1.92
+    r = parse(model=model_id, messages=msgs, response_format=Forecast, temperature=0, max_tokens=80)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "stop", msg.content
+    assert isinstance(msg.parsed, Forecast) and msg.parsed == Forecast.model_validate_json(msg.content)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "sunny": {
+        "type": "boolean"}}, "required": ["city", "sunny"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema, "strict": True}}
+    msgs = user("Describe the weather in a city.")
+    r = client.chat.completions.create(model=model_id, messages=msgs, response_format=fmt, temperature=0,
+                                       max_tokens=40)
+    ref = llm.chat(msgs, response_format=fmt, temperature=0, max_tokens=40)
+    assert r.choices[0].message.content == ref["choices"][0]["message"]["content"]
+    assert set(json.loads(r.choices[0].message.content)) == {"city", "sunny"}
+    chunks = list(client.chat.completions.create(model=model_id, messages=msgs, response_format=fmt,
+                                                 temperature=0, max_tokens=40, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    r = client.chat.completions.create(model=model_id, messages=user("Hi"), response_format={"type": "json_object"},
+                                       temperature=0, max_tokens=30)
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = client.chat.completions.create(model=model_id, messages=user("Hi"), tools=WEATHER, tool_choice=choice,
+                                           temperature=0, max_tokens=40)
+        assert r.choices[0].finish_reason == "tool_calls"
+        call = r.choices[0].message.tool_calls[0].function
+        assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+        chunks = list(client.chat.completions.create(model=model_id, messages=user("Hi"), tools=WEATHER,
+                                                     tool_choice=choice, temperature=0, max_tokens=40, stream=True))
+        calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        assert [(c.function.name, c.function.arguments) for c in calls] == [(call.name, call.arguments)]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 def test_completions(client, llm, model_id):
     r = client.completions.create(model=model_id, prompt="1, 2, 3,", max_tokens=6, temperature=0)
     ref = llm.generate("1, 2, 3,", max_tokens=6, stream=False, temperature=0)
@@ -257,13 +307,21 @@ BAD = [
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n", "n=1"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", "4"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "seed": "x"}, "seed", "integer"),
-    ("chat", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
-     "response_format", "constrained decoding"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "xml"}},
+     "response_format", "'json_schema'"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}],
-              "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format", "constrained decoding"),
-    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": WEATHER, "tool_choice": "required"},
-     "tool_choice", "constrained decoding"),
+              "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}},
+     "response_format", "response_format.json_schema.schema: Invalid type: nope"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}],
+              "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/x"}}}},
+     "response_format", "/x"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+     "tool_choice", "needs 'tools'"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": WEATHER,
+              "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "no tool is named"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+            "a": {"type": "wat"}}}}}]}, "tools", "tools[0].function.parameters: Invalid type: wat"),
     ("chat", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools[0]",
      "function"),
     ("chat", {"messages": [{"role": "user", "content": LONG}]}, "messages", "maximum context length is 1024"),
@@ -304,8 +362,9 @@ def test_bad_requests_get_clear_400s(server, client, model_id):
         r = http.get("/v1/models/gpt-4")
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     # the openai client sees the same errors as exceptions; the server keeps serving
-    with pytest.raises(openai.BadRequestError, match="constrained decoding"):
-        client.chat.completions.create(model=model_id, messages=user("hi"), response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="Invalid type"):
+        client.chat.completions.create(model=model_id, messages=user("hi"), response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
     r = client.chat.completions.create(model=model_id, messages=user("hi"), temperature=0, max_tokens=2)
     assert r.usage.completion_tokens >= 1
     assert server.health()["requests"]["failed"] == 0

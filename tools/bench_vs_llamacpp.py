@@ -7,6 +7,17 @@
     python tools/bench_vs_llamacpp.py --llama-bench /path/to/llama-bench [--llama-quantize PATH]
     python tools/bench_vs_llamacpp.py --avx2          # also an AVX2-only build of llama.cpp
     python tools/bench_vs_llamacpp.py --build-only --preset 3b --types q4_k_m   # make the files only
+    python tools/bench_vs_llamacpp.py --depth 4096,16384,32768 --cache-types f16,q8_0   # long context
+    python tools/bench_vs_llamacpp.py --depth 64 --quick   # its smoke test: -p 64 -n 16 -r 1, prints only
+
+Depth mode (--depth D1,D2,..., 1B Q4_0 only): pp (-p) and tg (-n) after D tokens already in
+the KV cache, for each KV type of --cache-types (f16, q8_0, q4_0) and thread count (-t);
+llama.cpp as `llama-bench -d D -fa 1 -ctk T -ctv T`, llamacpu as `llamacpu bench -d D
+-ctk T -ctv T` (no -ctk/-ctv for f16). One process per engine, KV type and depth runs
+every thread count (each engine fills the cache once, untimed); runs alternate as in step 5
+below, medians of -r runs; the table (ours, llama.cpp, ratio) goes between
+<!-- depth:begin --> and <!-- depth:end -->. Decode on a busy machine: tools/bench_busy.py;
+memory at 128k context: tools/bench_long_context.py.
 
 Weight types (--types; default q4_0,q8_0,q4_k_m,q6_k for --preset 1b, q4_k_m for 3b):
   q4_0, q8_0        each engine converts the checkpoint with its own tools: llama.cpp's file
@@ -698,30 +709,46 @@ def bandwidth(threads, quiet_wait: float = 0, busy_threshold: float = 0.25) -> d
 
 # ----------------------------------------------------------------------------- runs
 
-def run_llama(bench: Path, gguf: Path, p: int, n: int, t: int) -> dict:
-    m = run_measured([bench, "-m", gguf, "-p", p, "-n", n, "-t", t, "-r", "1", "-o", "json"])
+def llama_bench_rows(out: str) -> tuple[dict, dict]:
+    """llama-bench -o json's output as ({(threads, test): t/s}, meta of the build); the test
+    named as llama-bench's table names it ('pp512', 'tg128 @ d4096')."""
+    by = {}
+    meta = {}
+    for r in json.loads(out):
+        test = f"pp{r['n_prompt']}" if r.get("n_gen", 0) == 0 else f"tg{r['n_gen']}"
+        if r.get("n_depth"):
+            test += f" @ d{r['n_depth']}"
+        by[(int(r["n_threads"]), test)] = float(r["avg_ts"])
+        meta = {k: r.get(k) for k in ("build_commit", "build_number", "cpu_info", "backends", "model_type",
+                                      "model_size", "model_n_params", "n_threads", "type_k", "type_v",
+                                      "flash_attn")}
+    return by, meta
+
+
+def run_llama(bench: Path, gguf: Path, p: int, n: int, t, extra=()) -> dict:
+    """One llama-bench process (-r 1). t: a thread count, a comma list, or None (its default).
+    Returns ts {test: t/s} (of the last thread count), by_threads {(threads, test): t/s}."""
+    m = run_measured([bench, "-m", gguf, "-p", p, "-n", n, *(["-t", t] if t is not None else []), *extra,
+                      "-r", "1", "-o", "json"])
     if m["rc"] != 0:
         raise SystemExit(f"llama-bench failed ({m['rc']}):\n{m['err'][-3000:]}")
-    rows = json.loads(m["out"])
-    ts = {}
-    meta = {}
-    for r in rows:
-        test = f"pp{r['n_prompt']}" if r.get("n_gen", 0) == 0 else f"tg{r['n_gen']}"
-        ts[test] = float(r["avg_ts"])
-        meta = {k: r.get(k) for k in ("build_commit", "build_number", "cpu_info", "backends", "model_type",
-                                      "model_size", "model_n_params")}
-    return {"ts": ts, "rss": m["rss"], "wall": m["wall"], "foreign": m["foreign"], "meta": meta}
+    by, meta = llama_bench_rows(m["out"])
+    return {"ts": {test: v for (_, test), v in by.items()}, "by_threads": by, "rss": m["rss"], "wall": m["wall"],
+            "foreign": m["foreign"], "meta": meta}
 
 
-def run_ours(model: Path, p: int, n: int, t: int) -> dict:
-    m = run_measured([sys.executable, "-m", "llamacpu", "bench", model, "-p", p, "-n", n, "-t", t, "-r", "1",
-                      "--json"], env=our_env(), cwd=REPO)
+def run_ours(model: Path, p: int, n: int, t, extra=()) -> dict:
+    """One `llamacpu bench` process (-r 1), as run_llama (t None: our default thread count)."""
+    m = run_measured([sys.executable, "-m", "llamacpu", "bench", model, "-p", p, "-n", n,
+                      *(["-t", t] if t is not None else []), *extra, "-r", "1", "--json"], env=our_env(), cwd=REPO)
     if m["rc"] != 0:
         raise SystemExit(f"llamacpu bench failed ({m['rc']}):\n{m['err'][-3000:]}")
     r = json.loads(m["out"])
-    ts = {x["test"]: float(x["avg_ts"]) for x in r["results"]}
-    return {"ts": ts, "rss": m["rss"], "wall": m["wall"], "foreign": m["foreign"], "load_s": r["load_s"]["median"],
-            "meta": {"kernels": r["kernels"], "version": r["version"], "model_type": r["model_type"]}}
+    by = {(int(x["n_threads"]), x["test"]): float(x["avg_ts"]) for x in r["results"]}
+    return {"ts": {test: v for (_, test), v in by.items()}, "by_threads": by, "rss": m["rss"], "wall": m["wall"],
+            "foreign": m["foreign"], "load_s": r["load_s"]["median"],
+            "meta": {"kernels": r["kernels"], "version": r["version"], "model_type": r["model_type"],
+                     "n_threads": sorted({t for t, _ in by})}}
 
 
 def median(xs):
@@ -960,6 +987,155 @@ def write_benchmarks(path: Path, body: str, preset: str = "1b") -> None:
     log(f"wrote {path} ({preset_label(preset)} part)")
 
 
+# ----------------------------------------------------------------------------- depth mode (--depth)
+
+DEPTH_BEGIN, DEPTH_END = "<!-- depth:begin -->", "<!-- depth:end -->"
+CACHE_TYPES = ("f16", "q8_0", "q4_0")   # KV cache types: llama-bench's -ctk/-ctv, llamacpu bench's
+
+
+def kv_args(engine: str, cache_type: str) -> list:
+    """The KV-cache arguments of a depth run. llama.cpp: flash attention on (its quantized V
+    cache needs it) and -ctk/-ctv; llamacpu bench: -ctk/-ctv, left out for f16 (its default)."""
+    if engine == "llama":
+        return ["-fa", "1", "-ctk", cache_type, "-ctv", cache_type]
+    return [] if cache_type == "f16" else ["-ctk", cache_type, "-ctv", cache_type]
+
+
+def run_depth(args, argv, out_path) -> int:
+    """--depth: pp and tg at each depth and KV type, both engines, alternating; one process per
+    (engine, KV type, depth) runs every thread count (llama-bench fills the cache once per depth
+    and restores it for the other tests; llamacpu bench fills once and rewinds)."""
+    depths = [int(x) for x in args.depth.split(",") if x.strip()]
+    ctypes = [x.strip().lower() for x in args.cache_types.split(",") if x.strip()]
+    threads = [int(x) for x in args.threads.split(",") if x.strip()]
+    bad = [c for c in ctypes if c not in CACHE_TYPES]
+    if bad or not ctypes or len(set(ctypes)) != len(ctypes):
+        raise SystemExit(f"bench_vs_llamacpp: --cache-types: {args.cache_types!r} (each once, of "
+                         f"{', '.join(CACHE_TYPES)})")
+    if not depths or min(depths) < 1 or len(set(depths)) != len(depths):
+        raise SystemExit(f"bench_vs_llamacpp: --depth: {args.depth!r} (depths >= 1, each once)")
+    t_start = time.time()
+    exe, flags, ggufs, ours = llamacpp_and_files(args.llama_bench, ["llama-bench", "llama-quantize"],
+                                                 "llama-bench", ["q4_0"], ["q4_0"])
+    config = json.loads((ensure_checkpoint("1b") / "config.json").read_text())
+    if max(depths) + args.p + args.n > config["max_position_embeddings"]:
+        raise SystemExit(f"bench_vs_llamacpp: --depth {max(depths)} + -p + -n exceeds the model's context of "
+                         f"{config['max_position_embeddings']}")
+    engines = [("llama", "llama.cpp"), ("ours", "llamacpu")]
+    engine_before = engine_fingerprint()
+    samples, foreign, walls, redone = {}, {}, {}, []
+    meta = {}
+    tlist = ",".join(map(str, threads))
+    for rep in range(args.runs):
+        for cfg, (ct, d) in enumerate((ct, d) for ct in ctypes for d in depths):
+            order = engines if (rep + cfg) % 2 == 0 else engines[::-1]
+            for key, label in order:
+                def once(key=key, label=label, ct=ct, d=d, rep=rep):
+                    extra = ["-d", d, *kv_args(key, ct)]
+                    r = (run_ours(ours["q4_0"], args.p, args.n, tlist, extra) if key == "ours"
+                         else run_llama(exe, ggufs["q4_0"], args.p, args.n, tlist, extra))
+                    log(f"run {rep + 1}/{args.runs} KV {ct} depth {d} {label}: "
+                        + ", ".join(f"t={t} {test} {v:.2f} t/s" for (t, test), v in r["by_threads"].items())
+                        + f" ({r['wall']:.0f} s, other jobs {r['foreign']:.2f} cores)")
+                    return r
+
+                r = run_undisturbed(once, args.quiet_wait, args.busy_threshold, args.redo,
+                                    on_redo=lambda f, key=key, ct=ct, d=d: redone.append((key, ct, d, f)))
+                meta[key] = r["meta"]
+                for (t, test), v in r["by_threads"].items():
+                    samples.setdefault((key, ct, d, t, test), []).append(v)
+                    foreign.setdefault((key, ct, d, t, test), []).append(r["foreign"])
+                walls.setdefault((key, ct, d), []).append(r["wall"])
+    ctx = {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+           "argv": " ".join(sys.argv[1:] if argv is None else argv),
+           "elapsed_min": (time.time() - t_start) / 60, "cpu": cpu_info(), "git": git_describe(),
+           "depths": depths, "ctypes": ctypes, "threads": threads, "p": args.p, "n": args.n, "reps": args.runs,
+           "samples": samples, "foreign": foreign, "walls": walls, "redone": redone, "meta": meta,
+           "llama_flags": flags, "engine_changed": engine_fingerprint() != engine_before,
+           "busy_threshold": args.busy_threshold, "redo_max": args.redo}
+    body = render_depth(ctx)
+    print(body)
+    raw = BENCH_DIR / ("last-run-depth-quick.json" if args.quick else "last-run-depth.json")
+    raw.write_text(json.dumps({"samples": {"|".join(map(str, k)): v for k, v in samples.items()},
+                               "foreign_cores": {"|".join(map(str, k)): v for k, v in foreign.items()},
+                               "walls": {"|".join(map(str, k)): v for k, v in walls.items()},
+                               "redone": redone, "meta": meta}, indent=1, default=str))
+    log(f"raw results: {raw}")
+    if out_path is not None:
+        write_depth(out_path, body)
+    return 0
+
+
+def render_depth(ctx: dict) -> str:
+    """The --depth section of BENCHMARKS.md: ours, llama.cpp and the ratio per KV type, depth,
+    threads and test (medians of the runs), then every run."""
+    p, n = ctx["p"], ctx["n"]
+    engines = [("llama", "llama.cpp"), ("ours", "llamacpu")]
+    lm, om = ctx["meta"].get("llama", {}), ctx["meta"].get("ours", {})
+    allf = [x for v in ctx["foreign"].values() for x in v]
+    L = [f"### Long context: pp{p} and tg{n} after D tokens in the KV cache (Llama 3.2 1B config, Q4_0)", ""]
+    L.append(f"Measured {ctx['date']} by `python tools/bench_vs_llamacpp.py {ctx['argv']}` "
+             f"({ctx['elapsed_min']:.0f} min).")
+    L.append("")
+    L.append(f"- Machine: {machine_line(ctx['cpu'])}.")
+    L.append(f"- Runs alternate between the engines (order flipped every configuration and run); medians of "
+             f"{ctx['reps']} run(s). Before each run the tool waits for other jobs to use under "
+             f"{ctx['busy_threshold']} cores and runs again a disturbed one (at most {ctx['redo_max']} times; "
+             f"{len(ctx['redone'])} repeat(s) this time). CPU used by other jobs during the kept runs: median "
+             f"{median(allf):.2f}, max {max(allf) if allf else float('nan'):.2f} cores.")
+    L.append(f"- llama.cpp from llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (build {lm.get('build_number')}, "
+             f"commit {lm.get('build_commit')}), `{ctx['llama_flags']}`: `llama-bench -m llamacpp-1b-q4_0.gguf "
+             f"-p {p} -n {n} -t {','.join(map(str, ctx['threads']))} -d D -fa 1 -ctk T -ctv T -r 1 -o json`.")
+    L.append(f"- llamacpu {om.get('version')} (git {ctx['git']}), kernels `{om.get('kernels')}`: `llamacpu bench "
+             f"llamacpu-1b-q4_0.bin -p {p} -n {n} -t {','.join(map(str, ctx['threads']))} -d D [-ctk T -ctv T] "
+             f"-r 1 --json` (no -ctk/-ctv for F16, its default)."
+             + (" **Warning: the llamacpu extension was rebuilt during the runs. Run again.**"
+                if ctx["engine_changed"] else ""))
+    L.append(f"- Each process fills the cache once with D random tokens (untimed), then runs each thread "
+             f"count's pp{p} (one batch at positions D..D+{p - 1}) and tg{n} ({n} single-token steps from "
+             f"position D) after one warm-up; the context is D + {p} + {n}, as llama-bench sizes it. Both "
+             f"engines run the same random-weight checkpoint, each converted to Q4_0 by its own tools.")
+    L.append("")
+    L.append("| KV type | depth | threads | test | llama.cpp t/s | llamacpu t/s | ratio |")
+    L.append("|---|---:|---:|---|---:|---:|---:|")
+    for ct in ctx["ctypes"]:
+        for d in ctx["depths"]:
+            for t in ctx["threads"]:
+                for kind, k in (("pp", p), ("tg", n)):
+                    test = f"{kind}{k} @ d{d}"
+                    med = {e: median(ctx["samples"].get((e, ct, d, t, test), [])) for e, _ in engines}
+                    L.append(f"| {ct.upper()} | {d} | {t} | {test} | {med['llama']:.2f} | {med['ours']:.2f} | "
+                             f"**{med['ours'] / med['llama']:.2f}×** |")
+    L.append("")
+    L.append("Ratio = median llamacpu t/s / median llama.cpp t/s (above 1: llamacpu is faster).")
+    L.append("")
+    L.append("<details><summary>All runs: t/s (cores used by other jobs during the run), in run order"
+             "</summary>")
+    L.append("")
+    L.append("| KV type | depth | threads | test | " + " | ".join(lab for _, lab in engines) + " |")
+    L.append("|---|---:|---:|---|" + "---|" * len(engines))
+    for ct in ctx["ctypes"]:
+        for d in ctx["depths"]:
+            for t in ctx["threads"]:
+                for kind, k in (("pp", p), ("tg", n)):
+                    test = f"{kind}{k} @ d{d}"
+                    cells = [", ".join(f"{x:.2f} ({f:.2f})" for x, f in
+                                       zip(ctx["samples"].get((e, ct, d, t, test), []),
+                                           ctx["foreign"].get((e, ct, d, t, test), []))) for e, _ in engines]
+                    L.append(f"| {ct.upper()} | {d} | {t} | {test} | " + " | ".join(cells) + " |")
+    L.append("")
+    L.append("</details>")
+    return "\n".join(L)
+
+
+def write_depth(path: Path, body: str) -> None:
+    """The --depth section: between its own markers, after the 3B part (or the 1B one)."""
+    text = path.read_text() if path.exists() else ""
+    after = markers("3b")[1] if markers("3b")[1] in text else END
+    write_marked(path, DEPTH_BEGIN, DEPTH_END, body, lambda block: INTRO + block + TRIED, after=after)
+    log(f"wrote {path} (depth part)")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -988,6 +1164,13 @@ def main(argv=None) -> int:
                                              "(default: a venv in the cache with torch CPU)")
     ap.add_argument("--out", type=Path, default=None, help="file to write (default BENCHMARKS.md; "
                                                           "none with --quick)")
+    ap.add_argument("--depth", default=None,
+                    help="depth mode: comma-separated depths D (e.g. 4096,16384,32768); pp (-p) and tg (-n) "
+                         "run after D untimed tokens in the KV cache (llama-bench -d D -fa 1), 1B Q4_0 only, "
+                         "for each --cache-types; written between the depth:begin/end markers")
+    ap.add_argument("--cache-types", default="f16",
+                    help=f"depth mode: KV cache types, of {', '.join(CACHE_TYPES)} (default f16); both engines "
+                         "get -ctk T -ctv T")
     add_quiet_args(ap)
     ap.add_argument("--build-only", action="store_true", help="build/fetch everything, run nothing")
     args = ap.parse_args(argv)
@@ -995,6 +1178,10 @@ def main(argv=None) -> int:
         args.p, args.n, args.runs = 64, 16, 1
         args.quiet_wait, args.redo = min(args.quiet_wait, 10), 0
     out_path = args.out if args.out is not None else (None if args.quick else REPO / "BENCHMARKS.md")
+    if args.depth is not None:
+        if args.preset != "1b" or args.types or args.avx2 or args.build_only:
+            ap.error("--depth runs the 1B Q4_0 files only (no --preset 3b, --types, --avx2, --build-only)")
+        return run_depth(args, argv, out_path)
     threads = [int(x) for x in args.threads.split(",") if x.strip()]
     types = [x.strip().lower() for x in (args.types or DEFAULT_TYPES[args.preset]).split(",") if x.strip()]
     if not threads or min(threads) < 1 or args.runs < 1 or args.p < 1 or args.n < 1:

@@ -7,7 +7,9 @@ Endpoints (bodies and errors in OpenAI's shapes, errors as
 ``{"error": {"message", "type", "param", "code"}}``):
 
     POST /v1/chat/completions   Llama.chat: messages, tools/tool_choice, sampling, stop, seed,
-                                logprobs/top_logprobs, stream (SSE, stream_options.include_usage)
+                                logprobs/top_logprobs, stream (SSE, stream_options.include_usage),
+                                response_format json_object / json_schema and tool_choice
+                                "required" / a named function (constrained: structured.py)
     POST /v1/completions        text continuation of `prompt` (text_completion objects, stream too)
     GET  /v1/models             the one model served
     GET  /health                status, queue, counters (requests, tokens, prompt-cache use);
@@ -39,9 +41,10 @@ Queue: one request generates while at most `queue_size` wait; one more gets 503 
 Retry-After estimate. Disconnect: `JobResponse` listens for http.disconnect; a waiting job
 leaves the queue, a running one is stopped after the token in progress (Scheduler.cancel).
 
-Deliberately not supported (400 with a message saying so): response_format json_object /
-json_schema and tool_choice "required" or a named function (both need constrained
-decoding), n > 1, presence/frequency penalties (use `repeat_penalty`), logit_bias, and
+A schema the constraint engine cannot take is a 400 naming its part (param
+"response_format" or "tools", code "invalid_schema").
+
+Deliberately not supported (400 with a message saying so): n > 1, presence/frequency penalties (use `repeat_penalty`), logit_bias, and
 logprobs on /v1/completions. The request's `model` is not checked: the one model answers.
 Fields of llama.cpp's server `top_k`, `min_p` and `repeat_penalty` are accepted too.
 Other unknown fields are ignored.

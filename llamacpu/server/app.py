@@ -15,7 +15,7 @@ import time
 from ..openai_format import ServedChat, ServedCompletion
 from .errors import APIError
 from .guard import Guard
-from .parse import parse_chat, parse_completion, parse_json
+from .parse import check_structured, parse_chat, parse_completion, parse_json
 from .prompts import PromptCheck
 from .responses import JobResponse
 from .scheduler import Job, Scheduler
@@ -62,11 +62,13 @@ def create_app(llm, *, api_key: str | None = None, queue_size: int = 16, model_i
         return bytes(raw)
 
     def check(settings: dict) -> None:
-        """What parse.py cannot know: the Llama's own rules for sampling, the prompt's fit."""
+        """What parse.py cannot know: the Llama's own rules for sampling, the prompt's fit,
+        whether the constraint engine takes response_format's schema or the forced tools'."""
         try:
             llm.sampling_params(**settings["sampling"])
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
+        check_structured(settings, llm.tokenizer)
         prompts.check(settings)
 
     def prepare_chat(raw: bytes) -> dict:

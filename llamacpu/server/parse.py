@@ -10,6 +10,7 @@ import math
 
 from ..context_fit import TRUNCATE_CHOICES
 from ..sampling import REPEAT_PENALTY_RANGE  # checked here too: a 400 before the request queues
+from ..structured import output_spec
 from .errors import bad
 
 MAX_STOP = 4          # OpenAI's limit on stop strings
@@ -241,13 +242,13 @@ def _tools(f: _Fields):
             if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
                 raise bad(f"'tools[{j}].function.parameters' must be a JSON schema object", f"tools[{j}]")
     if choice is None or choice == "auto":
-        return tools or None
+        return tools or None, None
     if choice == "none":
-        return None
-    if choice == "required" or isinstance(choice, dict):
-        raise bad("tool_choice 'required' or a named function needs constrained decoding, which llamacpu "
-                   "does not have yet; use 'auto' (the model decides, and a call in its reply becomes "
-                   "tool_calls)", "tool_choice", "unsupported_tool_choice")
+        return None, None
+    if choice == "required" or isinstance(choice, dict):   # forced: structured.py checks the rest
+        if not tools:
+            raise bad("tool_choice 'required' or a named function needs 'tools'", "tool_choice")
+        return tools, choice
     raise bad(f"'tool_choice' must be 'none', 'auto', 'required' or an object, got {choice!r}", "tool_choice")
 
 
@@ -256,13 +257,13 @@ def parse_chat(body: dict, n_ctx: int, template_renders_tool_calls: bool = True)
     f = _Fields(body)
     f.get("model", str)
     rf = f.get("response_format", dict)
-    if rf is not None and rf.get("type", "text") != "text":
-        raise bad(f"response_format {rf.get('type')!r} needs constrained decoding, which llamacpu does not "
-                   "have yet; ask for JSON in the prompt and parse the reply", "response_format",
-                   "unsupported_response_format")
+    if rf is not None and rf.get("type", "text") not in ("text", "json_object", "json_schema"):
+        raise bad(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {rf.get('type')!r}",
+                  "response_format")
     job = _common(f, n_ctx, None, 1)
     job["messages"] = _messages(body.get("messages"), template_renders_tool_calls)
-    job["tools"] = _tools(f)
+    job["tools"], job["tool_choice"] = _tools(f)
+    job["response_format"] = rf if rf is not None and rf.get("type", "text") != "text" else None
     logprobs = f.get("logprobs", bool, False)
     top = f.get("top_logprobs", int, lo=0, hi=20)
     if top is not None and not logprobs:
@@ -274,6 +275,20 @@ def parse_chat(body: dict, n_ctx: int, template_renders_tool_calls: bool = True)
                   f"\"oldest\" (drop its oldest turns), got {truncate!r}", "truncate")
     job["truncate"] = truncate
     return job
+
+
+def check_structured(settings: dict, tokenizer) -> None:
+    """A 400 when the constraint engine cannot take the chat's response_format schema or its
+    forced tools' (param "response_format" / "tools", code "invalid_schema")."""
+    if not (settings.get("response_format") or settings.get("tool_choice")):
+        return
+    try:
+        output_spec(tokenizer, response_format=settings["response_format"], tools=settings["tools"],
+                    tool_choice=settings["tool_choice"])
+    except ValueError as e:
+        param = "response_format" if settings["response_format"] else \
+            ("tools" if str(e).startswith("tools") else "tool_choice")
+        raise bad(str(e), param, "invalid_schema" if param != "tool_choice" else None) from None
 
 
 def parse_completion(body: dict, n_ctx: int, vocab_size: int) -> dict:

@@ -137,7 +137,8 @@ class Scheduler:
         s, llm = job.settings, self.llm
         if job.kind == "chat":
             it = llm.chat(messages=s["messages"], tools=s["tools"], max_tokens=s["max_tokens"], stop=s["stop"],
-                          logprobs=s["logprobs"], top_logprobs=s["top_logprobs"], stream=True, **s["sampling"])
+                          logprobs=s["logprobs"], top_logprobs=s["top_logprobs"], stream=True,
+                          response_format=s["response_format"], tool_choice=s["tool_choice"], **s["sampling"])
             tag = "chunk" if job.stream else None
         else:
             it = llm.generate(s["prompt"], max_tokens=s["max_tokens"], stream=True, stop=s["stop"],
