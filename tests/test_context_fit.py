@@ -127,6 +127,9 @@ def test_chat_truncate_oldest_drops_turns_and_answers(small):
     assert out["choices"][0]["message"]["content"]
     # what was sent is exactly the kept conversation
     assert out["choices"][0]["message"] == small.chat(fit.messages, max_tokens=32, **GREEDY)["choices"][0]["message"]
+    # chat_batch takes it too
+    batched = small.chat_batch([msgs], max_tokens=32, truncate="oldest", **GREEDY)[0]
+    assert batched["choices"][0]["message"] == out["choices"][0]["message"] and batched["usage"] == out["usage"]
     # streamed: the last chunk's usage says it too
     chunks = list(small.chat(msgs, max_tokens=8, truncate="oldest", stream=True, **GREEDY))
     assert chunks[-1]["usage"]["truncated"] == small.fit_chat(msgs, max_tokens=8).dropped
