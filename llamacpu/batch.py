@@ -92,8 +92,9 @@ class Answerer:
         self.prompts = PromptCheck(llm)
         self.renders_tool_calls = "tool_calls" in (llm.template.source or "")
 
-    def settings(self, body) -> dict:
-        """The Llama.chat arguments for a /v1/chat/completions body, or an APIError (400)."""
+    def settings(self, body) -> tuple[dict, dict | None]:
+        """The Llama.chat arguments for a /v1/chat/completions body and what "truncate"
+        dropped (None: nothing), or an APIError (400)."""
         if not isinstance(body, dict):
             raise bad("'body' must be a JSON object")
         s = parse_chat(body, self.llm.n_ctx, self.renders_tool_calls)
@@ -107,11 +108,15 @@ class Answerer:
         self.prompts.check(s)
         return dict(messages=s["messages"], tools=s["tools"], max_tokens=s["max_tokens"], stop=s["stop"],
                     logprobs=s["logprobs"], top_logprobs=s["top_logprobs"], response_format=s["response_format"],
-                    tool_choice=s["tool_choice"], **s["sampling"])
+                    tool_choice=s["tool_choice"], **s["sampling"]), s.get("truncated")
 
     def answer(self, custom_id: str, body) -> dict:
         try:
-            return response_row(custom_id, 200, self.llm.chat(**self.settings(body)))
+            kw, truncated = self.settings(body)
+            reply = self.llm.chat(**kw)
+            if truncated:   # turns dropped to fit the context ("truncate": "oldest")
+                reply["usage"]["truncated"] = truncated
+            return response_row(custom_id, 200, reply)
         except Exception as e:  # noqa: BLE001 - every failure is a row, never the end of the job
             err = api_error(e)
             return response_row(custom_id, err.status, err.body())

@@ -9,6 +9,9 @@ HELP = """commands:
   /help           this text
   /exit           leave (or Ctrl-D)
 Ctrl-C stops the reply being written; the conversation keeps what was said.
+When the conversation no longer fits -c (with room for a reply of -n tokens, at most a
+quarter of -c), its oldest turns are dropped down to half of -c, never the system
+prompt; a line says so.
 End a line with \\ to continue on the next one, or wrap several lines in \"\"\"."""
 
 
@@ -100,6 +103,7 @@ class Chat:
     def reply(self, text: str) -> None:
         """Stream one reply to stdout; Ctrl-C stops it and keeps what was said."""
         self.messages.append({"role": "user", "content": text})
+        self._fit()
         out = []
         stream = self.llm.chat(self.messages, stream=True, max_tokens=self.max_tokens, **self.sampling)
         interrupted = False
@@ -125,6 +129,16 @@ class Chat:
             tg = g.completion_tokens / g.generation_seconds if g.generation_seconds > 0 else float("nan")
             print(f"[prompt {g.prompt_tokens} tokens, {pp:.1f} t/s; generated {g.completion_tokens} tokens, "
                   f"{tg:.1f} t/s; finish: {g.finish_reason}]", file=sys.stderr)
+
+    def _fit(self) -> None:
+        """Drop the oldest turns when the conversation and room for a reply no longer fit the
+        context (context_fit.py), saying so on stderr; a ValueError (the message is not sent)
+        when the system prompt and the new message alone do not fit."""
+        fit = self.llm.fit_chat(self.messages, max_tokens=self.max_tokens)
+        if fit.dropped_messages:
+            self.messages = fit.messages
+            print(f"[context full: dropped the oldest {fit.dropped_messages} messages ({fit.dropped_tokens} "
+                  f"tokens) to fit -c {self.llm.n_ctx}]", file=sys.stderr)
 
     def _read(self):
         """One user turn; None at end of input. Trailing backslash or \"\"\" blocks span lines."""
@@ -178,9 +192,9 @@ class Chat:
                 continue
             try:
                 self.reply(text)
-            except ValueError as e:  # e.g. the conversation no longer fits the context
+            except ValueError as e:  # e.g. the system prompt and this message alone do not fit
                 self.messages.pop()
-                print(f"error: {e} (try /reset)", file=sys.stderr)
+                print(f"error: {e}; the message was not sent", file=sys.stderr)
 
 
 def _setup_readline():

@@ -9,7 +9,7 @@ class ModelFormatError(ValueError):
 
 
 class ContextOverflowError(ValueError):
-    """A forward call would write past the KV cache (n_ctx)."""
+    """A forward call would write past the KV cache (n_ctx), or a conversation does not fit it."""
 
 
 class ModelFetchError(OSError):

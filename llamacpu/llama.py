@@ -20,6 +20,8 @@ import numpy as np
 
 from .chat_prompt import chat_ids
 from .chat_template import ChatTemplate
+from .context_fit import Fit, check_truncate, fit_oldest, reply_room
+from .errors import ContextOverflowError
 from .generation import Generation, GenerationStream, Step, TextTracker
 from .batcher import Batcher, Request, Sink
 from .model import DEFAULT_N_CTX, Model, default_parallel
@@ -237,7 +239,8 @@ class Llama:
 
     def chat(self, messages, tools=None, stream: bool = False, max_tokens: int | None = 512, stop=None,
              logprobs: bool = False, top_logprobs: int = 0, parse_special_in_content: bool = False, *,
-             response_format=None, tool_choice=None, regex=None, grammar=None, **sampling):
+             truncate: str | None = None, response_format=None, tool_choice=None, regex=None, grammar=None,
+             **sampling):
         """OpenAI-shaped chat completion: a dict (choices[0].message, finish_reason
         "stop" / "length" / "tool_calls", usage), or with stream=True a GenerationStream
         of chat.completion.chunk dicts. A reply in Llama 3.2's tool-call format
@@ -248,19 +251,23 @@ class Llama:
         response_format={"type": "json_schema", "json_schema": {"schema": {...}}} or
         {"type": "json_object"}; regex=; grammar= (Lark or GBNF); tool_choice="required"
         or {"type": "function", "function": {"name": ...}} forces a call of the tools
-        with valid arguments ("auto", the default: the model decides; "none": no tools)."""
+        with valid arguments ("auto", the default: the model decides; "none": no tools).
+        truncate: None (default), a conversation that does not fit n_ctx is a ValueError;
+        "oldest", its oldest turns are dropped (fit_chat), and usage["truncated"] says
+        {"messages": n, "tokens": t} when any were."""
         job, shape = self._chat_job(messages, tools, max_tokens, stop, logprobs, top_logprobs,
                                     parse_special_in_content, sampling,
                                     dict(response_format=response_format, tool_choice=tool_choice,
-                                         regex=regex, grammar=grammar))
+                                         regex=regex, grammar=grammar), truncate)
         if stream:
             return self._stream(*job, shape.chunks, result=shape.result)
         return shape.result(_finish(self._stream(*job, lambda steps, gen: steps)))
 
     def _chat_job(self, messages, tools, max_tokens, stop, logprobs, top_logprobs, parse_special_in_content, sampling,
-                  structure):
+                  structure, truncate=None):
         """chat()'s arguments checked: (ids, max_tokens, params, stops, logprobs, spec), its
-        ChatCompletion. structure: the structured-output options (structured.output_spec)."""
+        ChatCompletion. structure: the structured-output options (structured.output_spec);
+        truncate: context_fit's policy (None or "oldest")."""
         self._check_open()
         max_tokens = _check_max_tokens(max_tokens)
         params = self.sampling_params(**sampling)
@@ -269,16 +276,39 @@ class Llama:
         tools = tools_for_prompt(tools, structure["tool_choice"])
         if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or not 0 <= top_logprobs <= 20:
             raise ValueError("top_logprobs must be an integer in [0, 20]")
-        ids = self.tokenize_chat(messages, tools=tools, parse_special_in_content=parse_special_in_content)
+        dropped = None
+        if check_truncate(truncate) is None:
+            ids = self.tokenize_chat(messages, tools=tools, parse_special_in_content=parse_special_in_content)
+            if ids and len(ids) >= self.n_ctx:
+                raise ContextOverflowError(f"the conversation has {len(ids)} tokens; the context holds "
+                                           f"{self.n_ctx} (pass truncate='oldest' to drop its oldest turns, "
+                                           "or load with a larger n_ctx)")
+        else:
+            fit = self.fit_chat(messages, tools=tools, max_tokens=max_tokens,
+                                parse_special_in_content=parse_special_in_content)
+            ids, dropped = fit.ids, fit.dropped
         self._check_prompt(ids)  # now, not at the first next() of a stream
         lp = top_logprobs if (logprobs or top_logprobs) else None
-        shape = ChatCompletion(self.model_name, tools=bool(tools), tokenizer=self.tokenizer if lp is not None else None)
+        shape = ChatCompletion(self.model_name, tools=bool(tools), tokenizer=self.tokenizer if lp is not None else None,
+                               truncated=dropped)
         return (ids, max_tokens, params, stops, lp, spec), shape
+
+    def fit_chat(self, messages, tools=None, max_tokens: int | None = 512,
+                 parse_special_in_content: bool = False) -> Fit:
+        """The conversation as chat(truncate="oldest") sends it (context_fit.py): when it
+        leaves no room for a reply of min(max_tokens, n_ctx // 4) tokens, its oldest turns
+        dropped, whole, until prompt + room take half the context; never the system prompt
+        or the newest user message (ContextOverflowError, a ValueError, when those alone do
+        not fit). A Fit: .messages (kept), .ids, .dropped_messages, .dropped_tokens."""
+        _check_messages(messages)
+        return fit_oldest(list(messages), lambda m: self.tokenize_chat(
+            m, tools=tools, parse_special_in_content=parse_special_in_content), self.n_ctx,
+            reply_room(self.n_ctx, _check_max_tokens(max_tokens)))
 
     def chat_batch(self, conversations, *, tools=None, max_tokens: int | None = 512, stop=None,
                    logprobs: bool = False, top_logprobs: int = 0, parse_special_in_content: bool = False,
-                   progress: bool | None = None, stream: bool = False, response_format=None, tool_choice=None,
-                   regex=None, grammar=None, **sampling) -> list[dict]:
+                   truncate: str | None = None, progress: bool | None = None, stream: bool = False,
+                   response_format=None, tool_choice=None, regex=None, grammar=None, **sampling) -> list[dict]:
         """chat() of every message list in `conversations`, decoded together (n_parallel
         at a time, the others queued in order): the chat.completion dicts, in order.
         Options as chat()'s (not stream). Every conversation is checked before any runs
@@ -292,7 +322,7 @@ class Llama:
                 jobs.append(self._chat_job(messages, tools, max_tokens, stop, logprobs, top_logprobs,
                                            parse_special_in_content, sampling,
                                            dict(response_format=response_format, tool_choice=tool_choice,
-                                                regex=regex, grammar=grammar)))
+                                                regex=regex, grammar=grammar), truncate))
             except (ValueError, TypeError) as e:
                 raise type(e)(f"conversations[{i}]: {e}") from None
         return [shape.result(gen) for gen, (_, shape) in zip(self._run_all([j for j, _ in jobs], progress), jobs)]

@@ -18,9 +18,14 @@ from .generation import Generation, Step
 PYTHON_TAG = "<|python_tag|>"
 
 
-def usage(gen: Generation) -> dict:
-    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+def usage(gen: Generation, truncated: dict | None = None) -> dict:
+    """OpenAI's usage; with truncated ({"messages", "tokens"}: turns dropped to fit the
+    context, context_fit.py) an extra field "truncated" says what was dropped."""
+    u = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+         "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+    if truncated:
+        u["truncated"] = dict(truncated)
+    return u
 
 
 def finish_reason(gen: Generation) -> str:
@@ -87,12 +92,13 @@ def _parse_tool_calls(text: str):
 class ChatCompletion:
     """One chat completion's OpenAI shapes; its id and created time are fixed when it is
     made. tools: a reply may be a tool call (message.tool_calls, finish_reason
-    "tool_calls"); tokenizer: give logprobs (None: no logprobs)."""
+    "tool_calls"); tokenizer: give logprobs (None: no logprobs); truncated: what was
+    dropped to fit the context (usage["truncated"])."""
 
-    def __init__(self, model: str, *, tools: bool = False, tokenizer=None):
+    def __init__(self, model: str, *, tools: bool = False, tokenizer=None, truncated: dict | None = None):
         self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.model, self.tools, self.tokenizer = model, tools, tokenizer
+        self.model, self.tools, self.tokenizer, self.truncated = model, tools, tokenizer, truncated
 
     def _head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
@@ -109,7 +115,7 @@ class ChatCompletion:
             message = {"role": "assistant", "content": None, "tool_calls": calls}
             finish = "tool_calls"
         choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": self._logprobs(gen.steps)}
-        return {**self._head("chat.completion"), "choices": [choice], "usage": usage(gen)}
+        return {**self._head("chat.completion"), "choices": [choice], "usage": usage(gen, self.truncated)}
 
     def chunks(self, steps: Iterable[Step], gen: Generation) -> Iterator[dict]:
         """chat.completion.chunk dicts as `steps` (filling `gen`) come: a role chunk, the
@@ -147,20 +153,23 @@ class ChatCompletion:
             if text:
                 yield chunk({"content": text})
         final = chunk({}, finish)
-        final["usage"] = usage(gen)
+        final["usage"] = usage(gen, self.truncated)
         yield final
 
 
 class ServedChat:
     """Llama.chat's dicts as the server sends them: the served model name, and usage only
-    where stream_options.include_usage puts it (a last chunk with no choices)."""
+    where stream_options.include_usage puts it (a last chunk with no choices), with
+    "truncated" when the server dropped turns to fit the context."""
 
-    def __init__(self, model_id: str, include_usage: bool):
-        self.model_id, self.include_usage = model_id, include_usage
+    def __init__(self, model_id: str, include_usage: bool, truncated: dict | None = None):
+        self.model_id, self.include_usage, self.truncated = model_id, include_usage, truncated
         self.usage, self.head = None, None
 
     def result(self, d: dict) -> dict:
         d["model"] = self.model_id
+        if self.truncated:   # dropped before the Llama saw the messages (server/prompts.py)
+            d["usage"]["truncated"] = dict(self.truncated)
         return d
 
     def events(self, chunk: dict) -> list[dict]:
@@ -169,6 +178,8 @@ class ServedChat:
         u = chunk.pop("usage", None)
         if u is not None:
             self.usage = u
+            if self.truncated:
+                u["truncated"] = dict(self.truncated)
         if self.include_usage:
             chunk["usage"] = None
         return [chunk]

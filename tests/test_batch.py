@@ -381,3 +381,20 @@ def test_ray_data_recipe(ray_cluster, reference, smollm_model, tmp_path):
     rows = by_id(read_rows(out))
     assert set(rows) == set(REQUESTS)
     check_answers(rows, reference)
+
+
+def test_truncate_oldest_row_says_what_was_dropped(llm):
+    from llamacpu.batch import Answerer
+    msgs = [{"role": "system", "content": "You are terse."}]
+    for i in range(30):   # ~1,800 tokens: more than the context of 1024
+        msgs += [{"role": "user", "content": f"Tell me fact number {i} about the sea."},
+                 {"role": "assistant", "content": f"Fact {i}: " + "the sea is deep and wide. " * 6}]
+    msgs.append({"role": "user", "content": "Name a fish."})
+    b = {"messages": msgs, "max_tokens": 6, "temperature": 0}
+    row = Answerer(llm).answer("long", b)
+    assert row["response"]["status_code"] == 400
+    assert row["response"]["body"]["error"]["code"] == "context_length_exceeded"
+    row = Answerer(llm).answer("long", {**b, "truncate": "oldest"})
+    assert row["response"]["status_code"] == 200, row
+    assert core(row["response"]["body"]) == core(llm.chat(msgs, max_tokens=6, temperature=0, truncate="oldest"))
+    assert row["response"]["body"]["usage"]["truncated"]["messages"] > 0

@@ -2,6 +2,7 @@
 pseudo-terminal (a reply interrupted with Ctrl-C, then /reset)."""
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -168,3 +169,26 @@ def test_default_model_is_fetched_converted_and_cached(tmp_path):
     assert any(p.suffix == ".llamacpu" for p in tmp_path.iterdir())
     r2 = subprocess.run(RUN + ["-p", "Hello", "-n", "4"], capture_output=True, text=True, timeout=300, env=env)
     assert r2.returncode == 0 and "fetching" not in r2.stderr
+
+
+def test_repl_context_full_drops_oldest_turns_and_goes_on(smol_path, tmp_path):
+    env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
+    p = Pty(RUN + [smol_path, "--temp", "0", "-n", "24", "-c", "256", "--system", "You are terse."], env=env)
+    p.read_until(b"> ")
+    screen = ""
+    for i in range(10):   # each turn is ~50 tokens: the context of 256 is full after a few
+        p.send(f"Tell me fact number {i} about the ocean, its waves and its many creatures.\r")
+        screen += p.read_until(b"\n> ", timeout=120)
+        if "[context full" in screen:
+            break
+    assert re.search(r"\[context full: dropped the oldest \d+ messages \(\d+ tokens\) to fit -c 256\]", screen)
+    assert "error" not in screen
+    # a message that alone does not fit the context: an error line, it is not sent, the chat goes on
+    p.send("ocean " * 300 + "\r")
+    out = p.read_until(b"\n> ", timeout=120)
+    assert "error: the system prompt and the newest message alone are" in out and "was not sent" in out
+    p.send("What colour is the sky?\r")
+    out = p.read_until(b"\n> ", timeout=120)
+    assert "error" not in out and len(out.split("sky?", 1)[-1].strip(" \r\n>")) > 0
+    p.send("/exit\r")
+    assert p.wait() == 0

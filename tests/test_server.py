@@ -337,6 +337,10 @@ BAD = [
      "finite number"),
     ("completions", {"prompt": list(range(N_CTX))}, "prompt", "maximum context length is 1024"),
     ("completions", {"prompt": "hi", "logprobs": 2}, "logprobs", "not supported"),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "truncate": "middle"}, "truncate", '"oldest"'),
+    ("chat", {"messages": [{"role": "user", "content": "hi"}], "truncate": 5}, "truncate", '"oldest"'),
+    ("chat", {"messages": [{"role": "system", "content": LONG}, {"role": "user", "content": "hi"}],
+              "truncate": "oldest"}, "messages", "maximum context length is 1024"),
 ]
 
 
@@ -363,6 +367,40 @@ def test_bad_requests_get_clear_400s(server, client, model_id):
             "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
     r = client.chat.completions.create(model=model_id, messages=user("hi"), temperature=0, max_tokens=2)
     assert r.usage.completion_tokens >= 1
+    assert server.health()["requests"]["failed"] == 0
+
+
+def ocean_chat(turns: int, fact: str = "the ocean is deep and wide. ") -> list[dict]:
+    msgs = [{"role": "system", "content": "You are a helpful assistant."}]
+    for i in range(turns):
+        msgs += [*user(f"Tell me fact number {i} about the ocean."),
+                 {"role": "assistant", "content": f"Fact {i}: " + fact * 6}]
+    return msgs + user("What colour is the sky?")
+
+
+def test_truncate_oldest(server, client, llm, model_id):
+    msgs = ocean_chat(30)                   # ~2,000 tokens: more than the context of 1024
+    with pytest.raises(openai.BadRequestError, match='"truncate": "oldest"') as e:
+        client.chat.completions.create(model=model_id, messages=msgs, max_tokens=8)
+    assert e.value.code == "context_length_exceeded"
+    ref = llm.chat(msgs, max_tokens=8, temperature=0, truncate="oldest")
+    assert ref["usage"]["truncated"]["messages"] > 0
+    r = client.chat.completions.create(model=model_id, messages=msgs, max_tokens=8, temperature=0,
+                                       extra_body={"truncate": "oldest"})
+    assert r.choices[0].message.content == ref["choices"][0]["message"]["content"]
+    assert r.usage.model_dump(exclude_none=True) == ref["usage"]     # usage.truncated: {"messages", "tokens"}
+    chunks = list(client.chat.completions.create(model=model_id, messages=msgs, max_tokens=8, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"truncate": "oldest"}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    assert chunks[-1].usage.model_dump(exclude_none=True) == ref["usage"]
+    # a conversation past the byte bound (n_ctx x the longest token) is fitted without
+    # tokenizing it whole: what it dropped in tokens is then unknown (null)
+    huge = ocean_chat(400, "the ocean is deep and wide, and its waves roll on for ever. ")
+    r = client.chat.completions.create(model=model_id, messages=huge, max_tokens=4, temperature=0,
+                                       extra_body={"truncate": "oldest"})
+    assert r.usage.truncated["tokens"] is None and r.usage.truncated["messages"] > 700
+    assert r.usage.prompt_tokens + 4 <= N_CTX
     assert server.health()["requests"]["failed"] == 0
 
 
@@ -544,6 +582,15 @@ def test_chat_page_round_trip(server, llm, model_id):
         reply = browser.execute_script("return document.querySelector('.msg.assistant .content').textContent")
         chunks = int(browser.find_element(By.CSS_SELECTOR, ".msg.assistant").get_attribute("data-chunks"))
         user_text = browser.execute_script("return document.querySelector('.msg.user .content').textContent")
+        # a chat that has outgrown the context: the page sends "truncate": "oldest" and drops
+        # from its own history what the server dropped
+        long = ocean_chat(30)[:-1]
+        browser.execute_script("messages.splice(0, messages.length, ...arguments[0])", long)
+        box.send_keys("What colour is the sky?")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant .stats")) == 2)
+        stats = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .stats")[1].text
+        kept = browser.execute_script("return messages")
         errors = browser.find_elements(By.CSS_SELECTOR, ".msg.error")
     finally:
         browser.quit()
@@ -552,3 +599,7 @@ def test_chat_page_round_trip(server, llm, model_id):
     assert user_text == "What is the capital of France?"
     assert reply == ref["choices"][0]["message"]["content"] != ""
     assert chunks > 1   # the reply arrived in pieces and was shown as they came
+    sent = long + user("What colour is the sky?")
+    fit = llm.fit_chat(sent, max_tokens=12)
+    assert f"context full: dropped the oldest {fit.dropped_messages} messages" in stats
+    assert kept[:-1] == fit.messages and kept[-1]["role"] == "assistant"

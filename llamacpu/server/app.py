@@ -90,7 +90,7 @@ def create_app(llm, *, api_key: str | None = None, queue_size: int = 16, model_i
 
     async def chat_completions(request):
         settings = await asyncio.to_thread(prepare_chat, await read_body(request))
-        return submit("chat", settings, ServedChat(model_id, settings["include_usage"]))
+        return submit("chat", settings, ServedChat(model_id, settings["include_usage"], settings.get("truncated")))
 
     async def completions(request):
         s = await asyncio.to_thread(prepare_completion, await read_body(request))

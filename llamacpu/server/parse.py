@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+from ..context_fit import TRUNCATE_CHOICES
 from ..sampling import REPEAT_PENALTY_RANGE  # checked here too: a 400 before the request queues
 from ..structured import output_spec
 from .errors import bad
@@ -268,6 +269,11 @@ def parse_chat(body: dict, n_ctx: int, template_renders_tool_calls: bool = True)
     if top is not None and not logprobs:
         raise bad("'top_logprobs' requires 'logprobs': true", "top_logprobs")
     job["logprobs"], job["top_logprobs"] = logprobs, top or 0
+    truncate = body.get("truncate")
+    if truncate is not None and truncate not in TRUNCATE_CHOICES:
+        raise bad(f"'truncate' must be null (a conversation longer than the context is an error) or "
+                  f"\"oldest\" (drop its oldest turns), got {truncate!r}", "truncate")
+    job["truncate"] = truncate
     return job
 
 
