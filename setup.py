@@ -47,7 +47,8 @@ machine = platform.machine().lower()
 is_x86 = machine in ("x86_64", "amd64", "i686", "x86")
 is_arm64 = machine in ("aarch64", "arm64")
 
-sources = ["llamacpu/_core.pyx", "csrc/kernels_scalar.c", "csrc/quants_ref.c", "csrc/dispatch.c", "csrc/forward.c"]
+sources = ["llamacpu/_core.pyx", "csrc/kernels_scalar.c", "csrc/quants_ref.c", "csrc/dispatch.c", "csrc/forward.c",
+           "csrc/attention.c"]
 # each SIMD table: a tiny .c that includes its ISA's .inc with its own flavour macro; compiled
 # with in-file target pragmas, chosen at run time (dispatch.c)
 if is_x86:
