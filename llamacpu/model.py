@@ -12,7 +12,7 @@ from .rope import inv_freq
 
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 512  # tokens per internal prefill chunk (sizes the scratch buffers)
-MAX_THREADS = 1024     # sanity bound (the engine keeps an attention scratch row per thread)
+MAX_THREADS = 1024     # sanity bound (the engine keeps attention blocks per thread)
 MAX_SEQ = 1024         # sanity bound on sequence slots
 
 
