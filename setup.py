@@ -6,15 +6,10 @@ Environment switches:
                              every report is fatal (-fno-sanitize-recover=all). Running it
                              needs the ASan runtime first: LD_PRELOAD=$(cc -print-file-name=libasan.so)
                              ASAN_OPTIONS=detect_leaks=0 (README.md, "Sanitizers")
-  LLAMACPU_NO_OPENMP=1       build without OpenMP (the forward pass's threads are
-                             csrc/threads.c's pthreads pool either way)
 """
 import os
 import platform
-import subprocess
 import sys
-import tempfile
-import warnings
 
 import numpy
 from setuptools import Extension, setup
@@ -25,31 +20,12 @@ except ImportError:  # pragma: no cover - pyproject's build-system lists Cython
     sys.exit("llamacpu needs Cython to build: pip install cython")
 
 
-def _compiler():
-    return os.environ.get("CC", "cc")
-
-
-def _compiles_with(flags):
-    """True when the C compiler accepts `flags` on a tiny OpenMP program."""
-    src = "#include <omp.h>\nint main(void){return omp_get_max_threads() > 0 ? 0 : 1;}\n"
-    with tempfile.TemporaryDirectory() as d:
-        c = os.path.join(d, "t.c")
-        with open(c, "w") as f:
-            f.write(src)
-        try:
-            r = subprocess.run([_compiler(), *flags, c, "-o", os.path.join(d, "t")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        except OSError:
-            return False
-        return r.returncode == 0
-
-
 machine = platform.machine().lower()
 is_x86 = machine in ("x86_64", "amd64", "i686", "x86")
 is_arm64 = machine in ("aarch64", "arm64")
 
 sources = ["llamacpu/_core.pyx", "csrc/kernels_scalar.c", "csrc/quants_ref.c", "csrc/dispatch.c", "csrc/forward.c",
-           "csrc/threads.c"]
+           "csrc/threads.c", "csrc/attention.c"]
 # each SIMD table: a tiny .c that includes its ISA's .inc with its own flavour macro; compiled
 # with in-file target pragmas, chosen at run time (dispatch.c)
 if is_x86:
@@ -73,14 +49,6 @@ if san:
     # -fno-sanitize-recover: a UBSan report aborts (exit status != 0) instead of printing and going on
     cflags += [f"-fsanitize={san}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
     ldflags += [f"-fsanitize={san}"]
-
-if os.environ.get("LLAMACPU_NO_OPENMP") == "1":
-    warnings.warn("llamacpu: LLAMACPU_NO_OPENMP=1, building without OpenMP")
-elif _compiles_with(["-fopenmp"]):
-    cflags.append("-fopenmp")
-    ldflags.append("-fopenmp")
-else:
-    warnings.warn("llamacpu: the C compiler has no OpenMP (-fopenmp failed); building without it")
 
 ext = Extension(
     "llamacpu._core",

@@ -1,4 +1,4 @@
-/* The Llama forward pass over a chunk of tokens, with an F16 KV cache.
+/* The Llama forward pass over a chunk of tokens, with a KV cache of F16, Q8_0 or Q4_0 rows.
  *
  *   x = embed(tokens)                                   (n, dim)
  *   per layer:
@@ -11,21 +11,24 @@
  *
  * Matmuls with quantized weights take activations quantized once per row
  * (block_q8a); several tokens share each weight load (kernels' gemm tiles).
- * Threads: the model's pool (threads.c) over chunks of weight rows (matmuls), over
- * (token, head) pairs (attention) and over the tokens of a prefill (the other steps). */
+ * Threads: the model's pool (threads.c) over chunks of weight rows (matmuls), over the
+ * tokens of a prefill (the per-token steps), and over attention's work units (attention.c:
+ * runs of tokens x kv heads, and ranges of positions when those are few). */
 #define _POSIX_C_SOURCE 200112L /* posix_memalign under -std=c11 */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "llamacpu.h"
+#include "attention.h"
 
 struct lc_model {
     lc_config c;
     lc_weights w;
     const lc_kernels *k;
     int q_dim, kv_dim;
-    uint16_t *kcache, *vcache; /* (n_layers, n_seq, n_kv_heads, n_ctx, head_dim) */
+    uint8_t *kcache, *vcache; /* (n_layers, n_seq, n_kv_heads, n_ctx) rows of row_k / row_v bytes */
+    size_t row_k, row_v;      /* one position's head_dim values in type_k / type_v */
     /* scratch for up to n_batch tokens */
     float *x;      /* (B, dim) residual stream */
     float *xb;     /* (B, max(dim, q_dim)) normed input; attention output */
@@ -37,7 +40,7 @@ struct lc_model {
     float *res;    /* (B, dim) residual of the 8-bit activations, for wv */
     block_q8a *xq2; /* (B, dim / 32) that residual, quantized */
     float *vb2;    /* (B, kv_dim) */
-    float *att;    /* (n_scratch_threads, n_ctx) attention scores */
+    float *att;    /* (n_scratch_threads, lc_attention_scratch) attention's blocks */
     int n_scratch_threads;
     /* AMX prefill (kernel tables with gemm_amx): a chunk of >= LC_AMX_MIN_TOKENS tokens takes
      * its matmul inputs as bf16 (xbf) instead of q8a, and each thread dequantizes W's panels
@@ -69,10 +72,10 @@ void lc_model_free(lc_model *m) {
     free(m);
 }
 
-/* the per-thread scratch: attention scores, and the AMX panels */
+/* the per-thread scratch: attention's blocks, and the AMX panels */
 static int alloc_att(lc_model *m, int threads) {
     if (threads <= m->n_scratch_threads) return 0;
-    float *a = xalloc((size_t)threads * m->c.n_ctx * sizeof(float));
+    float *a = xalloc((size_t)threads * lc_attention_scratch(m->c.head_dim, m->c.n_heads, m->c.n_kv_heads) * sizeof(float));
     uint8_t *s = m->k->gemm_amx ? xalloc((size_t)threads * LC_AMX_SCRATCH(m->widest)) : NULL;
     if (!a || (m->k->gemm_amx && !s)) {
         free(a);
@@ -97,7 +100,7 @@ static int tensor_ok(const lc_kernels *k, const lc_tensor *t) {
 /* The bytes of every buffer lc_model_new allocates: one place for lc_model_new and
  * lc_model_bytes. */
 typedef struct {
-    size_t cache;                 /* kcache, vcache each */
+    size_t cache_k, cache_v;      /* kcache, vcache */
     size_t x, xb, q, kv, hid;     /* x proj res; xb; q; kb vb vb2; hb hb2 */
     size_t xq, xq2, xbf, zeros;
     size_t att, amx_panel;        /* per thread */
@@ -109,7 +112,9 @@ static lc_sizes sizes_of(const lc_config *c, const lc_kernels *k) {
     const size_t B = (size_t)c->n_batch, qd = (size_t)c->n_heads * c->head_dim, kvd = (size_t)c->n_kv_heads * c->head_dim;
     const size_t wide = (size_t)c->dim > qd ? (size_t)c->dim : qd;
     const size_t widest = wide > (size_t)c->hidden_dim ? wide : (size_t)c->hidden_dim;
-    z.cache = (size_t)c->n_layers * c->n_seq * kvd * c->n_ctx * 2;
+    const size_t rows = (size_t)c->n_layers * c->n_seq * c->n_kv_heads * c->n_ctx;
+    z.cache_k = rows * (size_t)lc_row_bytes(c->type_k, c->head_dim);
+    z.cache_v = rows * (size_t)lc_row_bytes(c->type_v, c->head_dim);
     z.x = B * c->dim * 4;
     z.xb = B * wide * 4;
     z.q = B * qd * 4;
@@ -119,7 +124,7 @@ static lc_sizes sizes_of(const lc_config *c, const lc_kernels *k) {
     z.xq2 = B * (c->dim / QK + 1) * sizeof(block_q8a);
     z.xbf = k->gemm_amx ? LC_AMX_ACT(B, widest) * 2 : 0;
     z.zeros = k->gemm_amx ? widest * sizeof(float) : 0;
-    z.att = (size_t)c->n_ctx * sizeof(float);
+    z.att = lc_attention_scratch(c->head_dim, c->n_heads, c->n_kv_heads) * sizeof(float);
     z.amx_panel = k->gemm_amx ? LC_AMX_SCRATCH(widest) : 0;
     z.widest = (int64_t)widest;
     return z;
@@ -128,7 +133,8 @@ static lc_sizes sizes_of(const lc_config *c, const lc_kernels *k) {
 static int config_ok(const lc_config *c) {
     return c->dim > 0 && c->hidden_dim > 0 && c->n_layers > 0 && c->n_heads > 0 && c->n_kv_heads > 0 &&
            c->head_dim > 0 && c->head_dim % 2 == 0 && c->head_dim <= 1024 && c->n_heads % c->n_kv_heads == 0 &&
-           c->vocab_size > 0 && c->n_ctx > 0 && c->n_seq > 0 && c->n_batch > 0 && c->n_threads > 0;
+           c->vocab_size > 0 && c->n_ctx > 0 && c->n_seq > 0 && c->n_batch > 0 && c->n_threads > 0 &&
+           lc_kv_type_ok(c->type_k, c->head_dim) && lc_kv_type_ok(c->type_v, c->head_dim);
 }
 
 int64_t lc_model_bytes(const lc_config *cfg, const lc_kernels *k, int64_t *per_thread) {
@@ -137,14 +143,17 @@ int64_t lc_model_bytes(const lc_config *cfg, const lc_kernels *k, int64_t *per_t
     const lc_sizes z = sizes_of(cfg, k);
     const int64_t thread = (int64_t)(z.att + z.amx_panel);
     if (per_thread) *per_thread = thread;
-    return (int64_t)(2 * z.cache + 3 * z.x + z.xb + z.q + 3 * z.kv + 2 * z.hid + z.xq + z.xq2 + z.xbf + z.zeros) +
+    return (int64_t)(z.cache_k + z.cache_v + 3 * z.x + z.xb + z.q + 3 * z.kv + 2 * z.hid + z.xq + z.xq2 + z.xbf + z.zeros) +
            cfg->n_threads * thread;
 }
 
 lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kernels *k, char *err, size_t errlen) {
     const lc_config c = *cfg;
     if (!config_ok(&c)) {
-        snprintf(err, errlen, "invalid engine configuration");
+        if (!lc_kv_type_ok(c.type_k, c.head_dim) || !lc_kv_type_ok(c.type_v, c.head_dim))
+            snprintf(err, errlen, "KV cache types must be F16, Q8_0 or Q4_0, and Q8_0/Q4_0 need a head_dim that is a "
+                     "multiple of 32 (head_dim %d)", c.head_dim);
+        else snprintf(err, errlen, "invalid engine configuration");
         return NULL;
     }
     if (!k) k = lc_kernels_best();
@@ -177,8 +186,10 @@ lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kerne
     const lc_sizes z = sizes_of(&c, k);
     /* calloc: large blocks come zeroed from the OS, untouched pages cost no RSS or time
      * (a sequence slot's cache costs memory only as far as its positions are written) */
-    m->kcache = calloc(z.cache, 1);
-    m->vcache = calloc(z.cache, 1);
+    m->kcache = calloc(z.cache_k, 1);
+    m->vcache = calloc(z.cache_v, 1);
+    m->row_k = (size_t)lc_row_bytes(c.type_k, c.head_dim);
+    m->row_v = (size_t)lc_row_bytes(c.type_v, c.head_dim);
     m->x = xalloc(z.x);
     m->xb = xalloc(z.xb);
     m->q = xalloc(z.q);
@@ -200,7 +211,7 @@ lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kerne
         !m->hb || !m->hb2 || !m->proj || !m->xq || !m->res || !m->xq2 || !m->vb2 || (k->gemm_amx && (!m->xbf || !m->zeros)) ||
         alloc_att(m, c.n_threads) != 0 || !(m->pool = lc_pool_new(c.n_threads))) {
         snprintf(err, errlen, "out of memory allocating the KV cache (%.1f MiB) and buffers",
-                 z.cache * 2.0 / (1024.0 * 1024.0));
+                 (z.cache_k + z.cache_v) / (1024.0 * 1024.0));
         lc_model_free(m);
         return NULL;
     }
@@ -351,10 +362,10 @@ static void value_residual_unit(void *ctx, int t, int thread) {
     m->k->quantize_act(r, m->xq2 + t * nb, dim);
 }
 
-/* The cache of layer l, sequence seq, kv head h: (n_ctx, head_dim) f16 */
-static size_t cache_off(const lc_model *m, int l, int seq, int h) {
+/* The first cache row of layer l, sequence seq, kv head h (n_ctx rows follow it) */
+static size_t cache_row(const lc_model *m, int l, int seq, int h) {
     const lc_config *c = &m->c;
-    return (((size_t)l * c->n_seq + seq) * c->n_kv_heads + h) * c->n_ctx * c->head_dim;
+    return (((size_t)l * c->n_seq + seq) * c->n_kv_heads + h) * c->n_ctx;
 }
 
 static void attention_norm_unit(void *ctx, int t, int thread) {
@@ -375,9 +386,9 @@ static void rope_cache_unit(void *ctx, int t, int thread) {
     m->k->rope(m->q + (int64_t)t * qd, c->n_heads, hd, pos, m->w.inv_freq);
     m->k->rope(m->kb + (int64_t)t * kvd, c->n_kv_heads, hd, pos, m->w.inv_freq);
     for (int h = 0; h < c->n_kv_heads; h++) {
-        const size_t off = cache_off(m, j->l, j->seq[t], h) + (size_t)pos * hd;
-        m->k->f32_to_f16(m->kcache + off, m->kb + (int64_t)t * kvd + h * hd, hd);
-        m->k->f32_to_f16(m->vcache + off, m->vb + (int64_t)t * kvd + h * hd, hd);
+        const size_t row = cache_row(m, j->l, j->seq[t], h) + (size_t)pos;
+        lc_kv_store(m->k, c->type_k, m->kcache + row * m->row_k, m->kb + (int64_t)t * kvd + h * hd, hd);
+        lc_kv_store(m->k, c->type_v, m->vcache + row * m->row_v, m->vb + (int64_t)t * kvd + h * hd, hd);
     }
 }
 
@@ -404,20 +415,9 @@ static void residual_unit(void *ctx, int t, int thread) {
     for (int64_t i = t * dim; i < (t + 1) * dim; i++) m->x[i] += m->proj[i];
 }
 
-/* unit i: token i / n_heads, head i % n_heads */
-static void attention_unit(void *ctx, int i, int thread) {
-    const tok_job *j = ctx;
-    const lc_model *m = j->m;
-    const lc_config *c = &m->c;
-    const int t = i / c->n_heads, h = i % c->n_heads, hd = c->head_dim, qd = m->q_dim;
-    const size_t off = cache_off(m, j->l, j->seq[t], h / (c->n_heads / c->n_kv_heads));
-    m->k->attention(m->xb + (int64_t)t * qd + h * hd, m->q + (int64_t)t * qd + h * hd, m->kcache + off,
-                    m->vcache + off, j->pos[t] + 1, hd, 1.0f / sqrtf((float)hd), m->att + (size_t)thread * c->n_ctx);
-}
-
 /* One chunk of a batch: token t of sequence seq[t] at position pos[t]; the logits of
  * the tokens with want[t] go to consecutive rows of `logits`. */
-static void forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq, const int32_t *pos,
+static int forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq, const int32_t *pos,
                           const int8_t *want, int nt, float *logits) {
     const lc_config *c = &m->c;
     const lc_kernels *k = m->k;
@@ -441,7 +441,10 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq
         matmuls(m, qkv, vres ? 4 : 3, nt);
         tj.vres = vres;
         lc_parallel_for(m->pool, nt, rope_cache_unit, &tj);
-        lc_parallel_for(m->pool, nt * c->n_heads, attention_unit, &tj);
+        const size_t layer = cache_row(m, l, 0, 0);
+        const lc_attn att = {k, m->pool, c->n_heads, c->n_kv_heads, c->head_dim, c->n_ctx, c->type_k, c->type_v,
+                             m->kcache + layer * m->row_k, m->vcache + layer * m->row_v, m->row_k, m->row_v, m->att};
+        if (lc_attention(&att, m->q, seq, pos, nt, m->xb) != 0) return LC_E_MEM;
         quantize_rows(m, m->xb, nt, qd, lc_is_quantized(L->wo.type));
         matmul(m, &L->wo, m->xb, m->xq, nt, m->proj, dim);
 
@@ -464,10 +467,11 @@ static void forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq
             k->rmsnorm(m->xb + (int64_t)nw * dim, m->x + (int64_t)t * dim, m->w.norm, dim, c->norm_eps);
             nw++;
         }
-    if (nw == 0) return;
+    if (nw == 0) return LC_OK;
     m->amx = k->gemm_amx != NULL && nw >= LC_AMX_MIN_TOKENS;
     quantize_rows(m, m->xb, nw, dim, lc_is_quantized(O->type));
     matmul(m, O, m->xb, m->xq, nw, logits, c->vocab_size);
+    return LC_OK;
 }
 
 int lc_forward_batch(lc_model *m, const int32_t *tokens, const int32_t *seq, const int32_t *pos,
@@ -480,7 +484,8 @@ int lc_forward_batch(lc_model *m, const int32_t *tokens, const int32_t *seq, con
     }
     for (int done = 0; done < n;) {
         const int nt = n - done < m->c.n_batch ? n - done : m->c.n_batch;
-        forward_chunk(m, tokens + done, seq + done, pos + done, want ? want + done : NULL, nt, logits);
+        const int rc = forward_chunk(m, tokens + done, seq + done, pos + done, want ? want + done : NULL, nt, logits);
+        if (rc != LC_OK) return rc;
         for (int t = done; t < done + nt; t++)
             if (!want || want[t]) logits += m->c.vocab_size;
         done += nt;
@@ -507,11 +512,11 @@ int lc_seq_copy(lc_model *m, int src, int dst, int n_pos) {
     const lc_config *c = &m->c;
     if (src < 0 || src >= c->n_seq || dst < 0 || dst >= c->n_seq || n_pos < 0 || n_pos > c->n_ctx) return LC_E_ARG;
     if (src == dst || n_pos == 0) return LC_OK;
-    const size_t bytes = (size_t)n_pos * c->head_dim * 2;
     for (int l = 0; l < c->n_layers; l++)
         for (int h = 0; h < c->n_kv_heads; h++) {
-            memcpy(m->kcache + cache_off(m, l, dst, h), m->kcache + cache_off(m, l, src, h), bytes);
-            memcpy(m->vcache + cache_off(m, l, dst, h), m->vcache + cache_off(m, l, src, h), bytes);
+            const size_t d = cache_row(m, l, dst, h), s = cache_row(m, l, src, h);
+            memcpy(m->kcache + d * m->row_k, m->kcache + s * m->row_k, (size_t)n_pos * m->row_k);
+            memcpy(m->vcache + d * m->row_v, m->vcache + s * m->row_v, (size_t)n_pos * m->row_v);
         }
     return LC_OK;
 }

@@ -274,25 +274,42 @@ static void rope(float *x, int n_heads, int head_dim, int pos, const float *inv_
     }
 }
 
-static void attention(float *out, const float *q, const uint16_t *K, const uint16_t *V, int n, int head_dim, float scale, float *scores) {
-    float max = -INFINITY;
-    for (int j = 0; j < n; j++) {
-        const uint16_t *k = K + (int64_t)j * head_dim;
-        float s = 0.0f;
-        for (int i = 0; i < head_dim; i++) s += q[i] * lc_fp16_to_fp32(k[i]);
-        scores[j] = s * scale;
-        if (scores[j] > max) max = scores[j];
-    }
+/* One row's online-softmax update from its scores S[0..n) (n > 0): the new maximum,
+ * l and O rescaled by exp(m_old - m_new), S turned into the weights exp(s - m_new).
+ * Returns the rescale factor of O. */
+static float online_softmax(float *S, int n, float *m, float *l) {
+    float mx = *m;
+    for (int j = 0; j < n; j++) mx = S[j] > mx ? S[j] : mx;
+    const float alpha = *m == -INFINITY ? 0.0f : expf(*m - mx);
     float sum = 0.0f;
     for (int j = 0; j < n; j++) {
-        scores[j] = expf(scores[j] - max);
-        sum += scores[j];
+        S[j] = expf(S[j] - mx);
+        sum += S[j];
     }
-    for (int i = 0; i < head_dim; i++) out[i] = 0.0f;
-    for (int j = 0; j < n; j++) {
-        const uint16_t *v = V + (int64_t)j * head_dim;
-        const float p = scores[j] / sum;
-        for (int i = 0; i < head_dim; i++) out[i] += p * lc_fp16_to_fp32(v[i]);
+    *m = mx;
+    *l = *l * alpha + sum;
+    return alpha;
+}
+
+static void attn_block(int nq, int hd, const float *Q, const int *vis, const float *Kt, const float *V, int nk,
+                       float *m, float *l, float *O, float *S) {
+    (void)nk;
+    for (int r = 0; r < nq; r++) {
+        const int n = vis[r];
+        if (n <= 0) continue;
+        const float *q = Q + (int64_t)r * hd;
+        for (int j = 0; j < n; j++) {
+            float s = 0.0f;
+            for (int d = 0; d < hd; d++) s += q[d] * Kt[(int64_t)d * LC_ATT_BLOCK + j];
+            S[j] = s;
+        }
+        const float alpha = online_softmax(S, n, &m[r], &l[r]);
+        float *o = O + (int64_t)r * hd;
+        for (int d = 0; d < hd; d++) {
+            float acc = o[d] * alpha;
+            for (int j = 0; j < n; j++) acc += S[j] * V[(int64_t)j * hd + d];
+            o[d] = acc;
+        }
     }
 }
 

@@ -88,7 +88,7 @@
                 [LC_I_Q4_K] = gemm_q4_k_x8, [LC_I_Q5_K] = gemm_q5_k_x8, [LC_I_Q6_K] = gemm_q6_k_x8,  \
                 [LC_I_IQ4_NL] = gemm_iq4_nl_x8, [LC_I_IQ4_XS] = gemm_iq4_xs_x8},                    \
     .gemm_f16 = gemm_f16, .gemm_f32 = gemm_f32, .dequantize_row = dequantize_row,                   \
-    .rmsnorm = rmsnorm, .rope = rope, .attention = attention, .f32_to_f16 = f32_to_f16,              \
+    .rmsnorm = rmsnorm, .rope = rope, .attn_block = attn_block, .f32_to_f16 = f32_to_f16,              \
     .swiglu = swiglu
 #define LC_KERNEL_TABLE(NAME) {LC_KERNEL_FIELDS(NAME)}
 

@@ -46,10 +46,15 @@ typedef struct lc_kernels {
      * pos * inv_freq[i] */
     void (*rope)(float *x, int n_heads, int head_dim, int pos, const float *inv_freq);
 
-    /* One query head against n cached positions of K and V (f16, (n, head_dim)):
-     * out (head_dim,) = softmax(K q * scale) V. scratch: n floats. */
-    void (*attention)(float *out, const float *q, const uint16_t *K, const uint16_t *V,
-                      int n, int head_dim, float scale, float *scratch);
+    /* Flash attention's step (csrc/attention.c): nq query rows Q (nq, hd), already
+     * scaled by 1/sqrt(hd), against one block of nk <= LC_ATT_BLOCK cached positions, as
+     * f32: Kt (hd, LC_ATT_BLOCK) the keys transposed (columns nk.. zero), V (nk, hd). Row
+     * r sees the block's first vis[r] positions (0 <= vis[r] <= nk; 0 leaves it as it is).
+     * Each row's running state: m[r] the largest score so far, l[r] the sum of
+     * exp(score - m[r]), O (nq, hd) the sum of exp(score - m[r]) v; start from -inf, 0, 0;
+     * the attention is O / l. S: scratch, LC_ATT_S floats. */
+    void (*attn_block)(int nq, int hd, const float *Q, const int *vis, const float *Kt, const float *V, int nk,
+                       float *m, float *l, float *O, float *S);
 
     /* x (n,) float -> y (n,) f16, round to nearest even */
     void (*f32_to_f16)(uint16_t *y, const float *x, int64_t n);
@@ -69,6 +74,10 @@ typedef struct lc_kernels {
      * significant bits) in AMX tiles of 16 tokens x 32 elements */
     void (*act_to_amx)(uint16_t *X, const float *x, int64_t cols, int t);
 } lc_kernels;
+
+/* positions of a flash-attention block (lc_kernels.attn_block), and its S scratch (floats) */
+#define LC_ATT_BLOCK 64
+#define LC_ATT_S (4 * LC_ATT_BLOCK)
 
 /* bytes of gemm_amx's scratch for `cols` columns: a 32-row panel of bf16 */
 #define LC_AMX_SCRATCH(cols) ((size_t)(cols) * 64)
@@ -159,6 +168,7 @@ typedef struct {
     int n_seq;   /* sequence slots (each with its own n_ctx positions of KV cache) */
     int n_batch; /* most tokens per internal chunk (scratch size) */
     int n_threads;
+    int type_k, type_v; /* KV cache types: LC_TYPE_F16, Q8_0 or Q4_0 (head_dim % 32 == 0) */
 } lc_config;
 
 typedef struct {
@@ -178,7 +188,7 @@ const lc_kernels *lc_model_kernels(const lc_model *m);
 void lc_model_set_threads(lc_model *m, int n_threads);
 /* Bytes lc_model_new allocates for cfg with table k (NULL: the best one), and per extra
  * thread (lc_model_set_threads) in *per_thread: the KV cache, one chunk's scratch, and a
- * thread's attention row and AMX panel. The KV cache is calloc'ed: pages never written
+ * thread's attention blocks and AMX panel. The KV cache is calloc'ed: pages never written
  * cost no memory. */
 int64_t lc_model_bytes(const lc_config *cfg, const lc_kernels *k, int64_t *per_thread);
 
@@ -205,5 +215,6 @@ int lc_seq_copy(lc_model *m, int src, int dst, int n_pos);
 #define LC_E_CTX (-1)   /* pos + n > n_ctx */
 #define LC_E_TOKEN (-2) /* token id outside [0, vocab) */
 #define LC_E_ARG (-3)   /* n < 1, pos < 0 or seq outside [0, n_seq) */
+#define LC_E_MEM (-4)   /* out of memory for attention's work list (the batch's cache rows are then undefined) */
 
 #endif

@@ -11,7 +11,8 @@ cdef extern from "llamacpu.h" nogil:
     int LC_TYPE_Q6_0
     int LC_LAYOUT_ROWS, LC_LAYOUT_X8
     int LC_N_TYPES
-    int LC_OK, LC_E_CTX, LC_E_TOKEN, LC_E_ARG
+    int LC_OK, LC_E_CTX, LC_E_TOKEN, LC_E_ARG, LC_E_MEM
+    int LC_ATT_BLOCK, LC_ATT_S
 
     ctypedef struct block_q8a:
         int8_t qs[32]
@@ -48,8 +49,8 @@ cdef extern from "llamacpu.h" nogil:
         void (*dequantize_row)(int type, const void *row, float *y, int64_t n) noexcept nogil
         void (*rmsnorm)(float *out, const float *x, const float *w, int n, float eps) noexcept nogil
         void (*rope)(float *x, int n_heads, int head_dim, int pos, const float *inv_freq) noexcept nogil
-        void (*attention)(float *out, const float *q, const uint16_t *K, const uint16_t *V, int n, int head_dim,
-                          float scale, float *scratch) noexcept nogil
+        void (*attn_block)(int nq, int hd, const float *Q, const int *vis, const float *Kt, const float *V, int nk,
+                           float *m, float *l, float *O, float *S) noexcept nogil
         void (*f32_to_f16)(uint16_t *y, const float *x, int64_t n) noexcept nogil
         void (*swiglu)(float *hb, const float *hb2, int64_t n) noexcept nogil
         void (*gemm_amx)(int type, int terms, const void *W, int64_t cols, const uint16_t *X, int nt, float *Y,
@@ -85,6 +86,7 @@ cdef extern from "llamacpu.h" nogil:
         int vocab_size, dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim
         float norm_eps
         int n_ctx, n_seq, n_batch, n_threads
+        int type_k, type_v
 
     ctypedef struct lc_weights:
         lc_tensor tok_embeddings
@@ -105,3 +107,23 @@ cdef extern from "llamacpu.h" nogil:
                          const int8_t *want, int n, float *logits)
     int lc_forward(lc_model *m, const int32_t *tokens, int n, int pos, float *logits, int all_logits)
     int lc_seq_copy(lc_model *m, int src, int dst, int n_pos)
+
+
+cdef extern from "attention.h" nogil:
+    ctypedef struct lc_pool:
+        pass
+    lc_pool *lc_pool_new(int n_threads)
+    void lc_pool_free(lc_pool *p)
+    ctypedef struct lc_attn:
+        const lc_kernels *k
+        lc_pool *pool
+        int n_heads, n_kv_heads, head_dim, n_ctx
+        int type_k, type_v
+        const unsigned char *kcache
+        const unsigned char *vcache
+        size_t row_k, row_v
+        float *scratch
+    int lc_kv_type_ok(int type, int head_dim)
+    void lc_kv_store(const lc_kernels *k, int type, void *dst, const float *x, int n)
+    size_t lc_attention_scratch(int head_dim, int n_heads, int n_kv_heads)
+    int lc_attention(const lc_attn *a, const float *q, const int32_t *seq, const int32_t *pos, int nt, float *out)

@@ -34,30 +34,6 @@ Q8A_DTYPE = np.dtype([("qs", "i1", (32,)), ("d", "<f4", (4,)), ("s", "<f4"), ("s
                       ("pad", "<f4")])
 
 
-cdef extern from *:
-    """
-    #ifdef _OPENMP
-    #include <omp.h>
-    static int lc_omp_max(void) { return omp_get_max_threads(); }
-    static int lc_has_openmp(void) { return 1; }
-    #else
-    static int lc_omp_max(void) { return 1; }
-    static int lc_has_openmp(void) { return 0; }
-    #endif
-    """
-    int lc_omp_max()
-    int lc_has_openmp()
-
-
-def omp_max_threads():
-    """Threads OpenMP would use by default (1 when built without OpenMP)."""
-    return lc_omp_max()
-
-
-def has_openmp():
-    return bool(lc_has_openmp())
-
-
 def row_bytes(int type, int64_t cols):
     cdef int64_t r = lc_row_bytes(type, cols)
     if r < 0:
@@ -247,20 +223,59 @@ def rope(x, int pos, inv_freq, impl=None):
     return a
 
 
-def attention(q, K, V, float scale, impl=None):
-    """q float32 (hd,), K and V float16 (n, hd) -> float32 (hd,)."""
+def kv_store(x, int type, impl=None):
+    """x float32 (rows, hd) -> uint8 (rows, row bytes): each row as the KV cache stores it
+    (lc_kv_store: F16, Q8_0 or Q4_0)."""
     cdef const lc_kernels *k = _kernels(impl)
-    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] qa = np.ascontiguousarray(q, dtype=np.float32).reshape(-1)
-    cdef cnp.ndarray[cnp.uint16_t, ndim=2, mode="c"] Ka = np.ascontiguousarray(K, dtype=np.float16).view(np.uint16)
-    cdef cnp.ndarray[cnp.uint16_t, ndim=2, mode="c"] Va = np.ascontiguousarray(V, dtype=np.float16).view(np.uint16)
-    cdef int n = Ka.shape[0], hd = qa.shape[0]
-    if n < 1 or Ka.shape[1] != hd or Va.shape[0] != n or Va.shape[1] != hd:
-        raise ValueError("attention: shapes do not agree")
-    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] out = np.empty(hd, dtype=np.float32)
-    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] scratch = np.empty(n, dtype=np.float32)
+    cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] a = np.array(x, dtype=np.float32, order="C", ndmin=2)
+    cdef int rows = a.shape[0], hd = a.shape[1], i
+    if not lc_kv_type_ok(type, hd):
+        raise ValueError(f"KV cache type {type} with head_dim {hd}: F16, or Q8_0/Q4_0 with head_dim % 32 == 0")
+    cdef int64_t rb = lc_row_bytes(type, hd)
+    cdef cnp.ndarray[cnp.uint8_t, ndim=2, mode="c"] out = np.empty((rows, rb), dtype=np.uint8)
     with nogil:
-        k.attention(<float *>out.data, <const float *>qa.data, <const uint16_t *>Ka.data, <const uint16_t *>Va.data,
-                    n, hd, scale, <float *>scratch.data)
+        for i in range(rows):
+            lc_kv_store(k, type, <unsigned char *>out.data + i * rb, <const float *>a.data + <int64_t>i * hd, hd)
+    return out
+
+
+def attention(q, kcache, vcache, int type_k, int type_v, seq, pos, int n_kv_heads, int n_threads=1, impl=None):
+    """The attention of one layer (lc_attention): q float32 (nt, n_heads, hd); kcache and
+    vcache uint8 (n_seq, n_kv_heads, n_ctx, row bytes) as kv_store writes rows; token t of
+    sequence seq[t] sees its positions [0, pos[t]]. -> float32 (nt, n_heads, hd)."""
+    cdef const lc_kernels *k = _kernels(impl)
+    cdef cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] Q = np.ascontiguousarray(q, dtype=np.float32)
+    cdef cnp.ndarray[cnp.uint8_t, ndim=4, mode="c"] KC = np.ascontiguousarray(kcache, dtype=np.uint8)
+    cdef cnp.ndarray[cnp.uint8_t, ndim=4, mode="c"] VC = np.ascontiguousarray(vcache, dtype=np.uint8)
+    cdef cnp.ndarray[cnp.int32_t, ndim=1, mode="c"] S = np.ascontiguousarray(seq, dtype=np.int32).reshape(-1)
+    cdef cnp.ndarray[cnp.int32_t, ndim=1, mode="c"] P = np.ascontiguousarray(pos, dtype=np.int32).reshape(-1)
+    cdef int nt = Q.shape[0], nh = Q.shape[1], hd = Q.shape[2], rc
+    cdef lc_attn a
+    if not (lc_kv_type_ok(type_k, hd) and lc_kv_type_ok(type_v, hd)):
+        raise ValueError("attention: KV types must be F16, or Q8_0/Q4_0 with head_dim % 32 == 0")
+    if nt < 1 or n_kv_heads < 1 or nh % n_kv_heads or S.shape[0] != nt or P.shape[0] != nt or n_threads < 1:
+        raise ValueError("attention: shapes do not agree")
+    if KC.shape[1] != n_kv_heads or KC.shape[3] != lc_row_bytes(type_k, hd) or VC.shape[3] != lc_row_bytes(type_v, hd) \
+            or VC.shape[0] != KC.shape[0] or VC.shape[1] != n_kv_heads or VC.shape[2] != KC.shape[2]:
+        raise ValueError("attention: cache shapes do not agree with the types and head_dim")
+    if np.any(S < 0) or np.any(S >= KC.shape[0]) or np.any(P < 0) or np.any(P >= KC.shape[2]):
+        raise ValueError("attention: seq or pos outside the cache")
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] scratch = np.empty(
+        n_threads * lc_attention_scratch(hd, nh, n_kv_heads), dtype=np.float32)
+    cdef cnp.ndarray[cnp.float32_t, ndim=3, mode="c"] out = np.empty((nt, nh, hd), dtype=np.float32)
+    a.k = k; a.n_heads = nh; a.n_kv_heads = n_kv_heads; a.head_dim = hd; a.n_ctx = KC.shape[2]
+    a.type_k = type_k; a.type_v = type_v
+    a.kcache = <const unsigned char *>KC.data; a.vcache = <const unsigned char *>VC.data
+    a.row_k = KC.shape[3]; a.row_v = VC.shape[3]; a.scratch = <float *>scratch.data
+    a.pool = lc_pool_new(n_threads)
+    if a.pool == NULL:
+        raise MemoryError("attention: out of memory")
+    with nogil:
+        rc = lc_attention(&a, <const float *>Q.data, <const int32_t *>S.data, <const int32_t *>P.data, nt,
+                          <float *>out.data)
+        lc_pool_free(a.pool)
+    if rc != LC_OK:
+        raise MemoryError("attention: out of memory")
     return out
 
 
@@ -299,19 +314,22 @@ cdef lc_tensor _tensor(spec) except *:
     return t  # lc_model_new checks that the kernels have (type, layout)
 
 
-cdef lc_config _config(dict cfg, int n_ctx, int n_seq, int n_batch, int n_threads):
+cdef lc_config _config(dict cfg, int n_ctx, int n_seq, int n_batch, int n_threads, int type_k, int type_v):
     cdef lc_config c
     c.vocab_size = cfg["vocab_size"]; c.dim = cfg["dim"]; c.hidden_dim = cfg["hidden_dim"]
     c.n_layers = cfg["n_layers"]; c.n_heads = cfg["n_heads"]; c.n_kv_heads = cfg["n_kv_heads"]
     c.head_dim = cfg["head_dim"]; c.norm_eps = cfg["norm_eps"]
     c.n_ctx = n_ctx; c.n_seq = n_seq; c.n_batch = n_batch; c.n_threads = n_threads
+    c.type_k = type_k; c.type_v = type_v
     return c
 
 
-def model_bytes(dict cfg, int n_ctx, int n_seq, int n_batch, int n_threads, kernels=None):
+def model_bytes(dict cfg, int n_ctx, int n_seq, int n_batch, int n_threads, kernels=None, int type_k=LC_TYPE_F16,
+                int type_v=LC_TYPE_F16):
     """(bytes Engine(...) allocates with these settings, bytes per extra thread):
-    lc_model_bytes, the same sums lc_model_new allocates."""
-    cdef lc_config c = _config(cfg, n_ctx, n_seq, n_batch, n_threads)
+    lc_model_bytes, the same sums lc_model_new allocates. type_k, type_v: the KV cache's
+    types (F16, Q8_0, Q4_0)."""
+    cdef lc_config c = _config(cfg, n_ctx, n_seq, n_batch, n_threads, type_k, type_v)
     cdef int64_t per_thread = 0
     cdef int64_t total = lc_model_bytes(&c, _kernels(kernels), &per_thread)
     if total < 0:
@@ -327,8 +345,8 @@ cdef class Engine:
     cdef readonly int vocab_size, n_ctx, n_seq, n_threads
 
     def __cinit__(self, dict cfg, dict tensors, layers, inv_freq, int n_ctx, int n_batch, int n_threads,
-                  kernels=None, keepalive=None, int n_seq=1):
-        cdef lc_config c = _config(cfg, n_ctx, n_seq, n_batch, n_threads)
+                  kernels=None, keepalive=None, int n_seq=1, int type_k=LC_TYPE_F16, int type_v=LC_TYPE_F16):
+        cdef lc_config c = _config(cfg, n_ctx, n_seq, n_batch, n_threads, type_k, type_v)
         cdef lc_weights w
         cdef char err[256]
         cdef int i, nl = cfg["n_layers"]
@@ -397,6 +415,8 @@ cdef class Engine:
             raise OverflowError(f"positions {pos}..{pos + n - 1} do not fit the context of {self.n_ctx} tokens")
         if rc == LC_E_TOKEN:
             raise ValueError(f"token id outside [0, {self.vocab_size})")
+        if rc == LC_E_MEM:
+            raise MemoryError("out of memory in attention")
         if rc != LC_OK:
             raise ValueError("forward needs at least one token and pos >= 0")
         return out if all_logits else out[0]
@@ -422,6 +442,8 @@ cdef class Engine:
             raise OverflowError(f"a position is outside the context of {self.n_ctx} tokens")
         if rc == LC_E_TOKEN:
             raise ValueError(f"token id outside [0, {self.vocab_size})")
+        if rc == LC_E_MEM:
+            raise MemoryError("out of memory in attention")
         if rc != LC_OK:
             raise ValueError(f"a batch needs at least one token, positions >= 0 and sequences in [0, {self.n_seq})")
         return out

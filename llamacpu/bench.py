@@ -33,6 +33,8 @@ import statistics
 import sys
 import time
 
+from .cache_types import add_cache_type_args, check_cache_type_args
+
 
 def register_bench(sub) -> None:
     p = sub.add_parser(
@@ -53,6 +55,7 @@ def register_bench(sub) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
     p.add_argument("--loads", type=int, default=3, help="model loads timed for the load time (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
+    add_cache_type_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_bench)
 
@@ -202,8 +205,10 @@ def _run_tg(m, rng, n_gen: int, vocab: int, bos, depth: int = 0) -> float:
 
 
 def run_bench(path, n_prompt: int = 512, n_gen: int = 128, threads=(1,), repetitions: int = 5,
-              loads: int = 3, seed: int = 0, depths=(0,)) -> dict:
-    """Run the benchmark and return the JSON-able result (what --json prints)."""
+              loads: int = 3, seed: int = 0, depths=(0,), cache_type_k: str = "f16",
+              cache_type_v: str = "f16") -> dict:
+    """Run the benchmark and return the JSON-able result (what --json prints). cache_type_k,
+    cache_type_v: the KV cache's types (f16, q8_0, q4_0; cache_types.py)."""
     import numpy as np
 
     from . import __version__
@@ -224,7 +229,7 @@ def run_bench(path, n_prompt: int = 512, n_gen: int = 128, threads=(1,), repetit
             m.close()
             m = None
         t0 = time.perf_counter()
-        m = Model(path, n_ctx=n_ctx, n_threads=threads[0])
+        m = Model(path, n_ctx=n_ctx, n_threads=threads[0], cache_type_k=cache_type_k, cache_type_v=cache_type_v)
         load_s.append(time.perf_counter() - t0)
 
     vocab = m.vocab_size
@@ -278,15 +283,21 @@ def run_bench(path, n_prompt: int = 512, n_gen: int = 128, threads=(1,), repetit
         "cpu": _cpu_name(),
         "load_s": {"median": statistics.median(load_s), "samples": load_s},
         "peak_rss_bytes": _peak_rss_bytes(),
-        "kv_cache_bytes": _kv_bytes(desc["config"], n_ctx),
+        "type_k": cache_type_k,
+        "type_v": cache_type_v,
+        "kv_cache_bytes": _kv_bytes(desc["config"], n_ctx, cache_type_k, cache_type_v),
         "results": results,
     }
 
 
-def _kv_bytes(cfg: dict, n_ctx: int) -> int:
+def _kv_bytes(cfg: dict, n_ctx: int, cache_type_k: str = "f16", cache_type_v: str = "f16") -> int:
+    from . import _core
+    from .cache_types import cache_type
+
     try:
         hd = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-        return 2 * 2 * n_ctx * int(cfg["num_hidden_layers"]) * int(cfg["num_key_value_heads"]) * hd
+        row = _core.row_bytes(cache_type(cache_type_k), hd) + _core.row_bytes(cache_type(cache_type_v), hd)
+        return row * n_ctx * int(cfg["num_hidden_layers"]) * int(cfg["num_key_value_heads"])
     except (KeyError, TypeError, ValueError, ZeroDivisionError):
         return 0
 
@@ -324,7 +335,7 @@ def format_table(res: dict) -> str:
     out.append(f"load: {ld['median'] * 1e3:.1f} ms (median of {len(ld['samples'])}); "
                f"peak RSS of this process: {res['peak_rss_bytes'] / 1e6:,.1f} MB "
                f"(file {res['file_size'] / 1e6:,.1f} MB, KV cache {res['kv_cache_bytes'] / 1e6:,.1f} MB "
-               f"at n_ctx {res['n_ctx']})")
+               f"at n_ctx {res['n_ctx']}, K {res.get('type_k', 'f16')} V {res.get('type_v', 'f16')})")
     reps = len(res["results"][0]["samples_ts"]) if res["results"] else 0
     out.append(f"{reps} timed run(s) per test after one warm-up; {res['cpu']}; llamacpu {res['version']}")
     return "\n".join(out)
@@ -335,6 +346,7 @@ def cmd_bench(args) -> int:
 
     threads = _thread_list(args.threads)
     depths = _depth_list(args.n_depth)
+    check_cache_type_args(args)
     _check_counts(args.n_prompt, args.n_gen, args.repetitions, args.loads)  # before any output
     path = resolve_model(args.model)  # a GGUF: converted once into the cache, not timed
     _check_context(_describe(path), args.n_prompt + args.n_gen, max(depths))
@@ -343,7 +355,8 @@ def cmd_bench(args) -> int:
               f"-p {args.n_prompt} -n {args.n_gen} -d {','.join(map(str, depths))} -r {args.repetitions} ...",
               file=sys.stderr, flush=True)
     res = run_bench(path, n_prompt=args.n_prompt, n_gen=args.n_gen, threads=threads,
-                    repetitions=args.repetitions, loads=args.loads, seed=args.seed, depths=depths)
+                    repetitions=args.repetitions, loads=args.loads, seed=args.seed, depths=depths,
+                    cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import sys
 
+from .cache_types import add_cache_type_args, check_cache_type_args
+
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)
   /system TEXT    set the system prompt and start over
@@ -37,6 +39,7 @@ def register_run(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible replies")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    add_cache_type_args(p)
     p.add_argument("--verbose", action="store_true", help="print prompt and generation speed after each reply")
     p.set_defaults(func=cmd_run)
 
@@ -75,9 +78,11 @@ def cmd_run(args) -> int:
         raise ValueError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.ctx_size < 1:
         raise ValueError("--ctx-size must be >= 1")
+    check_cache_type_args(args)
     sampling = _sampling(args)
     _check_sampling(sampling)
-    llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads)  # None: the default model
+    llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads,  # None: the default model
+                cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     llm.sampling_params(**sampling)  # with the model's defaults, before any output
     prompt = args.prompt
     if prompt is None and not sys.stdin.isatty():

@@ -24,6 +24,7 @@ from .context_fit import Fit, check_truncate, fit_oldest, reply_room
 from .errors import ContextOverflowError
 from .generation import Generation, GenerationStream, Step, TextTracker
 from .batcher import Batcher, Request, Sink
+from .cache_types import cache_type
 from .model import DEFAULT_N_CTX, Model, default_parallel
 from .model_cache import resolve_model
 from .openai_format import ChatCompletion, parse_tool_calls  # noqa: F401 (parse_tool_calls: importable here)
@@ -63,6 +64,8 @@ class Llama:
     model_path: a llamacpu model file, a GGUF file or Hugging Face folder (converted once
     into the cache), a Hub name "org/name" or "org/name:TAG" (model_cache.py, hub.py), or
     None for the default model (SmolLM2-135M-Instruct).
+    cache_type_k, cache_type_v: the KV cache's types, "f16" (default), "q8_0" (about half
+    the memory) or "q4_0" (about a quarter; Model).
     n_parallel: sequences decoded together (calls from several threads, chat_batch),
     each with a KV cache of n_ctx positions that takes memory as it fills. Default:
     model.default_parallel() (twice the physical cores, 2 to 16), fewer when the
@@ -73,12 +76,15 @@ class Llama:
     >>> llm.chat([{"role": "user", "content": "Hi"}])["choices"][0]["message"]["content"]
     """
 
-    def __init__(self, model_path, n_ctx: int = DEFAULT_N_CTX, n_threads=None, *, kernels=None, n_parallel=None):
+    def __init__(self, model_path, n_ctx: int = DEFAULT_N_CTX, n_threads=None, *, kernels=None, n_parallel=None,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16"):
+        cache_type(cache_type_k, "cache_type_k"), cache_type(cache_type_v, "cache_type_v")  # before any loading
         path = resolve_model(model_path)
         n = default_parallel() if n_parallel is None else n_parallel
         while True:
             try:
-                self.model = Model(path, n_ctx=n_ctx, n_threads=n_threads, kernels=kernels, n_seq=n)
+                self.model = Model(path, n_ctx=n_ctx, n_threads=n_threads, kernels=kernels, n_seq=n,
+                                   cache_type_k=cache_type_k, cache_type_v=cache_type_v)
                 break
             except ValueError as e:  # the default, halved until the memory holds it
                 if n_parallel is not None or n == 1 or "memory is available" not in str(e):

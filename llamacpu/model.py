@@ -5,13 +5,14 @@ import threading
 import numpy as np
 
 from . import _core
+from .cache_types import CACHE_TYPES, cache_type
 from .errors import ContextOverflowError
-from .format import read_model
+from .format import F16, Q4_0, Q8_0, read_model
 from .rope import inv_freq
 
 DEFAULT_N_CTX = 4096
 DEFAULT_N_BATCH = 512  # tokens per internal prefill chunk (sizes the scratch buffers)
-MAX_THREADS = 1024     # sanity bound (the engine keeps an attention scratch row per thread)
+MAX_THREADS = 1024     # sanity bound (the engine keeps attention blocks per thread)
 MAX_SEQ = 1024         # sanity bound on sequence slots
 
 
@@ -23,11 +24,24 @@ def engine_config(cfg: dict) -> dict:
             "norm_eps": float(cfg["rms_norm_eps"])}
 
 
-def engine_bytes(cfg: dict, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1, kernels=None) -> int:
-    """Bytes the C engine allocates for `cfg` (lc_model_bytes, csrc/forward.c): the F16 KV
-    cache of n_seq sequences of n_ctx positions, the scratch of one chunk of n_batch
-    tokens, and per thread an attention row of n_ctx scores and an AMX weight panel."""
-    total, _ = _core.model_bytes(engine_config(cfg), n_ctx, n_seq, min(n_batch, n_ctx), n_threads, kernels)
+assert (CACHE_TYPES["f16"], CACHE_TYPES["q8_0"], CACHE_TYPES["q4_0"]) == (F16, Q8_0, Q4_0)
+
+
+def _check_cache_types(cfg: dict, cache_type_k: str, cache_type_v: str) -> tuple[int, int]:
+    tk, tv = cache_type(cache_type_k, "cache_type_k"), cache_type(cache_type_v, "cache_type_v")
+    if (tk != F16 or tv != F16) and cfg["head_dim"] % 32:
+        raise ValueError(f"q8_0 and q4_0 KV caches need a head_dim that is a multiple of 32 (this model's is "
+                         f"{cfg['head_dim']}); use f16")
+    return tk, tv
+
+
+def engine_bytes(cfg: dict, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1, kernels=None,
+                 cache_type_k: str = "f16", cache_type_v: str = "f16") -> int:
+    """Bytes the C engine allocates for `cfg` (lc_model_bytes, csrc/forward.c): the KV
+    cache of n_seq sequences of n_ctx positions in its types, the scratch of one chunk of
+    n_batch tokens, and per thread attention's blocks and an AMX weight panel."""
+    tk, tv = _check_cache_types(cfg, cache_type_k, cache_type_v)
+    total, _ = _core.model_bytes(engine_config(cfg), n_ctx, n_seq, min(n_batch, n_ctx), n_threads, kernels, tk, tv)
     return total
 
 
@@ -80,13 +94,14 @@ class Model:
     """A Llama model file loaded for inference.
 
     Weights stay in the read-only mmap (nothing is copied at load); the KV cache
-    holds `n_seq` sequences of `n_ctx` positions in F16 (memory is taken as positions
-    are written). `forward` runs sequence 0, `forward_batch` several at once; both
+    holds `n_seq` sequences of `n_ctx` positions (memory is taken as positions are
+    written), its keys and values in `cache_type_k` / `cache_type_v`: "f16" (default),
+    "q8_0" (about half the memory, logits close to f16's) or "q4_0" (about a quarter). `forward` runs sequence 0, `forward_batch` several at once; both
     release the GIL; calls on one Model are serialised by a lock.
     """
 
     def __init__(self, path, n_ctx: int = DEFAULT_N_CTX, n_threads=None, *, n_batch: int = DEFAULT_N_BATCH,
-                 kernels=None, n_seq: int = 1):
+                 kernels=None, n_seq: int = 1, cache_type_k: str = "f16", cache_type_v: str = "f16"):
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1:
             raise ValueError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         if isinstance(n_batch, bool) or not isinstance(n_batch, (int, np.integer)) or not 1 <= n_batch <= 65536:
@@ -106,7 +121,10 @@ class Model:
                 raise ValueError(f"n_ctx={n_ctx} is larger than the model's context of {max_pos} tokens")
             self.path = os.fspath(path)
             self.n_ctx, self.n_seq = int(n_ctx), int(n_seq)
-            _check_memory(cfg, self.n_ctx, int(n_batch), n_threads, self.n_seq, kernels)
+            self._cache_types = _check_cache_types(cfg, cache_type_k, cache_type_v)
+            self.cache_type_k, self.cache_type_v = cache_type_k.lower(), cache_type_v.lower()
+            _check_memory(cfg, self.n_ctx, int(n_batch), n_threads, self.n_seq, kernels, self.cache_type_k,
+                          self.cache_type_v)
             self._engine = self._build_engine(cfg, int(n_batch), n_threads, kernels)
         except BaseException:
             self._file.close()
@@ -156,7 +174,8 @@ class Model:
         divisors = f.array("rope_freqs.weight") if "rope_freqs.weight" in f.tensors else None
         freqs = inv_freq(cfg["head_dim"], cfg["rope_theta"], cfg["rope_scaling"], divisors)
         return _core.Engine(engine_config(cfg), tensors, layers, freqs, self.n_ctx, min(n_batch, self.n_ctx), n_threads,
-                            kernels=kernels, keepalive=(f, keep), n_seq=self.n_seq)
+                            kernels=kernels, keepalive=(f, keep), n_seq=self.n_seq, type_k=self._cache_types[0],
+                            type_v=self._cache_types[1])
 
     # ------------------------------------------------------------------ properties
     @property
@@ -326,14 +345,16 @@ class Model:
                 f"dim={c['hidden_size']} n_ctx={self.n_ctx} threads={self.n_threads} kernels={self.kernels}>")
 
 
-def _check_memory(cfg: dict, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1, kernels=None) -> None:
+def _check_memory(cfg: dict, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1, kernels=None,
+                  cache_type_k: str = "f16", cache_type_v: str = "f16") -> None:
     """Refuse, before allocating, a KV cache and scratch larger than the memory available
     (a tiny file may declare huge head counts: 1 MB of KV per token)."""
     avail = available_memory()
-    need = engine_bytes(cfg, n_ctx, n_batch, n_threads, n_seq, kernels)
+    types = (cache_type_k, cache_type_v)
+    need = engine_bytes(cfg, n_ctx, n_batch, n_threads, n_seq, kernels, *types)
     if avail is None or need <= avail:
         return
-    per_token = engine_bytes(cfg, n_ctx + 1, n_batch, n_threads, n_seq, kernels) - need
+    per_token = engine_bytes(cfg, n_ctx + 1, n_batch, n_threads, n_seq, kernels, *types) - need
     fits = (avail - (need - n_ctx * per_token)) // per_token
     hint = f"load it with n_ctx <= {fits}" if fits >= 1 else "even n_ctx=1 does not fit"
     slots = f" x {n_seq} sequences" if n_seq > 1 else ""

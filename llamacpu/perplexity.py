@@ -37,6 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from .cache_types import add_cache_type_args, check_cache_type_args
 from .progress import fmt_eta, mark_open
 
 DEFAULT_N_CTX = 512
@@ -238,6 +239,7 @@ def register_perplexity(sub) -> None:
                    help="sliding windows every S tokens, each scoring its last S tokens "
                         "(default: llama-perplexity's chunks)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    add_cache_type_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the running PPL")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func=cmd_perplexity)
@@ -282,8 +284,10 @@ def cmd_perplexity(args) -> int:
 
     if args.ctx_size < 3:
         raise ValueError(f"-c/--ctx-size must be at least 3, got {args.ctx_size}")
+    check_cache_type_args(args)
     text = read_text(args.textfile)
-    with Model(resolve_model(args.model), n_ctx=args.ctx_size, n_threads=args.threads) as m:
+    with Model(resolve_model(args.model), n_ctx=args.ctx_size, n_threads=args.threads,
+               cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v) as m:
         if not args.quiet:
             add_bos, _ = _special(m)
             print(f"llamacpu perplexity: {args.model} ({m.kernels}, {m.n_threads} threads), "

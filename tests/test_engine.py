@@ -26,7 +26,10 @@ from llamacpu.format import tokenizer_dict  # noqa: E402
 F32_REL = 1e-3
 F16_REL = 2e-3
 COS_MEAN = 0.999
-COS_MIN = 0.998
+# 0.998 until flash attention (csrc/attention.c): the same attention math summed in another
+# order moves logits by ulps, which flip roundings of the 8-bit activations after it; on
+# SmolLM2's haiku prompt (avx512vnni) the min went 0.99853 -> 0.99757, the mean stayed 0.9997.
+COS_MIN = 0.997
 # SmolLM2 made into K-quant mixtures: at a few positions of its system prompt (7-19) the
 # logits move with any 8-bit rounding of the activations. The NumPy reference itself, with
 # only the activations of the matmul inputs rounded as the engine's q8a does, gives a min

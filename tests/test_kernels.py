@@ -229,19 +229,7 @@ def test_rope(impl, half, heads, pos, seed):
         np.testing.assert_array_equal(got, _core.rope(x, pos, inv, "scalar"))
 
 
-@pytest.mark.parametrize("impl", ["scalar"] + SIMD)
-@SETTINGS
-@given(n=st.integers(1, 300), hd=st.sampled_from([2, 6, 64, 72, 128]), seed=st.integers(0, 1000))
-def test_attention(impl, n, hd, seed):
-    rng = np.random.default_rng(seed)
-    q = (rng.standard_normal(hd) * 2).astype(np.float32)
-    K = (rng.standard_normal((n, hd)) * 2).astype(np.float16)
-    V = rng.standard_normal((n, hd)).astype(np.float16)
-    scale = 1 / np.sqrt(hd)
-    s = K.astype(np.float64) @ q.astype(np.float64) * scale
-    p = np.exp(s - s.max())
-    ref = (p / p.sum()) @ V.astype(np.float64)
-    assert rel(_core.attention(q, K, V, scale, impl), ref) < REF_REL
+# attention: tests/test_attention.py (flash attention over every KV cache type)
 
 
 @pytest.mark.parametrize("impl", ["scalar"] + SIMD)

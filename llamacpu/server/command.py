@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ..cache_types import add_cache_type_args, check_cache_type_args
 from .app import create_app
 from .guard import WILDCARD_HOSTS
 
@@ -99,6 +100,7 @@ def register_serve(sub) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=4096,
                    help="context size in tokens, shared by prompt and reply (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
+    add_cache_type_args(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="uvicorn's log level (default info: one line per request)")
     p.set_defaults(func=cmd_serve)
@@ -123,7 +125,9 @@ def cmd_serve(args) -> int:
     if args.parallel is not None and not 1 <= args.parallel <= 1024:
         raise ValueError("--parallel must be in [1, 1024]")
     from ..llama import Llama
-    llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_parallel=args.parallel)  # None: defaults
+    check_cache_type_args(args)
+    llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_parallel=args.parallel,  # None: defaults
+                cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     llm.tokenize("warm up")   # the tokenizer is built on first use: not in the first request
     app = create_app(llm, api_key=args.api_key, queue_size=args.queue_size, model_id=args.alias, host=args.host,
                      allowed_hosts=args.allowed_host, cors_origins=args.cors_origin)

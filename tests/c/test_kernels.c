@@ -185,16 +185,38 @@ static void test_table(const lc_kernels *k) {
         fill(a, nh * hd, 2.0f); memcpy(b, a, sizeof(float) * nh * hd);
         r->rope(a, nh, hd, 12345, inv); k->rope(b, nh, hd, 12345, inv);
         check(memcmp(a, b, sizeof(float) * nh * hd) == 0, k->name, "rope bit-exact", hd, 0, max_rel(b, a, nh * hd));
-        for (int n = 1; n <= 70; n += 23) {
-            float *q = malloc(sizeof(float) * hd), *kv = malloc(sizeof(float) * n * hd), *sc = malloc(sizeof(float) * n);
-            uint16_t *K = malloc(2 * n * hd), *V = malloc(2 * n * hd);
-            fill(q, hd, 2.0f);
-            fill(kv, (int64_t)n * hd, 2.0f); r->f32_to_f16(K, kv, (int64_t)n * hd);
-            fill(kv, (int64_t)n * hd, 2.0f); r->f32_to_f16(V, kv, (int64_t)n * hd);
-            r->attention(a, q, K, V, n, hd, 0.125f, sc); k->attention(b, q, K, V, n, hd, 0.125f, sc);
-            check(max_rel(b, a, hd) < 1e-5, k->name, "attention", hd, n, max_rel(b, a, hd));
-            free(q); free(kv); free(sc); free(K); free(V);
-        }
+        /* attn_block: 1..9 rows with their own visible counts, two blocks in a row (the
+         * online softmax's rescale), against the scalar twin */
+        for (int nq = 1; nq <= 9; nq += 4)
+            for (int nk = 1; nk <= LC_ATT_BLOCK; nk += 21) {
+                float *Q = malloc(sizeof(float) * nq * hd), *Kt = malloc(sizeof(float) * hd * LC_ATT_BLOCK);
+                float *V = malloc(sizeof(float) * nk * hd), *S = malloc(sizeof(float) * LC_ATT_S);
+                float *O[2], m[2][9], l[2][9];
+                int vis[9];
+                for (int i = 0; i < nq; i++) vis[i] = (i * 7 + 3) % (nk + 1);
+                vis[0] = nk;
+                fill(Q, (int64_t)nq * hd, 0.3f);
+                fill(Kt, (int64_t)hd * LC_ATT_BLOCK, 2.0f);
+                fill(V, (int64_t)nk * hd, 2.0f);
+                for (int t = 0; t < 2; t++) {
+                    O[t] = calloc((size_t)nq * hd, sizeof(float));
+                    for (int i = 0; i < nq; i++) m[t][i] = -INFINITY, l[t][i] = 0.0f;
+                    const lc_kernels *kk = t ? k : r;
+                    kk->attn_block(nq, hd, Q, vis, Kt, V, nk, m[t], l[t], O[t], S);
+                    for (int i = 0; i < hd * LC_ATT_BLOCK; i++) Kt[i] *= 2.0f; /* a second block, larger scores */
+                    kk->attn_block(nq, hd, Q, vis, Kt, V, nk, m[t], l[t], O[t], S);
+                    for (int i = 0; i < hd * LC_ATT_BLOCK; i++) Kt[i] *= 0.5f;
+                }
+                double err = max_rel(l[1], l[0], nq);
+                for (int i = 0; i < nq; i++) /* the running maxima: -inf for rows that saw nothing */
+                    if (m[0][i] != m[1][i]) err = fmax(err, fabs((double)m[1][i] - m[0][i]) / fmax(fabs((double)m[0][i]), 1.0));
+                for (int i = 0; i < nq; i++)
+                    for (int d = 0; d < hd; d++) O[1][i * hd + d] /= l[1][i] > 0 ? l[1][i] : 1, O[0][i * hd + d] /= l[0][i] > 0 ? l[0][i] : 1;
+                const double eo = max_rel(O[1], O[0], (int64_t)nq * hd);
+                err = eo > err ? eo : err;
+                check(err < 1e-5, k->name, "attn_block", hd, nq * 100 + nk, err);
+                free(Q); free(Kt); free(V); free(S); free(O[0]); free(O[1]);
+            }
         free(a); free(b);
     }
 }
