@@ -5,11 +5,10 @@
 
 1. ``pip wheel --no-deps --no-build-isolation .``: the C core compiled with the build
    requirements installed here (pyproject's build-system: setuptools, wheel, Cython, numpy).
-2. Linux: ``auditwheel repair --strip``: copies the shared libraries the extension needs
-   beyond the manylinux set (libgomp, OpenMP's runtime) into ``llamacpu.libs/`` under
-   new names, strips symbols, and tags the wheel with the oldest manylinux_2_X whose glibc
-   has every symbol used (the bundled libgomp's included). macOS: no repair step
-   (``delocate`` would do it there; not run here).
+2. Linux: ``auditwheel repair --strip``: copies any shared library the extension needs
+   beyond the manylinux set into ``llamacpu.libs/`` (none today: the threads are pthreads),
+   strips symbols, and tags the wheel with the oldest manylinux_2_X whose glibc has every
+   symbol used. macOS: no repair step (``delocate`` would do it there; not run here).
 3. Checks the wheel's contents: one extension, it and the bundled libraries stripped (no
    symbol table, no debug sections), no generated C (``_core.c``) and no Cython source.
 4. Smoke test (unless --no-smoke): a fresh virtual environment with no site packages,
