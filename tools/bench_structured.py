@@ -10,7 +10,8 @@ What is measured:
   short prompt, greedy; constrained by a schema that cannot end early (an array of at least
   --tokens strings), unconstrained with the same max_tokens (it may end earlier, at an
   end-of-generation token). Reported: tokens/s of each (completion tokens after the first
-  over generation_seconds, the first token to the last), their ratio, best of --repeat.
+  over generation_seconds, the first token to the last), medians of --repeat runs that
+  alternate the two, and their ratio.
   engine: per-token mask time (Constraint.mask: llguidance's compute_bitmask plus the
   unpacking into a bool array) and advance time, measured on the tokens of the constrained
   run, on this thread alone (on the critical path it overlaps the forward).
@@ -50,16 +51,22 @@ def main(argv=None):
     ap.add_argument("model")
     ap.add_argument("-t", "--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--tokens", type=int, default=128, help="tokens generated per run (default 128)")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each, best kept (default 3)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each, alternating; medians reported (default 3)")
     a = ap.parse_args(argv)
     schema = {"type": "array", "minItems": a.tokens, "items": {"type": "string", "maxLength": 12}}
     for t in [int(x) for x in a.threads.split(",")]:
         with Llama(a.model, n_ctx=512, n_threads=t, n_parallel=1) as llm:
             decode(llm, 8, None)   # warm-up
-            free = max(decode(llm, a.tokens, None)[0] for _ in range(a.repeat))
-            runs = [decode(llm, a.tokens, schema) for _ in range(a.repeat)]
-            con = max(r[0] for r in runs)
-            print(f"threads {t}: unconstrained {free:.1f} t/s, constrained {con:.1f} t/s, ratio {con / free:.3f}")
+            frees, runs = [], []
+            for i in range(a.repeat):  # alternating, so a slow spell of the machine hits both
+                pair = [(frees, None), (runs, schema)]
+                for dst, sch in (pair if i % 2 == 0 else pair[::-1]):
+                    r = decode(llm, a.tokens, sch)
+                    dst.append(r if sch else r[0])
+            free, con = statistics.median(frees), statistics.median([r[0] for r in runs])
+            print(f"threads {t}: unconstrained {free:.1f} t/s, constrained {con:.1f} t/s, ratio {con / free:.3f} "
+                  f"(medians of {a.repeat} alternating runs; unconstrained {', '.join(f'{x:.1f}' for x in frees)}, "
+                  f"constrained {', '.join(f'{r[0]:.1f}' for r in runs)})")
             toks = [s.token for s in runs[-1][1].steps if s.token >= 0]
             c = Constraint.compile("json_schema", schema, llm.tokenizer)
             tm = ta = 0.0
