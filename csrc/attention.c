@@ -3,8 +3,8 @@
  * A work unit is a run of query rows that share one kv head (the GQA group's heads of up
  * to ROWS_MAX / group consecutive tokens of one sequence, each row with its own causal
  * limit pos + 1) against a range of cache positions. It walks the range in blocks of
- * LC_ATT_BLOCK positions: each block's K and V are converted to f32 once (K transposed)
- * and the kernel table's attn_block updates every row's online softmax (running max m,
+ * LC_ATT_BLOCK positions: each block's K and V are converted to f32 rows once and the
+ * kernel table's attn_block updates every row's online softmax (running max m,
  * sum l, unnormalized output O). So K/V are read once per group and run, not once per
  * query head and token, and no row of n_ctx scores is ever formed.
  *
@@ -30,15 +30,19 @@ void lc_kv_store(const lc_kernels *k, int type, void *dst, const float *x, int n
     else lc_quantize_row_ref(type, x, dst, n);
 }
 
+static void prefetch(const uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i += 64) __builtin_prefetch(p + i);
+}
+
 static int group_rows(int n_heads, int n_kv_heads) {
     const int group = n_heads / n_kv_heads;
     return group >= ROWS_MAX ? group : ROWS_MAX / group * group;
 }
 
-/* one thread's scratch: Q rows, K block, K transposed, V block, O rows, m, l, S, vis */
+/* one thread's scratch: Q rows, O rows, K block, V block, m, l, S, vis */
 size_t lc_attention_scratch(int head_dim, int n_heads, int n_kv_heads) {
     const size_t rows = (size_t)group_rows(n_heads, n_kv_heads), hd = (size_t)head_dim;
-    return 2 * rows * hd + 3 * (size_t)LC_ATT_BLOCK * hd + 3 * rows + LC_ATT_S + 16;
+    return 2 * rows * hd + 2 * (size_t)LC_ATT_BLOCK * hd + 3 * rows + LC_ATT_S(hd) + 16;
 }
 
 typedef struct {
@@ -54,9 +58,9 @@ static void run_unit(const lc_attn *a, const unit *u, const float *q, const int3
     const lc_kernels *k = a->k;
     const int hd = a->head_dim, group = a->n_heads / a->n_kv_heads, qd = a->n_heads * hd;
     const int nq = u->nt * group;
-    float *Q = scratch, *O = Q + (size_t)nq * hd, *K = O + (size_t)nq * hd, *Kt = K + (size_t)LC_ATT_BLOCK * hd;
-    float *V = Kt + (size_t)LC_ATT_BLOCK * hd, *m = V + (size_t)LC_ATT_BLOCK * hd, *l = m + nq, *S = l + nq;
-    int *vis = (int *)(S + LC_ATT_S);
+    float *Q = scratch, *O = Q + (size_t)nq * hd, *K = O + (size_t)nq * hd, *V = K + (size_t)LC_ATT_BLOCK * hd;
+    float *m = V + (size_t)LC_ATT_BLOCK * hd, *l = m + nq, *S = l + nq;
+    int *vis = (int *)(S + LC_ATT_S(hd));
     const float scale = 1.0f / sqrtf((float)hd);
     for (int t = 0; t < u->nt; t++)
         for (int g = 0; g < group; g++) {
@@ -81,12 +85,12 @@ static void run_unit(const lc_attn *a, const unit *u, const float *q, const int3
         /* the block's rows are contiguous in the cache: one conversion each for K and V */
         k->dequantize_row(a->type_k, kc + (size_t)b0 * a->row_k, K, (int64_t)nk * hd);
         k->dequantize_row(a->type_v, vc + (size_t)b0 * a->row_v, V, (int64_t)nk * hd);
-        for (int d = 0; d < hd; d++) {
-            float *row = Kt + (size_t)d * LC_ATT_BLOCK;
-            for (int j = 0; j < nk; j++) row[j] = K[(size_t)j * hd + d];
-            for (int j = nk; j < LC_ATT_BLOCK; j++) row[j] = 0.0f;
+        if (b0 + LC_ATT_BLOCK < u->kv1) { /* the next block's rows, while this one computes */
+            const int nn = u->kv1 - b0 - LC_ATT_BLOCK < LC_ATT_BLOCK ? u->kv1 - b0 - LC_ATT_BLOCK : LC_ATT_BLOCK;
+            prefetch(kc + (size_t)(b0 + LC_ATT_BLOCK) * a->row_k, (size_t)nn * a->row_k);
+            prefetch(vc + (size_t)(b0 + LC_ATT_BLOCK) * a->row_v, (size_t)nn * a->row_v);
         }
-        k->attn_block(nq, hd, Q, vis, Kt, V, nk, m, l, O, S);
+        k->attn_block(nq, hd, Q, vis, K, V, nk, m, l, O, S);
     }
     if (u->partial) {
         memcpy(u->partial, m, sizeof(float) * nq);

@@ -291,7 +291,7 @@ static float online_softmax(float *S, int n, float *m, float *l) {
     return alpha;
 }
 
-static void attn_block(int nq, int hd, const float *Q, const int *vis, const float *Kt, const float *V, int nk,
+static void attn_block(int nq, int hd, const float *Q, const int *vis, const float *K, const float *V, int nk,
                        float *m, float *l, float *O, float *S) {
     (void)nk;
     for (int r = 0; r < nq; r++) {
@@ -300,7 +300,7 @@ static void attn_block(int nq, int hd, const float *Q, const int *vis, const flo
         const float *q = Q + (int64_t)r * hd;
         for (int j = 0; j < n; j++) {
             float s = 0.0f;
-            for (int d = 0; d < hd; d++) s += q[d] * Kt[(int64_t)d * LC_ATT_BLOCK + j];
+            for (int d = 0; d < hd; d++) s += q[d] * K[(int64_t)j * hd + d];
             S[j] = s;
         }
         const float alpha = online_softmax(S, n, &m[r], &l[r]);

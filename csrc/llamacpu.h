@@ -48,12 +48,12 @@ typedef struct lc_kernels {
 
     /* Flash attention's step (csrc/attention.c): nq query rows Q (nq, hd), already
      * scaled by 1/sqrt(hd), against one block of nk <= LC_ATT_BLOCK cached positions, as
-     * f32: Kt (hd, LC_ATT_BLOCK) the keys transposed (columns nk.. zero), V (nk, hd). Row
+     * f32 rows: K (nk, hd) the keys, V (nk, hd) the values. Row
      * r sees the block's first vis[r] positions (0 <= vis[r] <= nk; 0 leaves it as it is).
      * Each row's running state: m[r] the largest score so far, l[r] the sum of
      * exp(score - m[r]), O (nq, hd) the sum of exp(score - m[r]) v; start from -inf, 0, 0;
-     * the attention is O / l. S: scratch, LC_ATT_S floats. */
-    void (*attn_block)(int nq, int hd, const float *Q, const int *vis, const float *Kt, const float *V, int nk,
+     * the attention is O / l. S: scratch, LC_ATT_S(hd) floats. */
+    void (*attn_block)(int nq, int hd, const float *Q, const int *vis, const float *K, const float *V, int nk,
                        float *m, float *l, float *O, float *S);
 
     /* x (n,) float -> y (n,) f16, round to nearest even */
@@ -77,7 +77,7 @@ typedef struct lc_kernels {
 
 /* positions of a flash-attention block (lc_kernels.attn_block), and its S scratch (floats) */
 #define LC_ATT_BLOCK 64
-#define LC_ATT_S (4 * LC_ATT_BLOCK)
+#define LC_ATT_S(hd) ((4 + (hd)) * LC_ATT_BLOCK) /* 4 score rows and the block's keys transposed */
 
 /* bytes of gemm_amx's scratch for `cols` columns: a 32-row panel of bf16 */
 #define LC_AMX_SCRATCH(cols) ((size_t)(cols) * 64)

@@ -12,7 +12,7 @@ cdef extern from "llamacpu.h" nogil:
     int LC_LAYOUT_ROWS, LC_LAYOUT_X8
     int LC_N_TYPES
     int LC_OK, LC_E_CTX, LC_E_TOKEN, LC_E_ARG, LC_E_MEM
-    int LC_ATT_BLOCK, LC_ATT_S
+    int LC_ATT_BLOCK
 
     ctypedef struct block_q8a:
         int8_t qs[32]
@@ -49,7 +49,7 @@ cdef extern from "llamacpu.h" nogil:
         void (*dequantize_row)(int type, const void *row, float *y, int64_t n) noexcept nogil
         void (*rmsnorm)(float *out, const float *x, const float *w, int n, float eps) noexcept nogil
         void (*rope)(float *x, int n_heads, int head_dim, int pos, const float *inv_freq) noexcept nogil
-        void (*attn_block)(int nq, int hd, const float *Q, const int *vis, const float *Kt, const float *V, int nk,
+        void (*attn_block)(int nq, int hd, const float *Q, const int *vis, const float *K, const float *V, int nk,
                            float *m, float *l, float *O, float *S) noexcept nogil
         void (*f32_to_f16)(uint16_t *y, const float *x, int64_t n) noexcept nogil
         void (*swiglu)(float *hb, const float *hb2, int64_t n) noexcept nogil

@@ -189,23 +189,23 @@ static void test_table(const lc_kernels *k) {
          * online softmax's rescale), against the scalar twin */
         for (int nq = 1; nq <= 9; nq += 4)
             for (int nk = 1; nk <= LC_ATT_BLOCK; nk += 21) {
-                float *Q = malloc(sizeof(float) * nq * hd), *Kt = malloc(sizeof(float) * hd * LC_ATT_BLOCK);
-                float *V = malloc(sizeof(float) * nk * hd), *S = malloc(sizeof(float) * LC_ATT_S);
+                float *Q = malloc(sizeof(float) * nq * hd), *K = malloc(sizeof(float) * nk * hd);
+                float *V = malloc(sizeof(float) * nk * hd), *S = malloc(sizeof(float) * LC_ATT_S(hd));
                 float *O[2], m[2][9], l[2][9];
                 int vis[9];
                 for (int i = 0; i < nq; i++) vis[i] = (i * 7 + 3) % (nk + 1);
                 vis[0] = nk;
                 fill(Q, (int64_t)nq * hd, 0.3f);
-                fill(Kt, (int64_t)hd * LC_ATT_BLOCK, 2.0f);
+                fill(K, (int64_t)nk * hd, 2.0f);
                 fill(V, (int64_t)nk * hd, 2.0f);
                 for (int t = 0; t < 2; t++) {
                     O[t] = calloc((size_t)nq * hd, sizeof(float));
                     for (int i = 0; i < nq; i++) m[t][i] = -INFINITY, l[t][i] = 0.0f;
                     const lc_kernels *kk = t ? k : r;
-                    kk->attn_block(nq, hd, Q, vis, Kt, V, nk, m[t], l[t], O[t], S);
-                    for (int i = 0; i < hd * LC_ATT_BLOCK; i++) Kt[i] *= 2.0f; /* a second block, larger scores */
-                    kk->attn_block(nq, hd, Q, vis, Kt, V, nk, m[t], l[t], O[t], S);
-                    for (int i = 0; i < hd * LC_ATT_BLOCK; i++) Kt[i] *= 0.5f;
+                    kk->attn_block(nq, hd, Q, vis, K, V, nk, m[t], l[t], O[t], S);
+                    for (int i = 0; i < nk * hd; i++) K[i] *= 2.0f; /* a second block, larger scores */
+                    kk->attn_block(nq, hd, Q, vis, K, V, nk, m[t], l[t], O[t], S);
+                    for (int i = 0; i < nk * hd; i++) K[i] *= 0.5f;
                 }
                 double err = max_rel(l[1], l[0], nq);
                 for (int i = 0; i < nq; i++) /* the running maxima: -inf for rows that saw nothing */
@@ -215,7 +215,7 @@ static void test_table(const lc_kernels *k) {
                 const double eo = max_rel(O[1], O[0], (int64_t)nq * hd);
                 err = eo > err ? eo : err;
                 check(err < 1e-5, k->name, "attn_block", hd, nq * 100 + nk, err);
-                free(Q); free(Kt); free(V); free(S); free(O[0]); free(O[1]);
+                free(Q); free(K); free(V); free(S); free(O[0]); free(O[1]);
             }
         free(a); free(b);
     }
