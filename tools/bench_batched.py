@@ -248,9 +248,7 @@ def render(ctx: dict) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    bv.write_marked(path, BEGIN, END, body, lambda block: "# Benchmarks\n\n" + block + "\n",
-                    after="<!-- bench:3b:end -->")
-    bv.log(f"wrote {path} (batched part)")
+    bv.write_part(path, BEGIN, END, body, "batched", after=("<!-- bench:3b:end -->",))
 
 
 # ----------------------------------------------------------------------------- main
@@ -347,17 +345,11 @@ def main(argv=None) -> int:
            "llama_flags": flags, "llama_cmd": llama_cmd, "engine_changed": bv.engine_fingerprint() != engine_before,
            "quiet_wait": args.quiet_wait, "busy_threshold": args.busy_threshold, "redo": args.redo,
            "note": args.note}
-    body = render(ctx)
-    print(body)
-    raw = bv.BENCH_DIR / ("last-run-batched-quick.json" if args.quick else "last-run-batched.json")
-    raw.write_text(json.dumps({"samples": {"|".join(map(str, k)): v for k, v in samples.items()},
-                               "runs": runs, "redone": redone, "llama_meta": llama_meta, "our_meta": our_meta,
-                               "llama_cmd": llama_cmd, "argv": ctx["argv"], "git": ctx["git"]},
-                              indent=1, default=str))
-    bv.log(f"raw results: {raw}")
-    if out_path is not None:
-        write_section(out_path, body)
-    return 0
+    return bv.publish(render(ctx), out_path,
+                      "last-run-batched-quick.json" if args.quick else "last-run-batched.json",
+                      {"samples": bv.keyed(samples), "runs": runs, "redone": redone, "llama_meta": llama_meta,
+                       "our_meta": our_meta, "llama_cmd": llama_cmd, "argv": ctx["argv"], "git": ctx["git"]},
+                      write_section)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
-import json
 import os
 import signal
 import subprocess
@@ -149,10 +148,7 @@ def render(ctx: dict) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    after = next((m for m in (bv.DEPTH_END, bv.markers("3b")[1], bv.END) if m in text), None)
-    bv.write_marked(path, BEGIN, END, body, lambda block: "# Benchmarks\n\n" + block + "\n", after=after)
-    bv.log(f"wrote {path} (busy part)")
+    bv.write_part(path, BEGIN, END, body, "busy", after=(bv.DEPTH_END, bv.markers("3b")[1], bv.END))
 
 
 def main(argv=None) -> int:
@@ -217,17 +213,9 @@ def main(argv=None) -> int:
            "default_threads": default_threads, "llama_flags": flags,
            "engine_changed": bv.engine_fingerprint() != engine_before,
            "busy_threshold": args.busy_threshold, "redo_max": args.redo}
-    body = render(ctx)
-    print(body)
-    raw = bv.BENCH_DIR / ("last-run-busy-quick.json" if args.quick else "last-run-busy.json")
-    raw.write_text(json.dumps({"samples": {"|".join(map(str, k)): v for k, v in samples.items()},
-                               "foreign_cores": {"|".join(map(str, k)): v for k, v in foreign.items()},
-                               "redone": redone, "meta": meta, "default_threads": default_threads},
-                              indent=1, default=str))
-    bv.log(f"raw results: {raw}")
-    if out_path is not None:
-        write_section(out_path, body)
-    return 0
+    return bv.publish(render(ctx), out_path, "last-run-busy-quick.json" if args.quick else "last-run-busy.json",
+                      {"samples": bv.keyed(samples), "foreign_cores": bv.keyed(foreign), "redone": redone,
+                       "meta": meta, "default_threads": default_threads}, write_section)
 
 
 if __name__ == "__main__":

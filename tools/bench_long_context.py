@@ -154,10 +154,8 @@ def render(ctx: dict) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else ""
-    after = next((m for m in ("<!-- busy:end -->", bv.DEPTH_END, bv.markers("3b")[1], bv.END) if m in text), None)
-    bv.write_marked(path, BEGIN, END, body, lambda block: "# Benchmarks\n\n" + block + "\n", after=after)
-    bv.log(f"wrote {path} (long-context part)")
+    bv.write_part(path, BEGIN, END, body, "long-context",
+                  after=("<!-- busy:end -->", bv.DEPTH_END, bv.markers("3b")[1], bv.END))
 
 
 def main(argv=None) -> int:
@@ -222,11 +220,7 @@ def main(argv=None) -> int:
            "cpu": bv.cpu_info(), "git": bv.git_describe(), "n_ctx": args.n_ctx, "cache_type": args.cache_type,
            "type": args.type, "chunk": args.chunk, "threads": res.get("n_threads"), "kernels": res.get("kernels"),
            "rows": rows}
-    body = render(ctx)
-    print(body)
-    if out_path is not None:
-        write_section(out_path, body)
-    return 0
+    return bv.publish(render(ctx), out_path, None, None, write_section)
 
 
 if __name__ == "__main__":

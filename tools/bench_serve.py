@@ -315,8 +315,8 @@ def render(ctx: dict) -> str:
                  f"{ctx['threads']}`. **This llamacpu has no `serve --parallel`: it answers one request at a "
                  f"time and queues the others, so at K > 1 its t/s is its one-stream speed and its TTFT "
                  f"includes the queue.**")
-    L.append(f"- Files: Q4_K_M: the same GGUF for both (llamacpu imports it into its cache at first start); "
-             f"Q4_0: each engine's own conversion of the checkpoint (tools/bench_vs_llamacpp.py's files).")
+    L.append("- Files: Q4_K_M: the same GGUF for both (llamacpu imports it into its cache at first start); "
+             "Q4_0: each engine's own conversion of the checkpoint (tools/bench_vs_llamacpp.py's files).")
     L.append(f"- A round: {ctx['n_requests']} chat requests (the tool's {len(ctx['prompts'])} fixed prompts, "
              f"{ctx['prompt_tokens']} prompt tokens each with the template) sent by K client threads of the "
              f"`openai` package (stream, max_tokens {ctx['max_tokens']}, temperature 0), each thread sending "
@@ -359,11 +359,7 @@ def render(ctx: dict) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    after = "<!-- batched:end -->"
-    if path.exists() and after not in path.read_text():
-        after = "<!-- bench:3b:end -->"
-    bv.write_marked(path, BEGIN, END, body, lambda block: "# Benchmarks\n\n" + block + "\n", after=after)
-    bv.log(f"wrote {path} (serve part)")
+    bv.write_part(path, BEGIN, END, body, "serve", after=("<!-- batched:end -->", "<!-- bench:3b:end -->"))
 
 
 # ----------------------------------------------------------------------------- main
@@ -472,15 +468,9 @@ def main(argv=None) -> int:
            "n_requests": n_requests, "prompts": prompts, "max_tokens": args.max_tokens,
            "prompt_tokens": f"{pt[0]}-{pt[-1]}" if pt else "?", "quiet_wait": args.quiet_wait,
            "busy_threshold": args.busy_threshold, "redo": args.redo, "note": args.note}
-    body = render(ctx)
-    print(body)
-    raw = bv.BENCH_DIR / ("last-run-serve-quick.json" if args.quick else "last-run-serve.json")
-    raw.write_text(json.dumps({"rounds": rounds, "redone": redone, "parallel": parallel, "argv": ctx["argv"],
-                               "git": ctx["git"]}, indent=1, default=str))
-    bv.log(f"raw results: {raw}")
-    if out_path is not None:
-        write_section(out_path, body)
-    return 0
+    return bv.publish(render(ctx), out_path, "last-run-serve-quick.json" if args.quick else "last-run-serve.json",
+                      {"rounds": rounds, "redone": redone, "parallel": parallel, "argv": ctx["argv"],
+                       "git": ctx["git"]}, write_section)
 
 
 if __name__ == "__main__":

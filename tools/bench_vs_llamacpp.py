@@ -980,6 +980,34 @@ def write_marked(path: Path, begin: str, end: str, body: str, new_file, after: s
     path.write_text(text)
 
 
+def write_part(path: Path, begin: str, end: str, body: str, part: str, after=(), new_file=None) -> None:
+    """A tool's section into `path` between its markers (write_marked), placed after the
+    first of the `after` marker lines that the file has; a new file is "# Benchmarks" and
+    the section (or new_file(block))."""
+    text = path.read_text() if path.exists() else ""
+    at = next((m for m in after if m in text), None)
+    write_marked(path, begin, end, body, new_file or (lambda block: "# Benchmarks\n\n" + block + "\n"), after=at)
+    log(f"wrote {path} ({part} part)")
+
+
+def keyed(d: dict) -> dict:
+    """A dict keyed by tuples, for JSON: each key joined with '|'."""
+    return {"|".join(map(str, k)): v for k, v in d.items()}
+
+
+def publish(body: str, out_path: Path | None, raw_name: str | None, raw, write) -> int:
+    """Every tool's end: print the section, keep the raw results as JSON in
+    BENCH_DIR/raw_name, and write(out_path, body) unless out_path is None."""
+    print(body)
+    if raw_name:
+        path = BENCH_DIR / raw_name
+        path.write_text(json.dumps(raw, indent=1, default=str))
+        log(f"raw results: {path}")
+    if out_path is not None:
+        write(out_path, body)
+    return 0
+
+
 def write_benchmarks(path: Path, body: str, preset: str = "1b") -> None:
     begin, end = markers(preset)
     write_marked(path, begin, end, body, lambda block: INTRO + block + TRIED,
@@ -1053,17 +1081,9 @@ def run_depth(args, argv, out_path) -> int:
            "samples": samples, "foreign": foreign, "walls": walls, "redone": redone, "meta": meta,
            "llama_flags": flags, "engine_changed": engine_fingerprint() != engine_before,
            "busy_threshold": args.busy_threshold, "redo_max": args.redo}
-    body = render_depth(ctx)
-    print(body)
-    raw = BENCH_DIR / ("last-run-depth-quick.json" if args.quick else "last-run-depth.json")
-    raw.write_text(json.dumps({"samples": {"|".join(map(str, k)): v for k, v in samples.items()},
-                               "foreign_cores": {"|".join(map(str, k)): v for k, v in foreign.items()},
-                               "walls": {"|".join(map(str, k)): v for k, v in walls.items()},
-                               "redone": redone, "meta": meta}, indent=1, default=str))
-    log(f"raw results: {raw}")
-    if out_path is not None:
-        write_depth(out_path, body)
-    return 0
+    return publish(render_depth(ctx), out_path, "last-run-depth-quick.json" if args.quick else "last-run-depth.json",
+                   {"samples": keyed(samples), "foreign_cores": keyed(foreign), "walls": keyed(walls),
+                    "redone": redone, "meta": meta}, write_depth)
 
 
 def render_depth(ctx: dict) -> str:
@@ -1130,10 +1150,8 @@ def render_depth(ctx: dict) -> str:
 
 def write_depth(path: Path, body: str) -> None:
     """The --depth section: between its own markers, after the 3B part (or the 1B one)."""
-    text = path.read_text() if path.exists() else ""
-    after = markers("3b")[1] if markers("3b")[1] in text else END
-    write_marked(path, DEPTH_BEGIN, DEPTH_END, body, lambda block: INTRO + block + TRIED, after=after)
-    log(f"wrote {path} (depth part)")
+    write_part(path, DEPTH_BEGIN, DEPTH_END, body, "depth", after=(markers("3b")[1], END),
+               new_file=lambda block: INTRO + block + TRIED)
 
 
 # ----------------------------------------------------------------------------- main
