@@ -288,6 +288,9 @@ class Batcher:
             return self._finish(r, "length")
 
     def _finish(self, r: Request, reason, error=None) -> None:
+        if r.mask is not None:   # a mask computed for a step that did not sample (cancel, EOG, error)
+            r.mask.cancel()
+            r.mask = None
         if r.slot >= 0:
             slot = self.slots[r.slot]
             slot.request, slot.used = None, time.perf_counter()
