@@ -79,6 +79,16 @@ def test_help_runs():
         assert r.returncode == 0 and "--quick" in r.stdout
 
 
+def test_bench_attention_prints_a_row_per_case():
+    r = subprocess.run([sys.executable, str(TOOLS / "bench_attention.py"), "--depths", "64,100", "-p", "8",
+                        "--cache-types", "f16,q8_0", "--threads", "1", "--calls", "1", "--rounds", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| f16 |") or line.startswith("| q8_0 |")]
+    assert len(rows) == 2 * 2 * 2   # KV types x depths x (pp, tg)
+    assert "| f16 | 100 | pp8 | 1 |" in r.stdout and "| q8_0 | 64 | tg1 | 1 |" in r.stdout
+
+
 # ---------------------------------------------------------------- bench_vs_llamacpp.py --depth
 
 import bench_vs_llamacpp as bv  # noqa: E402
