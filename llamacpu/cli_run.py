@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from .cache_types import add_cache_type_args, check_cache_type_args
+from .cli_flags import ctx_flag_message
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)
@@ -199,7 +200,7 @@ class Chat:
                 self.reply(text)
             except ValueError as e:  # e.g. the system prompt and this message alone do not fit
                 self.messages.pop()
-                print(f"error: {e}; the message was not sent", file=sys.stderr)
+                print(f"error: {ctx_flag_message(str(e))}; the message was not sent", file=sys.stderr)
 
 
 def _setup_readline():

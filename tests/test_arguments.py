@@ -136,14 +136,47 @@ def assert_one_line_error(r, command, *words):
     (["--seed", "-1"], ["--seed"]),
     (["-t", "0"], ["--threads"]),
     (["-t", "99999999999"], ["--threads"]),
-    (["-c", "99999999999"], ["n_ctx", "context"]),
-    (["-c", "16", "-p", LONG_PROMPT], ["the context holds 16"]),
+    (["-c", "99999999999"], ["-c 99999999999", "context"]),
+    (["-c", "16", "-p", LONG_PROMPT], ["the context holds 16", "-c/--ctx-size"]),
 ])
 def test_run_bad_flags(model_path, flags, words):
     args = ["run", model_path, "-p", "hi", "-n", "2"] + flags
     if "-p" in flags:
         args = ["run", model_path, "-n", "2"] + flags
-    assert_one_line_error(cli(*args), "run", *words)
+    r = cli(*args)
+    assert_one_line_error(r, "run", *words)
+    assert "n_ctx" not in r.stderr   # the API's name: the user typed -c
+
+
+@pytest.mark.parametrize("cmd", ["serve", "perplexity", "batch"])
+def test_context_errors_name_the_flag(model_path, tmp_path, cmd):
+    """Every command with -c tells the API's n_ctx errors in the flag's name."""
+    text = tmp_path / "in.txt"
+    text.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", '
+                    '"body": {"messages": [{"role": "user", "content": "hi"}]}}\n')
+    extra = {"serve": [model_path, "--port", "0"], "perplexity": [model_path, str(text)],
+             "batch": [str(text), str(tmp_path / "out.jsonl"), "--model", model_path]}[cmd]
+    r = cli(cmd, *extra, "-c", "99999999")
+    assert_one_line_error(r, cmd, "-c 99999999", "context")
+    assert "n_ctx" not in r.stderr
+
+
+def test_ctx_flag_message(monkeypatch):
+    import llamacpu.model as model
+    from llamacpu.cli_flags import ctx_flag_message
+    assert ctx_flag_message("n_ctx=9000 is larger than the model's context of 8192 tokens") == \
+        "-c 9000 is larger than the model's context of 8192 tokens"
+    assert ctx_flag_message("the context holds 16 (load with a larger n_ctx)") == \
+        "the context holds 16 (load with a larger -c/--ctx-size)"
+    # the memory check's message (Llama 3.2 1B's shapes, 1 GiB available)
+    cfg = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "rms_norm_eps": 1e-5}
+    monkeypatch.setattr(model, "available_memory", lambda: 1 << 30)
+    with pytest.raises(ValueError) as e:
+        model._check_memory(cfg, 131072, 512, 2)
+    msg = ctx_flag_message(str(e.value))
+    assert msg.startswith("-c 131072 needs ") and "load it with -c " in msg and " or less" in msg
+    assert "n_ctx" not in msg
 
 
 def test_run_bad_flags_fail_before_the_default_model_is_fetched(tmp_path):

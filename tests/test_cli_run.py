@@ -187,6 +187,7 @@ def test_repl_context_full_drops_oldest_turns_and_goes_on(smol_path, tmp_path):
     p.send("ocean " * 300 + "\r")
     out = p.read_until(b"\n> ", timeout=120)
     assert "error: the system prompt and the newest message alone are" in out and "was not sent" in out
+    assert "a larger -c/--ctx-size" in out and "n_ctx" not in out   # the flag the user typed
     p.send("What colour is the sky?\r")
     out = p.read_until(b"\n> ", timeout=120)
     assert "error" not in out and len(out.split("sky?", 1)[-1].strip(" \r\n>")) > 0
