@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from .cache_types import add_cache_type_args, check_cache_type_args
-from .cli_flags import ctx_flag_message
+from .cli_flags import ctx_flag_message, warn_threads
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)
@@ -82,6 +82,7 @@ def cmd_run(args) -> int:
     check_cache_type_args(args)
     sampling = _sampling(args)
     _check_sampling(sampling)
+    warn_threads("run", args.threads)
     llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads,  # None: the default model
                 cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     llm.sampling_params(**sampling)  # with the model's defaults, before any output

@@ -179,6 +179,21 @@ def test_ctx_flag_message(monkeypatch):
     assert "n_ctx" not in msg
 
 
+def test_more_threads_than_cpus_warns_once_and_runs(model_path):
+    from llamacpu.cli_flags import logical_cpus
+    n = logical_cpus() + 1
+    for cmd, args in (("run", ["-p", "hi", "-n", "2", "--temp", "0"]),
+                      ("bench", ["-p", "4", "-n", "2", "-r", "1", "--loads", "1", "-t", f"1,{n}"])):
+        r = cli(cmd, model_path, *args, *(["-t", str(n)] if cmd == "run" else []))
+        assert r.returncode == 0, r.stderr
+        warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+        assert warnings == [f"llamacpu {cmd}: warning: -t {n} is more threads than the {n - 1} logical CPUs "
+                            "this process may use: decoding slows down badly when threads wait for a CPU "
+                            "(without -t: one thread per physical core)"], r.stderr
+    r = cli("run", model_path, "-p", "hi", "-n", "2", "-t", str(n - 1))
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+
 def test_run_bad_flags_fail_before_the_default_model_is_fetched(tmp_path):
     """No MODEL: a bad flag must not first download and convert SmolLM2 (93 MB)."""
     env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path / "cache"), PIP_NO_INDEX="1")
