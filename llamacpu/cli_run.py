@@ -41,7 +41,8 @@ def register_run(sub) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     add_cache_type_args(p)
-    p.add_argument("--verbose", action="store_true", help="print prompt and generation speed after each reply")
+    p.add_argument("--verbose", action="store_true", help="after each reply, print its prompt tokens (cached from the previous "
+                                                          "turns, and evaluated), prompt and generation speed")
     p.set_defaults(func=cmd_run)
 
 
@@ -131,11 +132,12 @@ class Chat:
             print("[interrupted]", file=sys.stderr)
         self.messages.append({"role": "assistant", "content": "".join(out)})
         if self.verbose:
-            g = stream.generation
-            pp = g.prompt_tokens / g.prompt_seconds if g.prompt_seconds > 0 else float("nan")
+            g = stream.generation   # t/s of the prompt: of the tokens evaluated, not those reused
+            pp = g.prompt_evaluated / g.prompt_seconds if g.prompt_seconds > 0 else float("nan")
             tg = g.completion_tokens / g.generation_seconds if g.generation_seconds > 0 else float("nan")
-            print(f"[prompt {g.prompt_tokens} tokens, {pp:.1f} t/s; generated {g.completion_tokens} tokens, "
-                  f"{tg:.1f} t/s; finish: {g.finish_reason}]", file=sys.stderr)
+            print(f"[prompt {g.prompt_tokens} tokens: {g.prompt_cached} cached, {g.prompt_evaluated} evaluated, "
+                  f"{pp:.1f} t/s; generated {g.completion_tokens} tokens, {tg:.1f} t/s; finish: "
+                  f"{g.finish_reason}]", file=sys.stderr)
 
     def _fit(self) -> None:
         """Drop the oldest turns when the conversation and room for a reply no longer fit the

@@ -413,12 +413,13 @@ class _QueueSink(Sink):
         self.put(step)
         return stopped
 
-    def end(self, finish_reason, completion_tokens, error=None) -> None:
+    def end(self, finish_reason, completion_tokens, error=None, *, prompt_cached=0, prompt_evaluated=0) -> None:
         gen, now = self.gen, time.perf_counter()
         if self.t1 is None:
             gen.prompt_seconds, self.t1 = now - self.t0, now
         gen.generation_seconds = now - self.t1
         gen.completion_tokens = completion_tokens
+        gen.prompt_cached, gen.prompt_evaluated = prompt_cached, prompt_evaluated
         if error is not None:
             self.put(error)
             return

@@ -148,6 +148,24 @@ def test_repl_interrupt_reset_exit(smol_path, tmp_path, expected):
     assert p.wait() == 0
 
 
+def test_repl_verbose_counts_cached_prompt_tokens_apart(smol_path, tmp_path):
+    """--verbose: a second turn's prompt is mostly the first's, whose K/V the slot kept; the
+    stats line tells the cached tokens from the evaluated ones (and t/s counts those only)."""
+    env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
+    p = Pty(RUN + [smol_path, "--temp", "0", "-n", "8", "--verbose"], env=env)
+    stats = re.compile(r"\[prompt (\d+) tokens: (\d+) cached, (\d+) evaluated, [\d.]+ t/s; generated \d+ tokens")
+    lines = []
+    for text in ("Name a color.", "Another one."):
+        p.read_until(b"> ")
+        p.send(text + "\r")
+        lines.append(p.read_until(b"]", timeout=120))
+    first, second = (tuple(map(int, stats.search(s).groups())) for s in lines)
+    assert first[1] == 0 and first[2] == first[0]
+    assert second[1] >= first[0] and second[1] + second[2] == second[0]
+    p.send("/exit\r")
+    assert p.wait() == 0
+
+
 def test_repl_ctrl_d_exits(smol_path, tmp_path):
     env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
     p = Pty(RUN + [smol_path], env=env)

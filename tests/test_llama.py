@@ -110,6 +110,24 @@ def test_prompt_cache_second_turn_evaluates_only_new_tokens(llm):
     assert cold["choices"][0]["message"] == second["choices"][0]["message"]
 
 
+def test_generation_counts_cached_and_evaluated_prompt_tokens(llm):
+    """Generation.prompt_cached: prompt tokens whose K/V a slot already held; prompt_evaluated:
+    the ones the engine ran (the last prompt token always runs again, for its logits)."""
+    llm.reset()
+    msgs = [{"role": "system", "content": "You are terse."}] + user("Name a color.")
+    a = llm.chat(msgs, max_tokens=8, stream=True, **GREEDY)
+    reply = "".join(c["choices"][0]["delta"].get("content") or "" for c in a)
+    g = a.generation
+    assert (g.prompt_cached, g.prompt_evaluated) == (0, g.prompt_tokens)
+    msgs2 = msgs + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Another one."}]
+    n0 = llm.n_evaluated
+    b = llm.chat(msgs2, max_tokens=8, stream=True, **GREEDY)
+    list(b)
+    g = b.generation
+    assert g.prompt_cached > 0 and g.prompt_cached + g.prompt_evaluated == g.prompt_tokens
+    assert llm.n_evaluated - n0 == g.prompt_evaluated + g.completion_tokens - 1  # the last sampled token is never fed
+
+
 def test_generation_fills_the_context_and_stops(smol_path):
     with Llama(smol_path, n_ctx=48) as small:
         prompt = small.tokenize(small.apply_chat_template(user("Write a very long essay about the sea.")))
