@@ -248,7 +248,8 @@ class Llama:
              truncate: str | None = None, response_format=None, tool_choice=None, regex=None, grammar=None,
              **sampling):
         """OpenAI-shaped chat completion: a dict (choices[0].message, finish_reason
-        "stop" / "length" / "tool_calls", usage), or with stream=True a GenerationStream
+        "stop" / "length" / "tool_calls", or "cancelled" when cancel() or closing the stream
+        cut the reply short, usage), or with stream=True a GenerationStream
         of chat.completion.chunk dicts. A reply in Llama 3.2's tool-call format
         ({"name": ..., "parameters": ...}) becomes message.tool_calls.
         Special-token text in messages is tokenized as text unless

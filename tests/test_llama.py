@@ -170,8 +170,38 @@ def test_stream_cancel_and_generation(llm):
     got += list(it)
     g = it.generation
     assert g.finish_reason == "cancelled" and 0 < g.completion_tokens < 200
-    assert got[-1]["choices"][0]["finish_reason"] == "stop"
+    assert got[-1]["choices"][0]["finish_reason"] == "cancelled"   # not "stop": the reply was cut short
     assert got[-1]["usage"]["completion_tokens"] == g.completion_tokens
+
+
+def test_cancelled_chat_says_cancelled(llm):
+    """A reply cut short by cancel() (or by closing its stream) is finish_reason "cancelled"
+    in every OpenAI shape, never "stop", which says the model ended it."""
+    msgs = user("Write a very long essay about the history of Rome.")
+    it = llm.chat(msgs, max_tokens=200, stream=True, **GREEDY)
+    next(it), next(it)
+    it.cancel()
+    list(it)
+    assert it.result()["choices"][0]["finish_reason"] == "cancelled"
+    closed = llm.chat(msgs, max_tokens=200, stream=True, **GREEDY)
+    next(closed), next(closed)
+    closed.close()
+    assert closed.generation.finish_reason == "cancelled"
+    assert closed.result()["choices"][0]["finish_reason"] == "cancelled"
+    never = llm.chat(msgs, max_tokens=200, stream=True, **GREEDY)
+    never.close()                    # closed before it started: nothing was generated
+    assert never.result()["choices"][0]["finish_reason"] == "cancelled"
+    # the whole-reply call, cancelled from another thread once it is decoding
+    box = {}
+    t = threading.Thread(target=lambda: box.update(out=llm.chat(msgs, max_tokens=200, **GREEDY)))
+    n0 = llm.n_evaluated
+    t.start()
+    while llm.n_evaluated <= n0 + 1:  # its prompt, and at least a token, have run
+        time.sleep(0.001)
+    llm.cancel()
+    t.join(30)
+    out = box["out"]
+    assert out["choices"][0]["finish_reason"] == "cancelled" and out["usage"]["completion_tokens"] < 200
 
 
 def test_cancel_stops_a_long_prompt_within_one_chunk(smol_path):
