@@ -128,13 +128,14 @@ class Pty:
 
 def test_repl_interrupt_reset_exit(smol_path, tmp_path, expected):
     env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
-    p = Pty(RUN + [smol_path, "--temp", "0", "-n", "400"], env=env)
+    p = Pty(RUN + [smol_path, "--temp", "0", "-n", "400", "--verbose"], env=env)
     p.read_until(b"> ")
     p.send("Write a very long story about a dragon and a knight.\r")
     p.read_until(b" ", timeout=120)    # the reply has started streaming
     time.sleep(0.3)
     p.send("\x03")                     # Ctrl-C: stop the reply, keep the conversation
     p.read_until(b"[interrupted]")
+    assert "finish: cancelled]" in p.read_until(b"]")   # --verbose's stats say so (not "finish: None")
     p.read_until(b"> ")
     p.send("/reset\r")
     p.read_until(b"[conversation reset]")
