@@ -19,7 +19,7 @@ import pytest
 
 from llamacpu import Llama
 from llamacpu.batch import LocalRunner, OutFile, run_batch
-from test_interrupt import default_sigint
+from conftest import default_sigint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_CTX = 1024

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from conftest import default_sigint
+
 RUN = [sys.executable, "-m", "llamacpu", "run"]
 
 
@@ -84,7 +86,7 @@ class Pty:
     def __init__(self, argv, env=None):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child
-            signal.signal(signal.SIGINT, signal.SIG_DFL)  # even if our parent ignores it (`cmd &`)
+            default_sigint()   # even if our parent ignores SIGINT (`cmd &`)
             os.execvpe(argv[0], argv, env or os.environ)
         self.buf = b""
 

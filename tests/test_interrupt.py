@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from conftest import default_sigint
 from llamacpu.format import read_model
 
 
@@ -35,13 +36,6 @@ def start_convert(ckpt, out, *flags):
     return subprocess.Popen([sys.executable, "-m", "llamacpu", "convert", str(ckpt), str(out), "--type", "q8_0",
                              *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint)
-
-
-def default_sigint():
-    """In the child: SIGINT as a terminal delivers it. A shell that starts a job in the
-    background without job control (`cmd &` in a script) ignores SIGINT in it, and an ignored
-    signal stays ignored across exec, so Python would never raise KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_until_writing(proc, out, min_bytes=1 << 20, timeout=120):
