@@ -36,6 +36,12 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def slow_unless(value, *fast):
+    """A parametrize value, marked slow (left out of the fast lane, `-m "not slow"`) unless
+    it is one of `fast`."""
+    return value if value in fast else pytest.param(value, marks=pytest.mark.slow)
+
+
 def _invariant_kernels():
     """The best kernel table whose results do not depend on how a prompt is split into
     chunks (every table but avx512amx, whose prefill of 16+ tokens runs on bf16 AMX tiles

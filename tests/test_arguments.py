@@ -122,20 +122,25 @@ def assert_one_line_error(r, command, *words):
     assert r.stdout == ""
 
 
+def slow(*values):
+    """A parametrize case that only the full run takes (the fast lane: one of each kind)."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize("flags,words", [
     (["-c", "0"], ["--ctx-size"]),
-    (["-c", "-5"], ["--ctx-size"]),
-    (["-n", "-1"], ["--max-tokens"]),
+    slow(["-c", "-5"], ["--ctx-size"]),
+    slow(["-n", "-1"], ["--max-tokens"]),
     (["--temp", "-1"], ["--temp", "temperature"]),
-    (["--temp", "nan"], ["--temp"]),
-    (["--top-p", "0"], ["--top-p", "top_p"]),
-    (["--top-p", "1.5"], ["--top-p"]),
-    (["--top-k", "-1"], ["--top-k"]),
-    (["--min-p", "1"], ["--min-p"]),
-    (["--repeat-penalty", "0"], ["--repeat-penalty"]),
-    (["--seed", "-1"], ["--seed"]),
+    slow(["--temp", "nan"], ["--temp"]),
+    slow(["--top-p", "0"], ["--top-p", "top_p"]),
+    slow(["--top-p", "1.5"], ["--top-p"]),
+    slow(["--top-k", "-1"], ["--top-k"]),
+    slow(["--min-p", "1"], ["--min-p"]),
+    slow(["--repeat-penalty", "0"], ["--repeat-penalty"]),
+    slow(["--seed", "-1"], ["--seed"]),
     (["-t", "0"], ["--threads"]),
-    (["-t", "99999999999"], ["--threads"]),
+    slow(["-t", "99999999999"], ["--threads"]),
     (["-c", "99999999999"], ["-c 99999999999", "context"]),
     (["-c", "16", "-p", LONG_PROMPT], ["the context holds 16", "-c/--ctx-size"]),
 ])
@@ -179,19 +184,18 @@ def test_ctx_flag_message(monkeypatch):
     assert "n_ctx" not in msg
 
 
-def test_more_threads_than_cpus_warns_once_and_runs(model_path):
+@pytest.mark.parametrize("cmd", ["run", "bench"])
+def test_more_threads_than_cpus_warns_once_and_runs(model_path, cmd):
     from llamacpu.cli_flags import logical_cpus
     n = logical_cpus() + 1
-    for cmd, args in (("run", ["-p", "hi", "-n", "2", "--temp", "0"]),
-                      ("bench", ["-p", "4", "-n", "2", "-r", "1", "--loads", "1", "-t", f"1,{n}"])):
-        r = cli(cmd, model_path, *args, *(["-t", str(n)] if cmd == "run" else []))
-        assert r.returncode == 0, r.stderr
-        warnings = [line for line in r.stderr.splitlines() if "warning" in line]
-        assert warnings == [f"llamacpu {cmd}: warning: -t {n} is more threads than the {n - 1} logical CPUs "
-                            "this process may use: decoding slows down badly when threads wait for a CPU "
-                            "(without -t: one thread per physical core)"], r.stderr
-    r = cli("run", model_path, "-p", "hi", "-n", "2", "-t", str(n - 1))
-    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    args = {"run": ["-p", "hi", "-n", "2", "--temp", "0", "-t", str(n)],
+            "bench": ["-p", "4", "-n", "2", "-r", "1", "--loads", "1", "-t", f"1,{n}"]}[cmd]
+    r = cli(cmd, model_path, *args)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert warnings == [f"llamacpu {cmd}: warning: -t {n} is more threads than the {n - 1} logical CPUs "
+                        "this process may use: decoding slows down badly when threads wait for a CPU "
+                        "(without -t: one thread per physical core)"], r.stderr
 
 
 def test_run_bad_flags_fail_before_the_default_model_is_fetched(tmp_path):
@@ -212,6 +216,7 @@ def test_unknown_flag_gets_the_subcommands_usage(model_path, cmd, flag, hint):
                                       f"(did you mean {hint}?)"), r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,words", [
     (["-t", "0"], ["--threads"]),
     (["-t", "1,-2"], ["--threads"]),

@@ -46,6 +46,7 @@ def test_one_shot_prompt(smol_path, expected):
     r = run([smol_path, "-p", "What is the capital of France?", "--temp", "0", "-n", "24"])
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected("What is the capital of France?", 24) + "\n"
+    assert "warning" not in r.stderr   # the default threads (physical cores) fit the CPUs
 
 
 def test_piped_stdin_and_verbose(smol_path, expected):
@@ -55,12 +56,14 @@ def test_piped_stdin_and_verbose(smol_path, expected):
     assert "t/s" in r.stderr
 
 
+@pytest.mark.slow
 def test_same_seed_same_answer(smol_path):
     a = run([smol_path, "-p", "Tell me a joke.", "--seed", "7", "-n", "20"])
     b = run([smol_path, "-p", "Tell me a joke.", "--seed", "7", "-n", "20"])
     assert a.returncode == 0 and a.stdout == b.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,msg", [(["--temp", "-1"], "temperature"), (["--top-p", "0"], "top_p"),
                                        (["-t", "0"], "threads"), (["-c", "0"], "ctx"),
                                        (["-n", "-3"], "max-tokens")])
@@ -169,6 +172,7 @@ def test_repl_verbose_counts_cached_prompt_tokens_apart(smol_path, tmp_path):
     assert p.wait() == 0
 
 
+@pytest.mark.slow
 def test_repl_ctrl_d_exits(smol_path, tmp_path):
     env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
     p = Pty(RUN + [smol_path], env=env)
@@ -180,6 +184,7 @@ def test_repl_ctrl_d_exits(smol_path, tmp_path):
     assert p.wait() == 0
 
 
+@pytest.mark.slow
 def test_default_model_is_fetched_converted_and_cached(tmp_path):
     """The README's first command on a fresh machine: `llamacpu run -p "Hello"`."""
     env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path))
@@ -192,6 +197,7 @@ def test_default_model_is_fetched_converted_and_cached(tmp_path):
     assert r2.returncode == 0 and "fetching" not in r2.stderr
 
 
+@pytest.mark.slow
 def test_repl_context_full_drops_oldest_turns_and_goes_on(smol_path, tmp_path):
     env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
     p = Pty(RUN + [smol_path, "--temp", "0", "-n", "24", "-c", "256", "--system", "You are terse."], env=env)

@@ -69,6 +69,7 @@ def test_sigint_while_writing(ckpt, tmp_path):
     assert temps(out) == []  # Ctrl-C cleans up after itself
 
 
+@pytest.mark.slow
 def test_sigint_with_force_keeps_the_old_file(ckpt, tmp_path):
     out = tmp_path / "m.lcpu"
     out.write_bytes(b"the previous model")
@@ -81,6 +82,7 @@ def test_sigint_with_force_keeps_the_old_file(ckpt, tmp_path):
     assert temps(out) == []
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_no_partial_out_and_the_next_run_cleans_up(ckpt, tmp_path):
     out = tmp_path / "m.lcpu"
     proc = start_convert(ckpt, out)
@@ -103,6 +105,7 @@ def test_sigkill_leaves_no_partial_out_and_the_next_run_cleans_up(ckpt, tmp_path
         assert m.meta["provenance"]["type"] == "q8_0"
 
 
+@pytest.mark.slow
 def test_sigkill_with_force_keeps_the_old_file(ckpt, tmp_path):
     out = tmp_path / "m.lcpu"
     out.write_bytes(b"the previous model")

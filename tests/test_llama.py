@@ -204,6 +204,7 @@ def test_cancelled_chat_says_cancelled(llm):
     assert out["choices"][0]["finish_reason"] == "cancelled" and out["usage"]["completion_tokens"] < 200
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_long_prompt_within_one_chunk(smol_path):
     """A prompt is evaluated in chunks of n_batch (512) tokens, one batcher step each; a cancel
     takes effect after the step in flight, and the slot keeps the chunks it finished: the same
@@ -261,6 +262,7 @@ def test_open_generators_in_one_thread_run_together(llm):
     assert got == alone
 
 
+@pytest.mark.slow
 def test_chat_batch_equals_chat_one_by_one(smol_path):
     """More conversations than slots: queued, batched, results in order, each what chat()
     gives alone (greedy, a chunk-invariant table: texts identical)."""
@@ -418,6 +420,7 @@ def test_use_after_close_is_a_clear_error(smol_path):
     llm.close()  # closing twice is harmless
 
 
+@pytest.mark.slow
 def test_running_conversation_prefix_is_forked_not_recomputed(smol_path):
     """A conversation that shares a running one's system prompt copies its cached K/V
     (seq_copy) instead of evaluating it again, and answers as it would alone."""
