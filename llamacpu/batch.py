@@ -36,6 +36,7 @@ import uuid
 from contextlib import closing
 from dataclasses import dataclass
 
+from .cli_flags import warn_threads
 from .server.errors import APIError, api_error, bad
 from .server.parse import check_structured, parse_chat, parse_json
 from .server.prompts import PromptCheck
@@ -506,6 +507,7 @@ def cmd_batch(args) -> int:
         raise OSError(f"{args.input}: no such file")
     if os.path.abspath(args.input) == os.path.abspath(args.output):
         raise ValueError("IN and OUT must be different files")
+    warn_threads("batch", args.threads)
 
     if args.ray is not None:
         from .batch_ray import ray_runner_factory

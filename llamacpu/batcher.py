@@ -49,9 +49,11 @@ class Sink:
         string), with finish_reason "stop"."""
         raise NotImplementedError
 
-    def end(self, finish_reason: str | None, completion_tokens: int, error: BaseException | None = None) -> None:
+    def end(self, finish_reason: str | None, completion_tokens: int, error: BaseException | None = None, *,
+            prompt_cached: int = 0, prompt_evaluated: int = 0) -> None:
         """The request is over: "stop", "length" or "cancelled", or error; completion_tokens
-        counts an end-of-generation token too."""
+        counts an end-of-generation token too. Of its prompt, prompt_cached tokens were in
+        the slot already (prefix reuse or a fork) and prompt_evaluated ran in the model."""
         raise NotImplementedError
 
 
@@ -67,6 +69,7 @@ class Request:
     # the batcher's bookkeeping
     slot: int = -1
     fed: int = 0                      # tokens of `history` whose K/V are in the slot
+    cached: int = 0                   # prompt tokens whose K/V the slot held when it was admitted
     history: list = field(default_factory=list)
     completion_tokens: int = 0
     sampler: Sampler | None = None
@@ -198,7 +201,7 @@ class Batcher:
             keep = min(keep, len(r.ids) - 1)  # the last prompt token runs again for its logits
             slot = self.slots[best]
             slot.request, slot.tokens = r, r.ids[:keep]
-            r.slot, r.fed = best, keep
+            r.slot, r.fed, r.cached = best, keep, keep
             self._running.append(r)
 
     def _plan(self):
@@ -297,4 +300,5 @@ class Batcher:
             r.slot = -1
         if r in self._running:
             self._running.remove(r)
-        r.sink.end(reason, r.completion_tokens, error)
+        r.sink.end(reason, r.completion_tokens, error, prompt_cached=r.cached,
+                   prompt_evaluated=max(0, min(r.fed, len(r.ids)) - r.cached))

@@ -34,6 +34,7 @@ import sys
 import time
 
 from .cache_types import add_cache_type_args, check_cache_type_args
+from .cli_flags import warn_threads
 
 
 def register_bench(sub) -> None:
@@ -348,6 +349,7 @@ def cmd_bench(args) -> int:
     depths = _depth_list(args.n_depth)
     check_cache_type_args(args)
     _check_counts(args.n_prompt, args.n_gen, args.repetitions, args.loads)  # before any output
+    warn_threads("bench", max(threads))
     path = resolve_model(args.model)  # a GGUF: converted once into the cache, not timed
     _check_context(_describe(path), args.n_prompt + args.n_gen, max(depths))
     if not args.json:

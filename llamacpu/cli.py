@@ -15,7 +15,8 @@ or a Hub name org/name[:TAG] (model_cache.resolve_model).
 Each subcommand is a `register_<name>(subparsers)` function that adds its parser
 and sets `func`; add a new one to COMMANDS. `func(args)` returns the exit status.
 Errors that are the user's (a malformed model, a missing file) are printed as one
-line on stderr without a traceback: ModelFormatError exits 2, other user errors 1.
+line on stderr without a traceback: ModelFormatError exits 2, other user errors 1; in a
+command with -c/--ctx-size, the API's "n_ctx" is told as the flag (cli_flags.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import sys
 
 from . import __version__
+from .cli_flags import ctx_flag_message
 from .errors import ModelFormatError
 from .progress import end_open_line
 
@@ -212,7 +214,10 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (OSError, ValueError) as e:
-        print(f"llamacpu {args.command}: error: {e}", file=sys.stderr)
+        msg = str(e)
+        if hasattr(args, "ctx_size"):  # the API says n_ctx; this command's user typed -c
+            msg = ctx_flag_message(msg)
+        print(f"llamacpu {args.command}: error: {msg}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         end_open_line()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from .cache_types import add_cache_type_args, check_cache_type_args
+from .cli_flags import ctx_flag_message, warn_threads
 
 HELP = """commands:
   /reset          forget the conversation (keeps the system prompt)
@@ -40,7 +41,8 @@ def register_run(sub) -> None:
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: physical cores)")
     add_cache_type_args(p)
-    p.add_argument("--verbose", action="store_true", help="print prompt and generation speed after each reply")
+    p.add_argument("--verbose", action="store_true", help="after each reply, print its prompt tokens (cached from the previous "
+                                                          "turns, and evaluated), prompt and generation speed")
     p.set_defaults(func=cmd_run)
 
 
@@ -81,6 +83,7 @@ def cmd_run(args) -> int:
     check_cache_type_args(args)
     sampling = _sampling(args)
     _check_sampling(sampling)
+    warn_threads("run", args.threads)
     llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads,  # None: the default model
                 cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     llm.sampling_params(**sampling)  # with the model's defaults, before any output
@@ -129,11 +132,12 @@ class Chat:
             print("[interrupted]", file=sys.stderr)
         self.messages.append({"role": "assistant", "content": "".join(out)})
         if self.verbose:
-            g = stream.generation
-            pp = g.prompt_tokens / g.prompt_seconds if g.prompt_seconds > 0 else float("nan")
+            g = stream.generation   # t/s of the prompt: of the tokens evaluated, not those reused
+            pp = g.prompt_evaluated / g.prompt_seconds if g.prompt_seconds > 0 else float("nan")
             tg = g.completion_tokens / g.generation_seconds if g.generation_seconds > 0 else float("nan")
-            print(f"[prompt {g.prompt_tokens} tokens, {pp:.1f} t/s; generated {g.completion_tokens} tokens, "
-                  f"{tg:.1f} t/s; finish: {g.finish_reason}]", file=sys.stderr)
+            print(f"[prompt {g.prompt_tokens} tokens: {g.prompt_cached} cached, {g.prompt_evaluated} evaluated, "
+                  f"{pp:.1f} t/s; generated {g.completion_tokens} tokens, {tg:.1f} t/s; finish: "
+                  f"{g.finish_reason}]", file=sys.stderr)
 
     def _fit(self) -> None:
         """Drop the oldest turns when the conversation and room for a reply no longer fit the
@@ -199,7 +203,7 @@ class Chat:
                 self.reply(text)
             except ValueError as e:  # e.g. the system prompt and this message alone do not fit
                 self.messages.pop()
-                print(f"error: {e}; the message was not sent", file=sys.stderr)
+                print(f"error: {ctx_flag_message(str(e))}; the message was not sent", file=sys.stderr)
 
 
 def _setup_readline():

@@ -26,9 +26,16 @@ class Step:
 class Generation:
     """What a generation left behind: finish_reason "stop" (end-of-generation token
     or stop string), "length" (max_tokens or the context is full) or "cancelled"
-    (None while it runs, or when it was closed before it ended)."""
+    (cancel(), or its stream closed; None while it runs, or when its stream was closed
+    before it started). Of the prompt_tokens,
+    prompt_cached had their K/V in the sequence slot already (the prompt cache: a
+    previous turn, or a running conversation's prefix) and prompt_evaluated ran through
+    the model (their sum, unless it was cancelled while its prompt was evaluated);
+    prompt_seconds is the time to the first token."""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_cached: int = 0
+    prompt_evaluated: int = 0
     finish_reason: str | None = None
     text: str = ""
     prompt_seconds: float = 0.0

@@ -248,7 +248,8 @@ class Llama:
              truncate: str | None = None, response_format=None, tool_choice=None, regex=None, grammar=None,
              **sampling):
         """OpenAI-shaped chat completion: a dict (choices[0].message, finish_reason
-        "stop" / "length" / "tool_calls", usage), or with stream=True a GenerationStream
+        "stop" / "length" / "tool_calls", or "cancelled" when cancel() or closing the stream
+        cut the reply short, usage), or with stream=True a GenerationStream
         of chat.completion.chunk dicts. A reply in Llama 3.2's tool-call format
         ({"name": ..., "parameters": ...}) becomes message.tool_calls.
         Special-token text in messages is tokenized as text unless
@@ -413,12 +414,13 @@ class _QueueSink(Sink):
         self.put(step)
         return stopped
 
-    def end(self, finish_reason, completion_tokens, error=None) -> None:
+    def end(self, finish_reason, completion_tokens, error=None, *, prompt_cached=0, prompt_evaluated=0) -> None:
         gen, now = self.gen, time.perf_counter()
         if self.t1 is None:
             gen.prompt_seconds, self.t1 = now - self.t0, now
         gen.generation_seconds = now - self.t1
         gen.completion_tokens = completion_tokens
+        gen.prompt_cached, gen.prompt_evaluated = prompt_cached, prompt_evaluated
         if error is not None:
             self.put(error)
             return

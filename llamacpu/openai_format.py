@@ -29,8 +29,11 @@ def usage(gen: Generation, truncated: dict | None = None) -> dict:
 
 
 def finish_reason(gen: Generation) -> str:
-    """OpenAI's finish_reason: "stop" or "length" ("cancelled", or none yet, is "stop")."""
-    return "stop" if gen.finish_reason in (None, "cancelled") else gen.finish_reason
+    """OpenAI's finish_reason: "stop" (the model ended it, or a stop string), "length", or
+    "cancelled" (not one of OpenAI's: cancel(), a closed stream or a client that went away
+    cut it short; "stop" would say that the reply is complete). A generation with no
+    finish_reason was closed before it started: "cancelled" too."""
+    return "cancelled" if gen.finish_reason is None else gen.finish_reason
 
 
 def logprobs(steps: Iterable[Step], tokenizer) -> dict:

@@ -38,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .cache_types import add_cache_type_args, check_cache_type_args
+from .cli_flags import warn_threads
 from .progress import fmt_eta, mark_open
 
 DEFAULT_N_CTX = 512
@@ -285,6 +286,7 @@ def cmd_perplexity(args) -> int:
     if args.ctx_size < 3:
         raise ValueError(f"-c/--ctx-size must be at least 3, got {args.ctx_size}")
     check_cache_type_args(args)
+    warn_threads("perplexity", args.threads)
     text = read_text(args.textfile)
     with Model(resolve_model(args.model), n_ctx=args.ctx_size, n_threads=args.threads,
                cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v) as m:

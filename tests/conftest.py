@@ -4,6 +4,7 @@ Assets are fetched with tools/fetch_assets.py when missing; a missing asset is a
 error, never a skip.
 """
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT / "tools", ROOT / "tests"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+
+def default_sigint():
+    """preexec_fn of a child that a test sends SIGINT: SIGINT as a terminal delivers it. A
+    shell that starts a job in the background without job control (`cmd &` in a script)
+    ignores SIGINT in it, and an ignored signal stays ignored across fork and exec, so
+    Python would never raise KeyboardInterrupt (check: pytest started with SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def slow_unless(value, *fast):
+    """A parametrize value, marked slow (left out of the fast lane, `-m "not slow"`) unless
+    it is one of `fast`."""
+    return value if value in fast else pytest.param(value, marks=pytest.mark.slow)
+
 
 def _invariant_kernels():
     """The best kernel table whose results do not depend on how a prompt is split into

@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import default_sigint
+
 ROOT = Path(__file__).resolve().parents[1]
 N_CTX = 1024
 START_TIMEOUT_S = 60   # loading SmolLM2 and starting uvicorn on a busy 2-core CI machine
@@ -25,7 +27,8 @@ class Server:
         with open(log, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "llamacpu", "serve", str(model), "--port", "0",
                                           "-c", str(N_CTX), "-t", "1", *args],
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT)
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                                         preexec_fn=default_sigint)   # stop() and tests send SIGINT
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             m = re.search(r"at (http://127\.0\.0\.1:(\d+))", self.output())

@@ -122,28 +122,80 @@ def assert_one_line_error(r, command, *words):
     assert r.stdout == ""
 
 
+def slow(*values):
+    """A parametrize case that only the full run takes (the fast lane: one of each kind)."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 @pytest.mark.parametrize("flags,words", [
     (["-c", "0"], ["--ctx-size"]),
-    (["-c", "-5"], ["--ctx-size"]),
-    (["-n", "-1"], ["--max-tokens"]),
+    slow(["-c", "-5"], ["--ctx-size"]),
+    slow(["-n", "-1"], ["--max-tokens"]),
     (["--temp", "-1"], ["--temp", "temperature"]),
-    (["--temp", "nan"], ["--temp"]),
-    (["--top-p", "0"], ["--top-p", "top_p"]),
-    (["--top-p", "1.5"], ["--top-p"]),
-    (["--top-k", "-1"], ["--top-k"]),
-    (["--min-p", "1"], ["--min-p"]),
-    (["--repeat-penalty", "0"], ["--repeat-penalty"]),
-    (["--seed", "-1"], ["--seed"]),
+    slow(["--temp", "nan"], ["--temp"]),
+    slow(["--top-p", "0"], ["--top-p", "top_p"]),
+    slow(["--top-p", "1.5"], ["--top-p"]),
+    slow(["--top-k", "-1"], ["--top-k"]),
+    slow(["--min-p", "1"], ["--min-p"]),
+    slow(["--repeat-penalty", "0"], ["--repeat-penalty"]),
+    slow(["--seed", "-1"], ["--seed"]),
     (["-t", "0"], ["--threads"]),
-    (["-t", "99999999999"], ["--threads"]),
-    (["-c", "99999999999"], ["n_ctx", "context"]),
-    (["-c", "16", "-p", LONG_PROMPT], ["the context holds 16"]),
+    slow(["-t", "99999999999"], ["--threads"]),
+    (["-c", "99999999999"], ["-c 99999999999", "context"]),
+    (["-c", "16", "-p", LONG_PROMPT], ["the context holds 16", "-c/--ctx-size"]),
 ])
 def test_run_bad_flags(model_path, flags, words):
     args = ["run", model_path, "-p", "hi", "-n", "2"] + flags
     if "-p" in flags:
         args = ["run", model_path, "-n", "2"] + flags
-    assert_one_line_error(cli(*args), "run", *words)
+    r = cli(*args)
+    assert_one_line_error(r, "run", *words)
+    assert "n_ctx" not in r.stderr   # the API's name: the user typed -c
+
+
+@pytest.mark.parametrize("cmd", ["serve", "perplexity", "batch"])
+def test_context_errors_name_the_flag(model_path, tmp_path, cmd):
+    """Every command with -c tells the API's n_ctx errors in the flag's name."""
+    text = tmp_path / "in.txt"
+    text.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", '
+                    '"body": {"messages": [{"role": "user", "content": "hi"}]}}\n')
+    extra = {"serve": [model_path, "--port", "0"], "perplexity": [model_path, str(text)],
+             "batch": [str(text), str(tmp_path / "out.jsonl"), "--model", model_path]}[cmd]
+    r = cli(cmd, *extra, "-c", "99999999")
+    assert_one_line_error(r, cmd, "-c 99999999", "context")
+    assert "n_ctx" not in r.stderr
+
+
+def test_ctx_flag_message(monkeypatch):
+    import llamacpu.model as model
+    from llamacpu.cli_flags import ctx_flag_message
+    assert ctx_flag_message("n_ctx=9000 is larger than the model's context of 8192 tokens") == \
+        "-c 9000 is larger than the model's context of 8192 tokens"
+    assert ctx_flag_message("the context holds 16 (load with a larger n_ctx)") == \
+        "the context holds 16 (load with a larger -c/--ctx-size)"
+    # the memory check's message (Llama 3.2 1B's shapes, 1 GiB available)
+    cfg = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "rms_norm_eps": 1e-5}
+    monkeypatch.setattr(model, "available_memory", lambda: 1 << 30)
+    with pytest.raises(ValueError) as e:
+        model._check_memory(cfg, 131072, 512, 2)
+    msg = ctx_flag_message(str(e.value))
+    assert msg.startswith("-c 131072 needs ") and "load it with -c " in msg and " or less" in msg
+    assert "n_ctx" not in msg
+
+
+@pytest.mark.parametrize("cmd", ["run", "bench"])
+def test_more_threads_than_cpus_warns_once_and_runs(model_path, cmd):
+    from llamacpu.cli_flags import logical_cpus
+    n = logical_cpus() + 1
+    args = {"run": ["-p", "hi", "-n", "2", "--temp", "0", "-t", str(n)],
+            "bench": ["-p", "4", "-n", "2", "-r", "1", "--loads", "1", "-t", f"1,{n}"]}[cmd]
+    r = cli(cmd, model_path, *args)
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "warning" in line]
+    assert warnings == [f"llamacpu {cmd}: warning: -t {n} is more threads than the {n - 1} logical CPUs "
+                        "this process may use: decoding slows down badly when threads wait for a CPU "
+                        "(without -t: one thread per physical core)"], r.stderr
 
 
 def test_run_bad_flags_fail_before_the_default_model_is_fetched(tmp_path):
@@ -164,6 +216,7 @@ def test_unknown_flag_gets_the_subcommands_usage(model_path, cmd, flag, hint):
                                       f"(did you mean {hint}?)"), r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,words", [
     (["-t", "0"], ["--threads"]),
     (["-t", "1,-2"], ["--threads"]),

@@ -172,6 +172,7 @@ def prefill_then_decode(model, ids, n_prefill):
     return pre, np.stack([model.forward([t], pos=n_prefill + i) for i, t in enumerate(ids[n_prefill:])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ctk,ctv,cos_min", [("q8_0", "q8_0", Q8_COS_MIN), ("q8_0", "f16", Q8_COS_MIN),
                                              ("q4_0", "q4_0", Q4_COS_MIN)])
 def test_quantized_cache_logits_close_to_f16(smollm_model, smol_ids, ctk, ctv, cos_min):

@@ -19,7 +19,7 @@ import pytest
 
 from llamacpu import Llama
 from llamacpu.batch import LocalRunner, OutFile, run_batch
-from test_interrupt import default_sigint
+from conftest import default_sigint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_CTX = 1024
@@ -164,6 +164,7 @@ def test_lines_that_are_not_requests_become_error_rows(llm, reference, tmp_path,
     assert len(read_rows(out)) == len(rows)
 
 
+@pytest.mark.slow
 def test_resume_skips_done_rows_and_cuts_a_partial_last_line(llm, reference, tmp_path):
     ids = list(REQUESTS)
     inp = write_lines(tmp_path / "in.jsonl", [request(c, REQUESTS[c]) for c in ids])
@@ -244,6 +245,7 @@ def run_cli(*args, timeout=300, **kw):
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
+@pytest.mark.slow
 def test_cli_help_and_flag_checks(tmp_path):
     r = run_cli("--help", timeout=60)
     assert r.returncode == 0
@@ -258,6 +260,7 @@ def test_cli_help_and_flag_checks(tmp_path):
     assert r.returncode == 1 and "no such file" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_ctrl_c_leaves_a_valid_out_and_a_rerun_finishes(llm, reference, smollm_model, tmp_path):
     # the same eight bodies four times over: enough work that Ctrl-C comes long before the end
     ids = {f"{c}-{k}": c for k in range(4) for c in REQUESTS}
@@ -311,6 +314,7 @@ def ray_cluster(chunk_invariant_kernels):
             os.environ["PYTHONPATH"] = old
 
 
+@pytest.mark.slow
 def test_ray_cli_gives_the_rows_of_a_local_run(ray_cluster, reference, smollm_model, tmp_path):
     _, address = ray_cluster
     inp = write_lines(tmp_path / "in.jsonl", [request(c, b) for c, b in REQUESTS.items()] + ["{bad"])
@@ -330,6 +334,7 @@ def test_ray_cli_gives_the_rows_of_a_local_run(ray_cluster, reference, smollm_mo
     check_answers(rows, reference)
 
 
+@pytest.mark.slow
 def test_ray_killed_actor_rows_are_retried_not_lost_or_repeated(ray_cluster, reference, smollm_model, tmp_path):
     ray, _ = ray_cluster
     from llamacpu.batch_ray import NAME_PREFIX, ray_runner_factory
@@ -371,6 +376,7 @@ def test_ray_killed_actor_rows_are_retried_not_lost_or_repeated(ray_cluster, ref
     check_answers(rows, {i: reference[ids[i]] for i in rows})
 
 
+@pytest.mark.slow
 def test_ray_data_recipe(ray_cluster, reference, smollm_model, tmp_path):
     spec = importlib.util.spec_from_file_location("ray_data_batch", os.path.join(ROOT, "examples", "ray_data_batch.py"))
     recipe = importlib.util.module_from_spec(spec)
@@ -383,6 +389,7 @@ def test_ray_data_recipe(ray_cluster, reference, smollm_model, tmp_path):
     check_answers(rows, reference)
 
 
+@pytest.mark.slow
 def test_truncate_oldest_row_says_what_was_dropped(llm):
     from llamacpu.batch import Answerer
     msgs = [{"role": "system", "content": "You are terse."}]

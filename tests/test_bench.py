@@ -45,6 +45,7 @@ def test_bench_json(tiny):
     assert (pp["n_prompt"], pp["n_gen"], tg["n_prompt"], tg["n_gen"]) == (16, 0, 0, 4)
 
 
+@pytest.mark.slow
 def test_bench_table(tiny):
     out = _bench(tiny, "-t", "1,2").stdout
     lines = out.splitlines()
@@ -66,6 +67,7 @@ def test_bench_bad_threads(tiny):
     assert r.returncode == 1 and "threads" in r.stderr
 
 
+@pytest.mark.slow
 def test_bench_depth_json(tiny):
     res = json.loads(_bench(tiny, "-t", "1", "-d", "0,24", "--json").stdout)
     assert res["n_ctx"] == 24 + 16 + 4  # the largest depth + -p + -n, as llama-bench sizes it
@@ -75,6 +77,7 @@ def test_bench_depth_json(tiny):
     assert all(r["avg_ts"] > 0 for r in res["results"])
 
 
+@pytest.mark.slow
 def test_bench_depth_table(tiny):
     lines = _bench(tiny, "-t", "2", "-d", "8").stdout.splitlines()
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:4]]

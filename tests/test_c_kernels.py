@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+# compiling and running the C driver (native, qemu, TSan) takes a minute; the fast lane
+# checks the kernels through the binding (test_kernels.py, test_attention.py)
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 DRIVER = ROOT / "tests" / "c" / "test_kernels.c"

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from conftest import default_sigint
+
 RUN = [sys.executable, "-m", "llamacpu", "run"]
 
 
@@ -44,6 +46,7 @@ def test_one_shot_prompt(smol_path, expected):
     r = run([smol_path, "-p", "What is the capital of France?", "--temp", "0", "-n", "24"])
     assert r.returncode == 0, r.stderr
     assert r.stdout == expected("What is the capital of France?", 24) + "\n"
+    assert "warning" not in r.stderr   # the default threads (physical cores) fit the CPUs
 
 
 def test_piped_stdin_and_verbose(smol_path, expected):
@@ -53,12 +56,14 @@ def test_piped_stdin_and_verbose(smol_path, expected):
     assert "t/s" in r.stderr
 
 
+@pytest.mark.slow
 def test_same_seed_same_answer(smol_path):
     a = run([smol_path, "-p", "Tell me a joke.", "--seed", "7", "-n", "20"])
     b = run([smol_path, "-p", "Tell me a joke.", "--seed", "7", "-n", "20"])
     assert a.returncode == 0 and a.stdout == b.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,msg", [(["--temp", "-1"], "temperature"), (["--top-p", "0"], "top_p"),
                                        (["-t", "0"], "threads"), (["-c", "0"], "ctx"),
                                        (["-n", "-3"], "max-tokens")])
@@ -84,7 +89,7 @@ class Pty:
     def __init__(self, argv, env=None):
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child
-            signal.signal(signal.SIGINT, signal.SIG_DFL)  # even if our parent ignores it (`cmd &`)
+            default_sigint()   # even if our parent ignores SIGINT (`cmd &`)
             os.execvpe(argv[0], argv, env or os.environ)
         self.buf = b""
 
@@ -128,13 +133,14 @@ class Pty:
 
 def test_repl_interrupt_reset_exit(smol_path, tmp_path, expected):
     env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
-    p = Pty(RUN + [smol_path, "--temp", "0", "-n", "400"], env=env)
+    p = Pty(RUN + [smol_path, "--temp", "0", "-n", "400", "--verbose"], env=env)
     p.read_until(b"> ")
     p.send("Write a very long story about a dragon and a knight.\r")
     p.read_until(b" ", timeout=120)    # the reply has started streaming
     time.sleep(0.3)
     p.send("\x03")                     # Ctrl-C: stop the reply, keep the conversation
     p.read_until(b"[interrupted]")
+    assert "finish: cancelled]" in p.read_until(b"]")   # --verbose's stats say so (not "finish: None")
     p.read_until(b"> ")
     p.send("/reset\r")
     p.read_until(b"[conversation reset]")
@@ -148,6 +154,25 @@ def test_repl_interrupt_reset_exit(smol_path, tmp_path, expected):
     assert p.wait() == 0
 
 
+def test_repl_verbose_counts_cached_prompt_tokens_apart(smol_path, tmp_path):
+    """--verbose: a second turn's prompt is mostly the first's, whose K/V the slot kept; the
+    stats line tells the cached tokens from the evaluated ones (and t/s counts those only)."""
+    env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
+    p = Pty(RUN + [smol_path, "--temp", "0", "-n", "8", "--verbose"], env=env)
+    stats = re.compile(r"\[prompt (\d+) tokens: (\d+) cached, (\d+) evaluated, [\d.]+ t/s; generated \d+ tokens")
+    lines = []
+    for text in ("Name a color.", "Another one."):
+        p.read_until(b"> ")
+        p.send(text + "\r")
+        lines.append(p.read_until(b"]", timeout=120))
+    first, second = (tuple(map(int, stats.search(s).groups())) for s in lines)
+    assert first[1] == 0 and first[2] == first[0]
+    assert second[1] >= first[0] and second[1] + second[2] == second[0]
+    p.send("/exit\r")
+    assert p.wait() == 0
+
+
+@pytest.mark.slow
 def test_repl_ctrl_d_exits(smol_path, tmp_path):
     env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
     p = Pty(RUN + [smol_path], env=env)
@@ -159,6 +184,7 @@ def test_repl_ctrl_d_exits(smol_path, tmp_path):
     assert p.wait() == 0
 
 
+@pytest.mark.slow
 def test_default_model_is_fetched_converted_and_cached(tmp_path):
     """The README's first command on a fresh machine: `llamacpu run -p "Hello"`."""
     env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path))
@@ -171,6 +197,7 @@ def test_default_model_is_fetched_converted_and_cached(tmp_path):
     assert r2.returncode == 0 and "fetching" not in r2.stderr
 
 
+@pytest.mark.slow
 def test_repl_context_full_drops_oldest_turns_and_goes_on(smol_path, tmp_path):
     env = dict(os.environ, LLAMACPU_CACHE=str(tmp_path), TERM="dumb")
     p = Pty(RUN + [smol_path, "--temp", "0", "-n", "24", "-c", "256", "--system", "You are terse."], env=env)
@@ -187,6 +214,7 @@ def test_repl_context_full_drops_oldest_turns_and_goes_on(smol_path, tmp_path):
     p.send("ocean " * 300 + "\r")
     out = p.read_until(b"\n> ", timeout=120)
     assert "error: the system prompt and the newest message alone are" in out and "was not sent" in out
+    assert "a larger -c/--ctx-size" in out and "n_ctx" not in out   # the flag the user typed
     p.send("What colour is the sky?\r")
     out = p.read_until(b"\n> ", timeout=120)
     assert "error" not in out and len(out.split("sky?", 1)[-1].strip(" \r\n>")) > 0

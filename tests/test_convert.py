@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import llamacpu.convert as conv
+from conftest import slow_unless
 from llamacpu.convert import convert
 from llamacpu.errors import ModelFormatError
 from llamacpu.format import F16, F32, Q4_0, Q4_1, Q6_0, Q8_0, TYPE_NAMES, read_model
@@ -135,7 +136,7 @@ POLICY = {  # type -> (2-D weights, output head)
 }
 
 
-@pytest.mark.parametrize("type", list(POLICY))
+@pytest.mark.parametrize("type", [slow_unless(t, None, "f32") for t in POLICY])   # fast: the default, f32
 def test_hf_every_type(tiny, tiny_src, tmp_path, type):
     src, config = tiny_src
     out = convert(tiny, tmp_path / "m.lcpu", type=type, progress=False, quiet=True)
@@ -159,6 +160,7 @@ def test_hf_every_type(tiny, tiny_src, tmp_path, type):
             assert m.rows_array(name).tobytes() == encode(x, t), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ftype", ["q4_k_m", "q4_k_s", "q5_k_m", "q6_k"])
 def test_hf_kquant_mixtures(tiny, tiny_src, tmp_path, ftype):
     """--type q4_k_m etc.: each tensor gets llama-quantize's type (quant_mix, pinned against
@@ -180,6 +182,7 @@ def test_hf_kquant_mixtures(tiny, tiny_src, tmp_path, ftype):
                 assert m.rows_array(name).tobytes() == _core.quantize(x, t).tobytes(), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head_type,want", [("q8_0", Q8_0), ("q6_0", Q6_0), ("f16", F16)])
 def test_head_type_option(tiny, tiny_src, tmp_path, head_type, want):
     """--head-type sets the output head's type (tied: the embedding table), nothing else."""
@@ -208,6 +211,7 @@ def test_q6_0_head_needs_rows_multiple_of_8():
                        head_type="q8_0") == Q4_0
 
 
+@pytest.mark.slow
 def test_hf_metadata(tiny, tmp_path):
     out = convert(tiny, tmp_path / "m.lcpu", type="f16", progress=False, quiet=True)
     hf_cfg = json.loads((tiny / "config.json").read_text())
@@ -251,6 +255,7 @@ def test_hf_metadata(tiny, tmp_path):
     assert tok.encode(text).ids == ref.encode(text).ids
 
 
+@pytest.mark.slow
 def test_hf_shards_give_identical_output(tiny, checkpoint, tmp_path):
     sharded = checkpoint("tiny64", shards=3)
     assert (sharded / "model.safetensors.index.json").exists()
@@ -264,6 +269,7 @@ def test_hf_shards_give_identical_output(tiny, checkpoint, tmp_path):
         assert len(pb["files"]) == len(pa["files"]) + 3  # 3 shards + index - 1 file
 
 
+@pytest.mark.slow
 def test_hf_untied_head_and_f32_source(tiny, tiny_src, tmp_path):
     """lm_head present and untied (and stored as F32 in a second shard)."""
     from safetensors.numpy import save_file
@@ -395,6 +401,7 @@ def test_gguf_blocks_bit_exact(smol, smol_reader, tmp_path):
     assert {int(GQ.Q4_1), int(GQ.Q8_0)} <= seen_types
 
 
+@pytest.mark.slow
 def test_gguf_to_f16_dequantizes_exactly(smol, smol_reader, tmp_path):
     out = convert(smol, tmp_path / "s16.lcpu", type="f16", progress=False, quiet=True)
     src = {t.name: t for t in smol_reader.tensors}
@@ -410,6 +417,7 @@ def test_gguf_to_f16_dequantizes_exactly(smol, smol_reader, tmp_path):
             assert m.rows_array(name)[:rows].tobytes() == x.astype("<f2").tobytes(), name
 
 
+@pytest.mark.slow
 def test_gguf_requantize_only_when_type_differs(smol, smol_reader, tmp_path):
     """type q8_0: Q8_0 source blocks copied as they are, Q4_1 ones requantized."""
     out = convert(smol, tmp_path / "s8.lcpu", type="q8_0", progress=False, quiet=True)
@@ -485,6 +493,7 @@ def test_gguf_sampling_keys():
 
 # ----------------------------------------------------------------------------- safety
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_source(smol, tiny, tmp_path):
     g = tmp_path / "s.gguf"
     os.link(smol, g) if os.stat(smol).st_dev == os.stat(tmp_path).st_dev else \
@@ -544,6 +553,7 @@ def test_failure_inside_quantizer_leaves_nothing(tiny, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_progress_callback_and_summary(tiny, tmp_path, capsys):
     seen = []
     convert(tiny, tmp_path / "m.lcpu", type="f16",
@@ -566,6 +576,7 @@ def run_cli(*args):
                           capture_output=True, text=True, env=env, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_cli_convert_and_info(smol, tmp_path):
     out = tmp_path / "smol.lcpu"
     r = run_cli("convert", smol, out)
@@ -590,6 +601,7 @@ def test_cli_convert_and_info(smol, tmp_path):
         assert s in r.stdout, s
 
 
+@pytest.mark.slow
 def test_cli_errors_are_friendly(tmp_path):
     bad = tmp_path / "bad.lcpu"
     bad.write_bytes(b"LLAMACPU" + bytes(100))

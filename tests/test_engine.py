@@ -15,7 +15,7 @@ import pytest
 
 import llamacpu
 from llamacpu.format import read_model
-from conftest import INVARIANT_KERNELS
+from conftest import INVARIANT_KERNELS, slow_unless
 from llamacpu import _core
 from reference import ReferenceLlama, dequantize_q6_0, load_hf_checkpoint, weights_from_gguf
 
@@ -44,6 +44,9 @@ PRESETS = ["tiny64", "tiny128"]
 # the best table, and the best chunk-invariant one where they differ (AMX prefill: both paths)
 TABLES = list(dict.fromkeys([_core.best_kernels(), INVARIANT_KERNELS]))
 QUANT = ["q8_0", "q4_0", "q4_1", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k"]
+# the fast lane (-m "not slow") keeps tiny64, the chunk-invariant table and q4_0 (the default
+# type): every type's kernels are checked against NumPy in test_kernels.py
+FAST_QUANT = ("q4_0",)
 _GT = {t.value: t for t in (GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q8_0, GT.Q4_K, GT.Q5_K, GT.Q6_K,
                             GT.IQ4_NL, GT.IQ4_XS)}
 # byte offsets of each block type's fp16 header fields, which the x8 layout puts first
@@ -130,7 +133,7 @@ def hf_reference(checkpoint, preset):
     return _ref_cache[preset]
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [slow_unless(p, "tiny64") for p in PRESETS])
 @pytest.mark.parametrize("type,tol", [("f32", F32_REL), ("f16", F16_REL)])
 def test_float_logits_match_reference(checkpoint, converted, preset, type, tol):
     cfg, ref = hf_reference(checkpoint, preset)
@@ -144,9 +147,9 @@ def test_float_logits_match_reference(checkpoint, converted, preset, type, tol):
     assert err < tol
 
 
-@pytest.mark.parametrize("kernels", TABLES)
-@pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("type", QUANT)
+@pytest.mark.parametrize("kernels", [slow_unless(k, INVARIANT_KERNELS) for k in TABLES])
+@pytest.mark.parametrize("preset", [slow_unless(p, "tiny64") for p in PRESETS])
+@pytest.mark.parametrize("type", [slow_unless(t, *FAST_QUANT) for t in QUANT])
 def test_quantized_logits_match_reference_on_dequantized_weights(checkpoint, converted, preset, type, kernels):
     path = converted(preset, type)
     cfg, w = weights_of_file(path)
@@ -191,7 +194,7 @@ def test_chunked_prefill_and_last_logits(converted):
     assert max_rel(last, full[-1]) < PREFILL_REL
 
 
-@pytest.mark.parametrize("type", ["f32", "q4_1"])
+@pytest.mark.parametrize("type", ["f32", pytest.param("q4_1", marks=pytest.mark.slow)])
 def test_threads_and_scalar_kernels_agree(converted, type):
     """Threads split rows, never a sum: bit-identical. The scalar table differs from SIMD
     in summation order only; with quantized weights a last-bit difference can flip
@@ -301,6 +304,7 @@ def chat_ids(model, text):
     return tok.encode(s, add_special_tokens=False).ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", TABLES)
 def test_smollm2_logits_match_reference(smollm, kernels):
     path, ref = smollm
@@ -315,6 +319,7 @@ def test_smollm2_logits_match_reference(smollm, kernels):
             assert cos.min() >= COS_MIN
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", TABLES)
 @pytest.mark.parametrize("ftype", ["q4_k_m", "q5_k_m"])
 def test_smollm2_kquant_mixtures_match_reference_on_their_weights(smollm_gguf, tmp_path, ftype, kernels):
@@ -338,6 +343,7 @@ def test_smollm2_kquant_mixtures_match_reference_on_their_weights(smollm_gguf, t
             assert cos.min() >= COS_MIN_SMOL_KQUANT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", TABLES)
 def test_smollm2_greedy_matches_reference(smollm, kernels):
     """32 greedy tokens per prompt equal the reference's, or part from them where the

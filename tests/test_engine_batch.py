@@ -35,7 +35,7 @@ def close(a, b, kernels):
 
 
 @pytest.mark.parametrize("kernels", TABLES)
-@pytest.mark.parametrize("type", ["f32", "q4_0", "q4_k_m"])
+@pytest.mark.parametrize("type", ["f32", "q4_0", pytest.param("q4_k_m", marks=pytest.mark.slow)])
 def test_mixed_batch_equals_each_sequence_alone(converted, type, kernels):
     """Three sequences: prefill chunks of some and decode tokens of others in one call,
     over several steps, with logits asked of some tokens only."""

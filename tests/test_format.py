@@ -515,6 +515,7 @@ def _fuzz_raw() -> bytes:
     return _FUZZ_RAW[0]
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_header_meta_directory(tmp_path, data):

@@ -53,6 +53,7 @@ def test_bases_are_valid_and_run(bases, tmp_path):
             m.forward([0], pos=0)
 
 
+@pytest.mark.slow
 def test_fuzz_campaign_2000_cases():
     """2,000 mutated files (our format 70%, the small GGUFs 29%, the real SmolLM2 GGUF 1%):
     0 crashes, 0 hangs, 0 exceptions other than ModelFormatError."""
@@ -68,6 +69,7 @@ def test_fuzz_campaign_2000_cases():
     assert s.distinct_rejections > 200  # many different checks fire, not one early one
 
 
+@pytest.mark.slow
 def test_harness_reports_crashes_hangs_and_other_exceptions():
     """The selftest hook makes chosen seeds segfault, abort, hang, raise KeyError, or take
     2 s (longer than the timeout: it must pass on the retry with 3 x the time)."""

@@ -100,6 +100,7 @@ def _bad(tmp_path, data: bytes, match: str | None = None):
 # --------------------------------------------------------------------------------------
 # the real SmolLM2 file against gguf.GGUFReader
 
+@pytest.mark.slow
 def test_smollm2_matches_gguf_reader(smol_path):
     ref = gguf.GGUFReader(smol_path)
     with GGUFFile(smol_path) as g:
@@ -312,6 +313,7 @@ def test_truncated_at_every_length(tmp_path):
             GGUFFile(p)
 
 
+@pytest.mark.slow
 def test_truncated_real_file_prefixes(tmp_path, smol_path):
     with GGUFFile(smol_path) as g:
         data_offset = g.data_offset
@@ -488,6 +490,7 @@ def _fuzz_base() -> tuple[bytes, int]:
 _FUZZ_BASE, _FUZZ_META_END = _fuzz_base()
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(flips=st.lists(st.tuples(st.integers(0, _FUZZ_META_END - 1), st.integers(0, 255)),
                       min_size=1, max_size=6),

@@ -175,6 +175,7 @@ def llama(assets):
     return j, Tokenizer.from_str(raw), kv, info, Tokenizer.from_str(info["tokenizer_json"])
 
 
+@pytest.mark.slow
 def test_llama_metadata(llama):
     j, ref, kv, info, tok = llama
     assert tok.get_vocab_size() == 128256
@@ -191,6 +192,7 @@ def test_llama_metadata(llama):
     assert tj["model"]["ignore_merges"] is True
 
 
+@pytest.mark.slow
 def test_llama_matches_reference_on_corpus(llama):
     _, ref, _, _, tok = llama
     text = ("<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>"
@@ -204,6 +206,7 @@ def test_llama_matches_reference_on_corpus(llama):
     assert tok.encode("<|begin_of_text|>x").ids[0] == 128000
 
 
+@pytest.mark.slow
 def test_llama_every_token_encodes_to_itself(llama):
     """Every base token with valid UTF-8 text encodes alone to its own id with ours.
 

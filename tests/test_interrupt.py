@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from conftest import default_sigint
 from llamacpu.format import read_model
 
 
@@ -35,13 +36,6 @@ def start_convert(ckpt, out, *flags):
     return subprocess.Popen([sys.executable, "-m", "llamacpu", "convert", str(ckpt), str(out), "--type", "q8_0",
                              *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_sigint)
-
-
-def default_sigint():
-    """In the child: SIGINT as a terminal delivers it. A shell that starts a job in the
-    background without job control (`cmd &` in a script) ignores SIGINT in it, and an ignored
-    signal stays ignored across exec, so Python would never raise KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_until_writing(proc, out, min_bytes=1 << 20, timeout=120):
@@ -75,6 +69,7 @@ def test_sigint_while_writing(ckpt, tmp_path):
     assert temps(out) == []  # Ctrl-C cleans up after itself
 
 
+@pytest.mark.slow
 def test_sigint_with_force_keeps_the_old_file(ckpt, tmp_path):
     out = tmp_path / "m.lcpu"
     out.write_bytes(b"the previous model")
@@ -87,6 +82,7 @@ def test_sigint_with_force_keeps_the_old_file(ckpt, tmp_path):
     assert temps(out) == []
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_no_partial_out_and_the_next_run_cleans_up(ckpt, tmp_path):
     out = tmp_path / "m.lcpu"
     proc = start_convert(ckpt, out)
@@ -109,6 +105,7 @@ def test_sigkill_leaves_no_partial_out_and_the_next_run_cleans_up(ckpt, tmp_path
         assert m.meta["provenance"]["type"] == "q8_0"
 
 
+@pytest.mark.slow
 def test_sigkill_with_force_keeps_the_old_file(ckpt, tmp_path):
     out = tmp_path / "m.lcpu"
     out.write_bytes(b"the previous model")

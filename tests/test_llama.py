@@ -110,6 +110,24 @@ def test_prompt_cache_second_turn_evaluates_only_new_tokens(llm):
     assert cold["choices"][0]["message"] == second["choices"][0]["message"]
 
 
+def test_generation_counts_cached_and_evaluated_prompt_tokens(llm):
+    """Generation.prompt_cached: prompt tokens whose K/V a slot already held; prompt_evaluated:
+    the ones the engine ran (the last prompt token always runs again, for its logits)."""
+    llm.reset()
+    msgs = [{"role": "system", "content": "You are terse."}] + user("Name a color.")
+    a = llm.chat(msgs, max_tokens=8, stream=True, **GREEDY)
+    reply = "".join(c["choices"][0]["delta"].get("content") or "" for c in a)
+    g = a.generation
+    assert (g.prompt_cached, g.prompt_evaluated) == (0, g.prompt_tokens)
+    msgs2 = msgs + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Another one."}]
+    n0 = llm.n_evaluated
+    b = llm.chat(msgs2, max_tokens=8, stream=True, **GREEDY)
+    list(b)
+    g = b.generation
+    assert g.prompt_cached > 0 and g.prompt_cached + g.prompt_evaluated == g.prompt_tokens
+    assert llm.n_evaluated - n0 == g.prompt_evaluated + g.completion_tokens - 1  # the last sampled token is never fed
+
+
 def test_generation_fills_the_context_and_stops(smol_path):
     with Llama(smol_path, n_ctx=48) as small:
         prompt = small.tokenize(small.apply_chat_template(user("Write a very long essay about the sea.")))
@@ -152,10 +170,41 @@ def test_stream_cancel_and_generation(llm):
     got += list(it)
     g = it.generation
     assert g.finish_reason == "cancelled" and 0 < g.completion_tokens < 200
-    assert got[-1]["choices"][0]["finish_reason"] == "stop"
+    assert got[-1]["choices"][0]["finish_reason"] == "cancelled"   # not "stop": the reply was cut short
     assert got[-1]["usage"]["completion_tokens"] == g.completion_tokens
 
 
+def test_cancelled_chat_says_cancelled(llm):
+    """A reply cut short by cancel() (or by closing its stream) is finish_reason "cancelled"
+    in every OpenAI shape, never "stop", which says the model ended it."""
+    msgs = user("Write a very long essay about the history of Rome.")
+    it = llm.chat(msgs, max_tokens=200, stream=True, **GREEDY)
+    next(it), next(it)
+    it.cancel()
+    list(it)
+    assert it.result()["choices"][0]["finish_reason"] == "cancelled"
+    closed = llm.chat(msgs, max_tokens=200, stream=True, **GREEDY)
+    next(closed), next(closed)
+    closed.close()
+    assert closed.generation.finish_reason == "cancelled"
+    assert closed.result()["choices"][0]["finish_reason"] == "cancelled"
+    never = llm.chat(msgs, max_tokens=200, stream=True, **GREEDY)
+    never.close()                    # closed before it started: nothing was generated
+    assert never.result()["choices"][0]["finish_reason"] == "cancelled"
+    # the whole-reply call, cancelled from another thread once it is decoding
+    box = {}
+    t = threading.Thread(target=lambda: box.update(out=llm.chat(msgs, max_tokens=200, **GREEDY)))
+    n0 = llm.n_evaluated
+    t.start()
+    while llm.n_evaluated <= n0 + 1:  # its prompt, and at least a token, have run
+        time.sleep(0.001)
+    llm.cancel()
+    t.join(30)
+    out = box["out"]
+    assert out["choices"][0]["finish_reason"] == "cancelled" and out["usage"]["completion_tokens"] < 200
+
+
+@pytest.mark.slow
 def test_cancel_stops_a_long_prompt_within_one_chunk(smol_path):
     """A prompt is evaluated in chunks of n_batch (512) tokens, one batcher step each; a cancel
     takes effect after the step in flight, and the slot keeps the chunks it finished: the same
@@ -213,6 +262,7 @@ def test_open_generators_in_one_thread_run_together(llm):
     assert got == alone
 
 
+@pytest.mark.slow
 def test_chat_batch_equals_chat_one_by_one(smol_path):
     """More conversations than slots: queued, batched, results in order, each what chat()
     gives alone (greedy, a chunk-invariant table: texts identical)."""
@@ -370,6 +420,7 @@ def test_use_after_close_is_a_clear_error(smol_path):
     llm.close()  # closing twice is harmless
 
 
+@pytest.mark.slow
 def test_running_conversation_prefix_is_forked_not_recomputed(smol_path):
     """A conversation that shares a running one's system prompt copies its cached K/V
     (seq_copy) instead of evaluating it again, and answers as it would alone."""

@@ -54,6 +54,7 @@ def no_conversion(monkeypatch):
 
 # ----------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_run_gguf_converts_once_then_reuses(smollm_gguf, smollm_model, tmp_path):
     """The README's `llamacpu run FILE.gguf`: the same answer as the converted file, the
     conversion announced on stderr the first time only."""
@@ -73,6 +74,7 @@ def test_run_gguf_converts_once_then_reuses(smollm_gguf, smollm_model, tmp_path)
     assert cached(cache) == [f] and f.stat().st_mtime_ns == before.st_mtime_ns
 
 
+@pytest.mark.slow
 def test_llama_takes_a_gguf(smollm_gguf, smollm_model, cache, monkeypatch, tmp_path):
     # a private copy: other tests hard-link the shared asset, which changes its ctime (part
     # of the cache key) and would make the second Llama() below convert it again

@@ -17,6 +17,8 @@ import pytest
 
 from llamacpu.llama import Llama
 
+pytestmark = pytest.mark.slow   # minutes of prefill: the full run's, not the fast lane's
+
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n\n")

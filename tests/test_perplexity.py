@@ -151,6 +151,7 @@ def test_model_context_too_small_and_short_text():
 
 # ----------------------------------------------------------------------------- against the reference
 
+@pytest.mark.slow
 def test_ppl_matches_numpy_reference(checkpoint, converted, assets):
     """F32 tiny model: llamacpu's perplexity() against the NumPy reference's logits over the
     same chunks, the text tokenized independently (tokenizers with the post-processor's BOS)."""
@@ -188,6 +189,7 @@ def test_smollm2_against_llama_perplexity(smollm_model):
 
 # ----------------------------------------------------------------------------- the command line
 
+@pytest.mark.slow
 def test_cli_output_and_json(converted, tmp_path, capsys):
     model = converted("tiny64", "q4_0")
     text = tmp_path / "t.txt"
@@ -216,6 +218,7 @@ def test_cli_output_and_json(converted, tmp_path, capsys):
     assert res["n_scored"] == 32 and res["stride"] == 16
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs(converted, tmp_path, capsys):
     model = str(converted("tiny64", "q4_0"))
     short = tmp_path / "short.txt"

@@ -375,6 +375,7 @@ def test_weights_from_gguf_round_trip(tmp_path):
     assert np.abs(want - got).max() < 2e-2 * np.abs(want).max()      # F16 weights
 
 
+@pytest.mark.slow
 def test_smollm2_gguf_says_paris(smollm_gguf):
     import gguf
 
@@ -420,6 +421,7 @@ def _expected_tensor(name, shape, kind, dtype="bf16"):
     return np.frombuffer(raw, "<f4").reshape(shape)
 
 
+@pytest.mark.slow
 def test_checkpoint_layout_and_round_trip(checkpoint):
     from safetensors import safe_open
 
@@ -486,6 +488,7 @@ def test_checkpoint_layout_and_round_trip(checkpoint):
                     assert index["weight_map"][k] == f.name
 
 
+@pytest.mark.slow
 def test_checkpoint_f32_matches_safetensors_library(tmp_path, assets):
     from safetensors import safe_open
     from safetensors.numpy import save_file
@@ -513,6 +516,7 @@ def test_checkpoint_f32_matches_safetensors_library(tmp_path, assets):
     np.testing.assert_array_equal(got["b"], f16["b"])
 
 
+@pytest.mark.slow
 def test_checkpoint_is_deterministic_and_layers_override(tmp_path, assets):
     kw = dict(tokenizer_json=assets["llama3.2-tokenizer.json"],
               tokenizer_config=assets["llama3.2-tokenizer_config.json"])

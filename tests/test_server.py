@@ -148,6 +148,7 @@ WEATHER = [{"type": "function", "function": {
 CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
 
 
+@pytest.mark.slow
 def test_tool_call_round_trip(client, llm, model_id):
     msgs = user("Copy this JSON exactly, with nothing else:\n" + CALL)
     r = client.chat.completions.create(model=model_id, messages=msgs, tools=WEATHER, tool_choice="auto",
@@ -188,6 +189,7 @@ class Forecast(pydantic.BaseModel):   # a nested model: $defs and $ref in the sc
     note: str = pydantic.Field(max_length=30)
 
 
+@pytest.mark.slow
 def test_structured_output(client, llm, model_id):
     """response_format and forced tool calls, whole and streamed, as the in-process Llama
     gives them; the openai client's parse() with a Pydantic model, end to end."""
@@ -260,6 +262,7 @@ def test_prompt_cache_is_reused(server, client, model_id):
     assert 0 < new_prompt < r2.usage.prompt_tokens // 2, (new_prompt, r2.usage)
 
 
+@pytest.mark.slow
 def test_sixteen_concurrent_streams(server, llm, model_id):
     prompts = ["Hi", "What is 2+2?", "Name a color.", "Say something nice."]
     refs = {p: llm.chat(user(p), temperature=0, max_tokens=8)["choices"][0]["message"]["content"] for p in prompts}
@@ -378,6 +381,7 @@ def ocean_chat(turns: int, fact: str = "the ocean is deep and wide. ") -> list[d
     return msgs + user("What colour is the sky?")
 
 
+@pytest.mark.slow
 def test_truncate_oldest(server, client, llm, model_id):
     msgs = ocean_chat(30)                   # ~2,000 tokens: more than the context of 1024
     with pytest.raises(openai.BadRequestError, match='"truncate": "oldest"') as e:
@@ -406,6 +410,7 @@ def test_truncate_oldest(server, client, llm, model_id):
 
 # ----------------------------------------------------------------------------- queue and disconnects
 
+@pytest.mark.slow
 def test_parallel_slots_decode_together(smollm_model, tmp_path_factory, llm):
     """--parallel 3: three streams run at once (/health: 3 slots in use), a fourth waits and
     joins when one ends; every answer is what the Llama gives alone (greedy)."""
@@ -549,6 +554,7 @@ def test_ctrl_c_shuts_down_cleanly(locked):
 
 # ----------------------------------------------------------------------------- the chat page
 
+@pytest.mark.slow
 def test_chat_page_round_trip(server, llm, model_id):
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):

@@ -17,6 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serving import N_CTX, Server
 
+pytestmark = pytest.mark.slow
+
 FUZZ_EXAMPLES = int(os.environ.get("LLAMACPU_SERVER_FUZZ_EXAMPLES", "500"))
 MAX_FUZZ_TOKENS = 2      # a valid max_tokens above this is lowered to it: generation is not under test
 MUTATED_FIELDS = 3       # fields of a valid body changed at once

@@ -133,6 +133,7 @@ def test_oversized_prompt_is_refused_before_tokenizing(server):
     assert server.health()["requests"]["failed"] == 0
 
 
+@pytest.mark.slow
 def test_tokenizing_a_prompt_lets_health_answer(smollm_model, tmp_path):
     """A prompt under the byte bound is tokenized (in a thread): 600 KB of BPE's slow case
     took 1.8 s, during which the event loop waited for the GIL and /health with it."""
@@ -184,6 +185,7 @@ def test_nested_json_is_a_400_and_keeps_the_connection(server):
 
 # ----------------------------------------------------------------------------- finding 7
 
+@pytest.mark.slow
 def test_idle_connections_are_closed(server):
     """A connection that sends nothing, one that sends half a request head, and one idle
     after its response: each is closed within its deadline."""

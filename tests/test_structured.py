@@ -97,6 +97,7 @@ def test_constrained_logprobs(llm):
         assert all(math.isfinite(t["logprob"]) for t in c["top_logprobs"])
 
 
+@pytest.mark.slow
 def test_forced_tool_calls(llm):
     r = llm.chat(user("Hello there!"), tools=TOOLS, tool_choice="required", max_tokens=96, temperature=0)
     ch = r["choices"][0]
@@ -166,6 +167,7 @@ def test_errors_name_the_part(llm):
         llm.chat(user("hi"), response_format={"type": "yaml"})
 
 
+@pytest.mark.slow
 def test_schema_suite_validity(llm):
     """The suite: every schema with every prompt; 100% of the "stop" completions validate."""
     names, convs, fmts = [], [], []
@@ -204,6 +206,7 @@ def test_schema_suite_validity(llm):
     assert stopped >= len(results) // 2   # the suite measures something
 
 
+@pytest.mark.slow
 def test_forced_tool_call_suite(llm):
     convs = [user(p) for p in TOOL_PROMPTS for _ in range(2)]
     res = llm.chat_batch(convs, tools=TOOLS, tool_choice="required", max_tokens=96, seed=5)
@@ -237,6 +240,7 @@ def test_mask_on_worker_thread_and_free_regex_changes_nothing(llm, monkeypatch):
     assert all(n.startswith("llamacpu-mask") for n in names)
 
 
+@pytest.mark.slow
 def test_llama32_tokenizer_and_template(converted):
     """A random-weight model with Llama 3.2's real tokenizer and chat template: whatever the
     weights say, a forced call is the template's tool-call JSON with valid arguments, and a
@@ -261,6 +265,7 @@ def test_llama32_tokenizer_and_template(converted):
         jsonschema.validate(json.loads(ch["message"]["content"]), PERSON)
 
 
+@pytest.mark.slow
 def test_bench_tool_runs(smollm_model, capsys):
     import bench_structured   # tools/ is on sys.path (conftest)
     bench_structured.main([str(smollm_model), "-t", "1", "--tokens", "8", "--repeat", "1"])

@@ -132,7 +132,12 @@ HOSTILE = {
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
 
 
-@pytest.mark.parametrize("name", sorted(HOSTILE))
+# these run until the sandbox's time limit stops them (seconds each): not in the fast lane
+SLOW_HOSTILE = {"exponential_macro", "nested_ranges", "select_many"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_HOSTILE else n
+                                  for n in sorted(HOSTILE)])
 def test_hostile_template_fails_fast_and_small(name):
     source, says = HOSTILE[name]
     tracemalloc.start()
@@ -352,6 +357,7 @@ def hostile_model(checkpoint, tmp_path_factory):
     return convert(src, src.parent / "hostile.bin", type="f32", progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", [HOSTILE["list_repeat_at_load"][0] + "{{ 'never' }}", "{% if %}"])
 def test_model_with_a_bad_template_loads_and_generates(source, hostile_model, tmp_path, monkeypatch):
     from llamacpu import Llama

@@ -323,6 +323,7 @@ def test_stream_is_linear(llama):
     assert elapsed < 2.0, f"{len(ids)} pushes took {elapsed:.2f} s"
 
 
+@pytest.mark.slow
 def test_constructor_inputs(smol_meta, tmp_path):
     # (SmolLM2's tokenizer.json: a third the size of Llama's, quicker to build)
     text = json.dumps(tokenizer_dict(smol_meta))
@@ -378,6 +379,7 @@ def test_deeply_nested_tokenizer_is_a_model_format_error(smol_meta, tmp_path):
         Tokenizer(deep)
 
 
+@pytest.mark.slow
 def test_tokenizer_size_bounds(smol_meta):
     """More merges, vocabulary entries or characters than any real tokenizer has: refused
     before tokenizers builds it (3 million merges took 2.8 GB)."""

@@ -40,6 +40,8 @@ requests that share a prefix, since they all go through the one Llama.
 Queue: one request generates while at most `queue_size` wait; one more gets 503 with a
 Retry-After estimate. Disconnect: `JobResponse` listens for http.disconnect; a waiting job
 leaves the queue, a running one is stopped after the token in progress (Scheduler.cancel).
+A reply the server itself stops (at shutdown) ends with finish_reason "cancelled", as
+Llama.chat's do (openai_format.finish_reason).
 
 A schema the constraint engine cannot take is a 400 naming its part (param
 "response_format" or "tools", code "invalid_schema").

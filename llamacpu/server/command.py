@@ -5,6 +5,7 @@ import os
 import sys
 
 from ..cache_types import add_cache_type_args, check_cache_type_args
+from ..cli_flags import warn_threads
 from .app import create_app
 from .guard import WILDCARD_HOSTS
 
@@ -126,6 +127,7 @@ def cmd_serve(args) -> int:
         raise ValueError("--parallel must be in [1, 1024]")
     from ..llama import Llama
     check_cache_type_args(args)
+    warn_threads("serve", args.threads)
     llm = Llama(args.model, n_ctx=args.ctx_size, n_threads=args.threads, n_parallel=args.parallel,  # None: defaults
                 cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     llm.tokenize("warm up")   # the tokenizer is built on first use: not in the first request
