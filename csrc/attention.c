@@ -25,6 +25,29 @@ int lc_kv_type_ok(int type, int head_dim) {
     return (type == LC_TYPE_Q8_0 || type == LC_TYPE_Q4_0) && head_dim % QK == 0;
 }
 
+int lc_kv_rot(int type, int head_dim, int is_v) {
+    if (type == LC_TYPE_F16 || head_dim % 64) return 0;
+    if (is_v) return 64;
+    int n = 64;
+    while (head_dim % (2 * n) == 0) n *= 2;
+    return n;
+}
+
+void lc_hadamard(float *x, int64_t n, int nrot) {
+    const float scale = 1.0f / sqrtf((float)nrot);
+    for (int64_t c = 0; c + nrot <= n; c += nrot) {
+        float *v = x + c;
+        for (int h = 1; h < nrot; h *= 2)
+            for (int i = 0; i < nrot; i += 2 * h)
+                for (int j = i; j < i + h; j++) {
+                    const float a = v[j], b = v[j + h];
+                    v[j] = a + b;
+                    v[j + h] = a - b;
+                }
+        for (int i = 0; i < nrot; i++) v[i] *= scale;
+    }
+}
+
 void lc_kv_store(const lc_kernels *k, int type, void *dst, const float *x, int n) {
     if (type == LC_TYPE_F16) k->f32_to_f16(dst, x, n);
     else lc_quantize_row_ref(type, x, dst, n);

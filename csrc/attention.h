@@ -13,6 +13,17 @@ int lc_kv_type_ok(int type, int head_dim);
  * Q4_0 with ggml's reference quantizers, so the cache matches llama.cpp's) */
 void lc_kv_store(const lc_kernels *k, int type, void *dst, const float *x, int n);
 
+/* Quantized caches hold K and V rotated, as llama.cpp's do (its PR 21038): a Walsh-Hadamard
+ * rotation spreads a head's outlier channels over the quantization block, so Q4_0's 4 bits
+ * lose far less. Q and K are rotated alike (Q K^T is unchanged); V is rotated before it is
+ * stored and the attention's output rotated back (the rotation is its own inverse).
+ * lc_kv_rot: the rotation's size for a cache of `type` (0: none; F16, or head_dim not a
+ * multiple of 64): for K the largest power of two that divides head_dim, for V 64.
+ * lc_hadamard: each run of nrot floats of x (n of them, a multiple of nrot) times the
+ * orthonormal Sylvester-Hadamard matrix (llama.cpp's ggml_gen_hadamard), in place. */
+int lc_kv_rot(int type, int head_dim, int is_v);
+void lc_hadamard(float *x, int64_t n, int nrot);
+
 typedef struct {
     const lc_kernels *k;
     lc_pool *pool;  /* the threads that share out the work units */

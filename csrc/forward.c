@@ -385,11 +385,23 @@ static void rope_cache_unit(void *ctx, int t, int thread) {
         for (int64_t i = (int64_t)t * kvd; i < (int64_t)(t + 1) * kvd; i++) m->vb[i] += m->vb2[i];
     m->k->rope(m->q + (int64_t)t * qd, c->n_heads, hd, pos, m->w.inv_freq);
     m->k->rope(m->kb + (int64_t)t * kvd, c->n_kv_heads, hd, pos, m->w.inv_freq);
+    const int rk = lc_kv_rot(c->type_k, hd, 0), rv = lc_kv_rot(c->type_v, hd, 1);
+    if (rk) { /* quantized caches hold K and V rotated (attention.h) */
+        lc_hadamard(m->q + (int64_t)t * qd, qd, rk);
+        lc_hadamard(m->kb + (int64_t)t * kvd, kvd, rk);
+    }
+    if (rv) lc_hadamard(m->vb + (int64_t)t * kvd, kvd, rv);
     for (int h = 0; h < c->n_kv_heads; h++) {
         const size_t row = cache_row(m, j->l, j->seq[t], h) + (size_t)pos;
         lc_kv_store(m->k, c->type_k, m->kcache + row * m->row_k, m->kb + (int64_t)t * kvd + h * hd, hd);
         lc_kv_store(m->k, c->type_v, m->vcache + row * m->row_v, m->vb + (int64_t)t * kvd + h * hd, hd);
     }
+}
+
+/* the attention's output rotated back, for a cache that holds V rotated */
+static void unrotate_unit(void *ctx, int t, int thread) {
+    const lc_model *m = ((const tok_job *)ctx)->m;
+    lc_hadamard(m->xb + (int64_t)t * m->q_dim, m->q_dim, lc_kv_rot(m->c.type_v, m->c.head_dim, 1));
 }
 
 /* x += the attention's projection; the feed-forward's norm */
@@ -445,6 +457,7 @@ static int forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq,
         const lc_attn att = {k, m->pool, c->n_heads, c->n_kv_heads, c->head_dim, c->n_ctx, c->type_k, c->type_v,
                              m->kcache + layer * m->row_k, m->vcache + layer * m->row_v, m->row_k, m->row_v, m->att};
         if (lc_attention(&att, m->q, seq, pos, nt, m->xb) != 0) return LC_E_MEM;
+        if (lc_kv_rot(c->type_v, c->head_dim, 1)) lc_parallel_for(m->pool, nt, unrotate_unit, &tj);
         quantize_rows(m, m->xb, nt, qd, lc_is_quantized(L->wo.type));
         matmul(m, &L->wo, m->xb, m->xq, nt, m->proj, dim);
 

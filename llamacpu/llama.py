@@ -188,13 +188,14 @@ class Llama:
                                      constraint=spec.constraint() if spec is not None else None))
         return _results(out, cancel)
 
-    def _check_prompt(self, ids) -> None:
-        """Refuse a prompt that leaves no room to generate (never truncate it silently)."""
+    def _check_prompt(self, ids, what: str = "prompt",
+                      hint: str = "load with a larger n_ctx or shorten the prompt") -> None:
+        """Refuse a prompt that leaves no room to generate (never truncate it silently):
+        ContextOverflowError (a ValueError) that names `what` and suggests `hint`."""
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise ValueError(f"the {what} is empty")
         if len(ids) >= self.n_ctx:
-            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} "
-                             "(load with a larger n_ctx or shorten the prompt)")
+            raise ContextOverflowError(f"the {what} has {len(ids)} tokens; the context holds {self.n_ctx} ({hint})")
 
     def _prompt_ids(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -286,15 +287,13 @@ class Llama:
         dropped = None
         if check_truncate(truncate) is None:
             ids = self.tokenize_chat(messages, tools=tools, parse_special_in_content=parse_special_in_content)
-            if ids and len(ids) >= self.n_ctx:
-                raise ContextOverflowError(f"the conversation has {len(ids)} tokens; the context holds "
-                                           f"{self.n_ctx} (pass truncate='oldest' to drop its oldest turns, "
-                                           "or load with a larger n_ctx)")
+            self._check_prompt(ids, "conversation", "pass truncate='oldest' to drop its oldest turns, "
+                                                    "or load with a larger n_ctx")
         else:
             fit = self.fit_chat(messages, tools=tools, max_tokens=max_tokens,
                                 parse_special_in_content=parse_special_in_content)
             ids, dropped = fit.ids, fit.dropped
-        self._check_prompt(ids)  # now, not at the first next() of a stream
+            self._check_prompt(ids, "conversation")  # now, not at the first next() of a stream
         lp = top_logprobs if (logprobs or top_logprobs) else None
         shape = ChatCompletion(self.model_name, tools=bool(tools), tokenizer=self.tokenizer if lp is not None else None,
                                truncated=dropped)

@@ -128,6 +128,9 @@ class ReferenceLlama:
                 raise ValueError(f"rope_freq_divisors shape {div.shape}, expected {inv.shape}")
             inv = inv / div
         self.inv_freq = inv
+        # optional: kv_hook(q, k, v) -> (q, k, v) after RoPE, before the cache; out_hook(att
+        # [n, H, hd]) -> att before o_proj (tests of the quantized KV cache set them)
+        self.kv_hook = self.out_hook = None
 
         D, H, KV, hd, F = self.dim, self.n_heads, self.n_kv, self.head_dim, self.ffn
 
@@ -189,6 +192,8 @@ class ReferenceLlama:
             v = (h @ L["wv"].T).reshape(n, KV, hd)
             q = apply_rope(q, pos, self.inv_freq, self.pairing)
             k = apply_rope(k, pos, self.inv_freq, self.pairing)
+            if self.kv_hook is not None:   # e.g. a quantized KV cache: (q, k, v) as attention sees them
+                q, k, v = self.kv_hook(q, k, v)
             if cache.k[li] is not None:
                 k = np.concatenate([cache.k[li], k], axis=0)
                 v = np.concatenate([cache.v[li], v], axis=0)
@@ -198,7 +203,10 @@ class ReferenceLlama:
             scores = np.einsum("qhd,khd->hqk", q, kr) * scale               # [H, n, t]
             scores = np.where(allowed[None, :, :], scores, -np.inf)
             probs = softmax(scores, axis=-1)
-            att = np.einsum("hqk,khd->qhd", probs, vr).reshape(n, H * hd)
+            att = np.einsum("hqk,khd->qhd", probs, vr)
+            if self.out_hook is not None:
+                att = self.out_hook(att)
+            att = att.reshape(n, H * hd)
             x = x + att @ L["wo"].T
             h = rms_norm(x, L["ffn_norm"], self.eps)
             x = x + (silu(h @ L["wg"].T) * (h @ L["wu"].T)) @ L["wd"].T
