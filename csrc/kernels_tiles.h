@@ -53,29 +53,52 @@
     default: TILE(TYPE, w, x, nb, 1, out, ldy); break;                                            \
     }
 
-/* x8 layout: the same loop over groups of 8 rows; TILE(TYPE, group, x_tile, nb,
- * TN, out, ldy) writes 8 consecutive outputs per token. r0, r1: multiples of 8.
+/* x8 layout: the loop over groups of 8 rows, each group (or pair) read for every token
+ * tile while it is in L1 (weights stream once however many tokens); TILE(TYPE, group,
+ * x_tile, nb, TN, out, ldy) writes 8 consecutive outputs per token. r0, r1: multiples of 8.
  * With PAIRS 1: pairs of groups first, for 2-4 tokens (PAIRS 2: for any number of
  * tokens), with TILE2(TYPE, group, x_tile, nb, TN, out, ldy) writing 16 outputs per
- * token (the second group is group_bytes further), then the groups left over one by one. */
-#define LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE2, PAIRS)                                    \
+ * token (the second group is group_bytes further), then the groups left over one by one.
+ * With WIDE 1, pairs take tiles of 8 tokens while 8 are left (TILE2 with TN 8: 512-bit
+ * tables, whose 32 registers hold 8 tokens' sums), so that the weights' unpacking is
+ * shared by twice as many tokens; each token's sums are the same either way. */
+#define LC_X8_PAIR_TOKENS(TILE, TILE2, TYPE, PAIRS, WIDE, w, group_bytes, X, nb, nt, Y, ldy)       \
+    for (int t0 = 0; t0 < nt;) {                                                                  \
+        const block_q8a *x = X + (int64_t)t0 * nb;                                                \
+        float *out = Y + (int64_t)t0 * ldy;                                                       \
+        if (WIDE && nt - t0 >= 8) {                                                               \
+            TILE2(TYPE, w, x, nb, 8, out, ldy);                                                   \
+            t0 += 8;                                                                              \
+            continue;                                                                             \
+        }                                                                                         \
+        const int tn = nt - t0 < 4 ? nt - t0 : 4;                                                 \
+        if (tn > 1 || PAIRS == 2) {                                                               \
+            LC_X8_DISPATCH(TILE2, TYPE, w, x, nb, tn, out, ldy)                                   \
+        } else {                                                                                  \
+            TILE(TYPE, w, x, nb, 1, out, ldy);                                                    \
+            TILE(TYPE, w + group_bytes, x, nb, 1, out + 8, ldy);                                  \
+        }                                                                                         \
+        t0 += tn;                                                                                 \
+    }
+#define LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE2, PAIRS, WIDE)                              \
     static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, \
                      int64_t r0, int64_t r1) {                                                    \
         const int64_t nb = cols / QK, group_bytes = 8 * lc_row_bytes(TYPE, cols);                  \
-        for (int t0 = 0; t0 < nt; t0 += 4) {                                                      \
-            const int tn = nt - t0 < 4 ? nt - t0 : 4;                                             \
-            const block_q8a *x = X + (int64_t)t0 * nb;                                            \
-            int64_t g = r0 / 8;                                                                   \
-            if (PAIRS && (tn > 1 || PAIRS == 2))                                                  \
-                for (; g + 2 <= r1 / 8; g += 2)                                                   \
-                    LC_X8_DISPATCH(TILE2, TYPE, (const char *)W + g * group_bytes, x, nb, tn,     \
-                                   Y + (int64_t)t0 * ldy + 8 * g, ldy)                            \
-            for (; g < r1 / 8; g++)                                                               \
-                LC_X8_DISPATCH(TILE, TYPE, (const char *)W + g * group_bytes, x, nb, tn,          \
-                               Y + (int64_t)t0 * ldy + 8 * g, ldy)                                \
-        }                                                                                         \
+        int64_t g = r0 / 8;                                                                       \
+        if (PAIRS && (nt > 1 || PAIRS == 2))                                                      \
+            for (; g + 2 <= r1 / 8; g += 2) {                                                     \
+                const char *w = (const char *)W + g * group_bytes;                                \
+                LC_X8_PAIR_TOKENS(TILE, TILE2, TYPE, PAIRS, WIDE, w, group_bytes, X, nb, nt,      \
+                                  Y + 8 * g, ldy)                                                 \
+            }                                                                                     \
+        for (; g < r1 / 8; g++)                                                                   \
+            for (int t0 = 0; t0 < nt; t0 += 4) {                                                  \
+                const int tn = nt - t0 < 4 ? nt - t0 : 4;                                         \
+                LC_X8_DISPATCH(TILE, TYPE, (const char *)W + g * group_bytes, X + (int64_t)t0 * nb, \
+                               nb, tn, Y + (int64_t)t0 * ldy + 8 * g, ldy)                        \
+            }                                                                                     \
     }
-#define LC_TILED_GEMM_X8(NAME, TYPE, TILE) LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE, 0)
+#define LC_TILED_GEMM_X8(NAME, TYPE, TILE) LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE, 0, 0)
 
 /* A kernel table from a file's static kernels: every file defines the row-major
  * gemms of Q4_0, Q4_1, Q8_0, the x8 gemms of every quantized type with kernels,

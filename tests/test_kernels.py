@@ -264,7 +264,7 @@ def test_unknown_kernels_name_is_a_clear_error():
 
 @pytest.mark.parametrize("impl", ["scalar"] + SIMD)
 @SETTINGS
-@given(w=matrices(max_rows=3), nt=st.integers(1, 9), seed=st.integers(0, 1000))
+@given(w=matrices(max_rows=3), nt=st.integers(1, 13), seed=st.integers(0, 1000))
 def test_gemm_x8_layout_matches_row_major(impl, w, nt, seed):
     """x8 block groups (docs/FORMAT.md layout 1) give the row-major scalar results."""
     from llamacpu.format import x8_pack, x8_unpack
@@ -295,7 +295,7 @@ def test_quantize_q6_0_matches_numpy_model(x):
 
 @pytest.mark.parametrize("impl", ["scalar"] + SIMD)
 @SETTINGS
-@given(w=matrices(max_rows=3), nt=st.integers(1, 9), seed=st.integers(0, 1000))
+@given(w=matrices(max_rows=3), nt=st.integers(1, 13), seed=st.integers(0, 1000))
 def test_gemm_q6_0_x8(impl, w, nt, seed):
     """Q6_0 exists in the x8 layout only: scalar against NumPy on the dequantized weights and
     q8a activations, SIMD against scalar (summation order only)."""
@@ -359,7 +359,7 @@ def test_every_kernel_type_has_a_reference():
 @pytest.mark.parametrize("impl", ["scalar"] + SIMD)
 @pytest.mark.parametrize("t", ALL_QTYPES, ids=lambda t: fmt.TYPE_NAMES[t])
 @SETTINGS
-@given(groups=st.integers(1, 3), nblocks=st.integers(1, 3), nt=st.integers(1, 9), seed=st.integers(0, 2**32 - 1))
+@given(groups=st.integers(1, 3), nblocks=st.integers(1, 3), nt=st.integers(1, 13), seed=st.integers(0, 2**32 - 1))
 def test_dequantize_and_dequantize_gemm_match_reference(impl, t, groups, nblocks, nt, seed):
     """Every quantized type, every table, every layout it has: dequantize bit-exact against
     the reference; gemm (scalar) against NumPy on the reference weights and the q8a
