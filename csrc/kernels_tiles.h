@@ -59,16 +59,17 @@
  * With PAIRS 1: pairs of groups first, for 2-4 tokens (PAIRS 2: for any number of
  * tokens), with TILE2(TYPE, group, x_tile, nb, TN, out, ldy) writing 16 outputs per
  * token (the second group is group_bytes further), then the groups left over one by one.
- * With WIDE 1, pairs take tiles of 8 tokens while 8 are left (TILE2 with TN 8: 512-bit
- * tables, whose 32 registers hold 8 tokens' sums), so that the weights' unpacking is
- * shared by twice as many tokens; each token's sums are the same either way. */
-#define LC_X8_PAIR_TOKENS(TILE, TILE2, TYPE, PAIRS, WIDE, w, group_bytes, X, nb, nt, Y, ldy)       \
+ * Pairs (512-bit tables, whose 32 registers hold 8 tokens' sums) take tiles of LC_X16_TN
+ * tokens while that many are left, so that the weights' unpacking is shared by twice as
+ * many tokens; each token's sums are the same either way. */
+#define LC_X16_TN 8
+#define LC_X8_PAIR_TOKENS(TILE, TILE2, TYPE, PAIRS, w, group_bytes, X, nb, nt, Y, ldy)       \
     for (int t0 = 0; t0 < nt;) {                                                                  \
         const block_q8a *x = X + (int64_t)t0 * nb;                                                \
         float *out = Y + (int64_t)t0 * ldy;                                                       \
-        if (WIDE && nt - t0 >= 8) {                                                               \
-            TILE2(TYPE, w, x, nb, 8, out, ldy);                                                   \
-            t0 += 8;                                                                              \
+        if (nt - t0 >= LC_X16_TN) {                                                               \
+            TILE2(TYPE, w, x, nb, LC_X16_TN, out, ldy);                                           \
+            t0 += LC_X16_TN;                                                                      \
             continue;                                                                             \
         }                                                                                         \
         const int tn = nt - t0 < 4 ? nt - t0 : 4;                                                 \
@@ -80,7 +81,7 @@
         }                                                                                         \
         t0 += tn;                                                                                 \
     }
-#define LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE2, PAIRS, WIDE)                              \
+#define LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE2, PAIRS)                                    \
     static void NAME(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy, \
                      int64_t r0, int64_t r1) {                                                    \
         const int64_t nb = cols / QK, group_bytes = 8 * lc_row_bytes(TYPE, cols);                  \
@@ -88,7 +89,7 @@
         if (PAIRS && (nt > 1 || PAIRS == 2))                                                      \
             for (; g + 2 <= r1 / 8; g += 2) {                                                     \
                 const char *w = (const char *)W + g * group_bytes;                                \
-                LC_X8_PAIR_TOKENS(TILE, TILE2, TYPE, PAIRS, WIDE, w, group_bytes, X, nb, nt,      \
+                LC_X8_PAIR_TOKENS(TILE, TILE2, TYPE, PAIRS, w, group_bytes, X, nb, nt,            \
                                   Y + 8 * g, ldy)                                                 \
             }                                                                                     \
         for (; g < r1 / 8; g++)                                                                   \
@@ -98,7 +99,7 @@
                                nb, tn, Y + (int64_t)t0 * ldy + 8 * g, ldy)                        \
             }                                                                                     \
     }
-#define LC_TILED_GEMM_X8(NAME, TYPE, TILE) LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE, 0, 0)
+#define LC_TILED_GEMM_X8(NAME, TYPE, TILE) LC_TILED_GEMM_X8_PAIRS(NAME, TYPE, TILE, TILE, 0)
 
 /* A kernel table from a file's static kernels: every file defines the row-major
  * gemms of Q4_0, Q4_1, Q8_0, the x8 gemms of every quantized type with kernels,
