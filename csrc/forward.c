@@ -46,6 +46,7 @@ struct lc_model {
      * its matmul inputs as bf16 (xbf) instead of q8a, and each thread dequantizes W's panels
      * into its amx scratch */
     int amx;        /* this chunk uses gemm_amx */
+    int amx_i8;     /* this chunk (a few tokens) uses quantize_act32 and gemm_amx_i8 */
     uint16_t *xbf;  /* LC_AMX_ACT(B, widest): the activations in AMX tiles */
     uint8_t *amx_scratch; /* (n_scratch_threads, LC_AMX_SCRATCH(widest)) */
     float *zeros;   /* (widest,) zeros: the padding tokens' activations */
@@ -274,6 +275,8 @@ static void mm_unit(void *ctx, int ci, int thread) {
     if (g.q && m->amx) /* x8 layout: every quantized tensor with rows % 8 == 0 */
         k->gemm_amx(W->type, mm->amx_terms, W->data, W->cols, m->xbf, j->nt, mm->Y, mm->ldy, r0, r1,
                     m->amx_scratch + (size_t)thread * LC_AMX_SCRATCH(m->widest));
+    else if (g.q && m->amx_i8 && k->gemm_amx_i8(W->type, W->data, W->cols, mm->xq, j->nt, mm->Y, mm->ldy, r0, r1) == 0)
+        return;
     else if (g.q) g.q(W->data, W->cols, mm->xq, j->nt, mm->Y, mm->ldy, r0, r1);
     else g.f(W->data, W->cols, mm->xf, j->nt, mm->Y, mm->ldy, r0, r1);
 }
@@ -281,7 +284,7 @@ static void mm_unit(void *ctx, int ci, int thread) {
 static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
     const int nth = m->c.n_threads;
     mm_job j = {m, mm, nt, {0}, {0}};
-    const int64_t unit = m->amx ? 32 : 8; /* AMX panels are 32 rows; x8 groups 8 */
+    const int64_t unit = m->amx ? 32 : m->amx_i8 ? 16 : 8; /* AMX panels are 32 rows; int8 tiles 16; x8 groups 8 */
     for (int i = 0; i < n; i++) {
         const int64_t rows = mm[i].W->rows;
         int64_t c = (rows + (int64_t)nth * 8 - 1) / ((int64_t)nth * 8);
@@ -329,9 +332,15 @@ static void amx_unit(void *ctx, int t, int thread) {
     m->k->act_to_amx(m->xbf, t < j->nt ? j->x + (int64_t)t * j->cols : m->zeros, j->cols, t);
 }
 
+/* the q8a quantizer of this chunk's matmuls: one scale per 32 elements for the int8 tiles */
+static void quantize_q8a(const lc_model *m, const float *x, block_q8a *y, int64_t n) {
+    if (m->amx_i8) m->k->quantize_act32(x, y, n);
+    else m->k->quantize_act(x, y, n);
+}
+
 static void q8a_unit(void *ctx, int t, int thread) {
     const tok_job *j = ctx;
-    j->m->k->quantize_act(j->x + (int64_t)t * j->cols, j->m->xq + t * (j->cols / QK), j->cols);
+    quantize_q8a(j->m, j->x + (int64_t)t * j->cols, j->m->xq + t * (j->cols / QK), j->cols);
 }
 
 /* Quantize nt rows of `cols` floats to q8a (when any consumer needs it); for an AMX
@@ -359,7 +368,7 @@ static void value_residual_unit(void *ctx, int t, int thread) {
         const block_q8a *q = m->xq + t * nb + b;
         for (int j = 0; j < QK; j++) r[b * QK + j] = x[b * QK + j] - q->qs[j] * q->d[lc_q8a_group(j)];
     }
-    m->k->quantize_act(r, m->xq2 + t * nb, dim);
+    quantize_q8a(m, r, m->xq2 + t * nb, dim);
 }
 
 /* The first cache row of layer l, sequence seq, kv head h (n_ctx rows follow it) */
@@ -437,6 +446,7 @@ static int forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq,
 
     for (int t = 0; t < nt; t++) embed_row(m, &m->w.tok_embeddings, tokens[t], m->x + (int64_t)t * dim);
     m->amx = k->gemm_amx != NULL && nt >= LC_AMX_MIN_TOKENS;
+    m->amx_i8 = k->gemm_amx_i8 != NULL && !m->amx && nt >= LC_AMX_I8_MIN_TOKENS;
 
     for (int l = 0; l < c->n_layers; l++) {
         const lc_layer_weights *L = &m->w.layers[l];
@@ -482,6 +492,7 @@ static int forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq,
         }
     if (nw == 0) return LC_OK;
     m->amx = k->gemm_amx != NULL && nw >= LC_AMX_MIN_TOKENS;
+    m->amx_i8 = k->gemm_amx_i8 != NULL && !m->amx && nw >= LC_AMX_I8_MIN_TOKENS;
     quantize_rows(m, m->xb, nw, dim, lc_is_quantized(O->type));
     matmul(m, O, m->xb, m->xq, nw, logits, c->vocab_size);
     return LC_OK;

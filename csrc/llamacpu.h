@@ -73,6 +73,15 @@ typedef struct lc_kernels {
     /* token t's activations x (cols,) -> X, as two bf16 terms (x = hi + lo to 16
      * significant bits) in AMX tiles of 16 tokens x 32 elements */
     void (*act_to_amx)(uint16_t *X, const float *x, int64_t cols, int t);
+
+    /* Steps of LC_AMX_I8_MIN_TOKENS to LC_AMX_MIN_TOKENS - 1 tokens on AMX int8 tiles
+     * (the avx512amx table; NULL in the others). quantize_act32: as quantize_act with one
+     * scale per 32 elements (d[0..3] equal), the activations every gemm of such a step
+     * reads. gemm_amx_i8: the lc_gemm_q8a of a quantized W in the x8 layout for nt <= 16
+     * such tokens; returns 0, or -1 for a type it has no tiles for (use lc_gemm_of's). */
+    void (*quantize_act32)(const float *x, block_q8a *y, int64_t n);
+    int (*gemm_amx_i8)(int type, const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,
+                       int64_t r0, int64_t r1);
 } lc_kernels;
 
 /* positions of a flash-attention block (lc_kernels.attn_block), and its S scratch (floats) */
@@ -86,6 +95,8 @@ typedef struct lc_kernels {
 /* tokens from which a forward uses gemm_amx when the table has it (below: the q8a gemms,
  * whose tiles of 4 tokens need no per-matmul dequantization) */
 #define LC_AMX_MIN_TOKENS 16
+/* tokens from which a forward's step below LC_AMX_MIN_TOKENS uses gemm_amx_i8 */
+#define LC_AMX_I8_MIN_TOKENS 4
 
 /* The one mapping from a weight's (type, layout) to its matmul: exactly one of q
  * (quantized types) and f (F16, F32) is set, or neither when the table has no

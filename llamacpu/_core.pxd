@@ -56,10 +56,14 @@ cdef extern from "llamacpu.h" nogil:
         void (*gemm_amx)(int type, int terms, const void *W, int64_t cols, const uint16_t *X, int nt, float *Y,
                          int64_t ldy, int64_t r0, int64_t r1, void *scratch) noexcept nogil
         void (*act_to_amx)(uint16_t *X, const float *x, int64_t cols, int t) noexcept nogil
+        void (*quantize_act32)(const float *x, block_q8a *y, int64_t n) noexcept nogil
+        int (*gemm_amx_i8)(int type, const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,
+                           int64_t r0, int64_t r1) noexcept nogil
 
     size_t LC_AMX_SCRATCH(int64_t cols)
     size_t LC_AMX_ACT(int nt, int64_t cols)
     int LC_AMX_MIN_TOKENS
+    int LC_AMX_I8_MIN_TOKENS
 
     ctypedef struct lc_gemm:
         lc_gemm_q8a q

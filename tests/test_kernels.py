@@ -449,3 +449,73 @@ def test_amx_activations_are_hi_plus_lo_bf16():
     hi = bf16_round(x)
     np.testing.assert_array_equal(got, (hi.astype(np.float64) + bf16_round(x - hi)).astype(np.float32))
     assert np.all(np.abs(got - x) <= 2.0 ** -16 * np.abs(x))
+
+
+# ---------------------------------------------------------------- AMX int8 tiles (avx512amx)
+# Steps of a few tokens: the activations with one scale per 32 elements (quantize_act32),
+# the K-quants' sub-blocks summed in int32 by the tiles. Against the scalar x8 gemm on the
+# same q8a blocks (which takes any group scales): summation order only.
+
+I8_TYPES = [fmt.Q4_0, fmt.Q4_1, fmt.Q8_0, fmt.Q6_0, fmt.Q4_K, fmt.Q5_K, fmt.IQ4_XS, fmt.Q6_K]
+
+
+def q8a32_numpy(x):
+    """The per-block quantizer's model: f32 scale amax/127 of all 32 elements, round half
+    to even. Returns (d (n/32,), q (n/32, 32))."""
+    b = x.astype(np.float32).reshape(-1, 32)
+    d = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
+    d[d < np.finfo(np.float32).tiny] = 0
+    with np.errstate(divide="ignore"):
+        inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    return d, np.rint(b * inv[:, None]).astype(np.int8)
+
+
+@needs_amx
+@SETTINGS
+@given(matrices(max_rows=1))
+def test_quantize_act32_matches_numpy(x):
+    blocks = _core.quantize_act(x[0], "avx512amx", per_block=True)
+    d, q = q8a32_numpy(x[0])
+    np.testing.assert_array_equal(blocks["d"], np.repeat(d[:, None], 4, axis=1))
+    np.testing.assert_array_equal(blocks["qs"], q)
+    # s, s16 as quantize_act's: the same lc_q8a_set_sum over the four (equal) group scales
+    # (f32 sums of 4 group terms: the error is bounded by the magnitudes, d sum |q|, as they can cancel)
+    q16 = q.reshape(-1, 2, 16).astype(np.int64)
+    terms, mags = d.astype(np.float64)[:, None] * q16.sum(axis=2), d.astype(np.float64)[:, None] * np.abs(q16).sum(axis=2)
+    assert np.all(np.abs(blocks["s16"] - terms) <= 1e-6 * mags + 1e-30)
+
+
+@needs_amx
+@pytest.mark.parametrize("t", I8_TYPES, ids=lambda t: fmt.TYPE_NAMES[t])
+@SETTINGS
+@given(groups=st.integers(1, 7), nblocks=st.integers(1, 3), nt=st.integers(1, 16), seed=st.integers(0, 2**32 - 1),
+       split=st.integers(0, 9))
+def test_amx_int8_gemm_matches_scalar(t, groups, nblocks, nt, seed, split):
+    """gemm_amx_i8 over every token count it takes (1-16: partial accumulator tiles), odd
+    group counts (a group left to the 512-bit tiles) and row ranges as threads split them:
+    against the scalar x8 gemm on the same per-32 activations, and that against NumPy."""
+    rng = np.random.default_rng(seed)
+    info = fmt.TYPES[t]
+    rows, cols = 8 * groups, nblocks * info.block_elems
+    raw = random_blocks(rng, t, rows, nblocks)
+    wd = dequantize_reference(raw, t).astype(np.float64)
+    x = (rng.standard_normal((nt, cols)) * np.exp(rng.uniform(-2, 2, (nt, 1)))).astype(np.float32)
+    xq = np.stack([_core.quantize_act(row, "avx512amx", per_block=True) for row in x])
+    xd = (xq["qs"].astype(np.float64) * xq["d"][:, :, :1]).reshape(nt, cols)
+    r0 = 8 * min(split, groups - 1) if split % 2 else 0
+    p = fmt.x8_pack(raw, t)
+    ref = _core.gemm_q8a(p, t, rows, cols, xq, "scalar")
+    assert_within_magnitudes(ref, xd @ wd.T, wd, xd, REF_REL)
+    got = _core.gemm_q8a(p, t, rows, cols, xq, "avx512amx", r0=r0, amx_i8=True)
+    assert_summation_order_only(got[:, r0:], ref[:, r0:], wd[r0:], xd)
+    assert not got[:, :r0].any()
+
+
+@needs_amx
+def test_amx_int8_gemm_refuses_other_types():
+    """Types without int8 tiles are the caller's to run (gemm_amx_i8 returns -1)."""
+    assert set(ALL_QTYPES) - set(I8_TYPES) == {fmt.Q5_0, fmt.Q5_1, fmt.IQ4_NL}
+    raw = random_blocks(np.random.default_rng(0), fmt.Q5_0, 16, 2)
+    xq = np.stack([_core.quantize_act(np.ones(64, np.float32), "avx512amx", per_block=True)] * 4)
+    with pytest.raises(ValueError, match="no int8 tiles for Q5_0"):
+        _core.gemm_q8a(fmt.x8_pack(raw, fmt.Q5_0), fmt.Q5_0, 16, 64, xq, "avx512amx", amx_i8=True)
