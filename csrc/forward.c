@@ -46,7 +46,8 @@ struct lc_model {
      * its matmul inputs as bf16 (xbf) instead of q8a, and each thread dequantizes W's panels
      * into its amx scratch */
     int amx;        /* this chunk uses gemm_amx */
-    int amx_i8;     /* this chunk (a few tokens) uses quantize_act32 and gemm_amx_i8 */
+    int amx_i8;     /* this chunk (a few tokens) uses gemm_amx_i8 where W's type has it */
+    block_q16a *xq16; /* (B, widest / 32) the activations of gemm_amx_i8 */
     uint16_t *xbf;  /* LC_AMX_ACT(B, widest): the activations in AMX tiles */
     uint8_t *amx_scratch; /* (n_scratch_threads, LC_AMX_SCRATCH(widest)) */
     float *zeros;   /* (widest,) zeros: the padding tokens' activations */
@@ -69,7 +70,7 @@ void lc_model_free(lc_model *m) {
     free(m->kcache); free(m->vcache);
     free(m->x); free(m->xb); free(m->q); free(m->kb); free(m->vb);
     free(m->hb); free(m->hb2); free(m->proj); free(m->xq); free(m->att);
-    free(m->res); free(m->xq2); free(m->vb2); free(m->xbf); free(m->amx_scratch); free(m->zeros);
+    free(m->res); free(m->xq2); free(m->xq16); free(m->vb2); free(m->xbf); free(m->amx_scratch); free(m->zeros);
     free(m);
 }
 
@@ -103,7 +104,7 @@ static int tensor_ok(const lc_kernels *k, const lc_tensor *t) {
 typedef struct {
     size_t cache_k, cache_v;      /* kcache, vcache */
     size_t x, xb, q, kv, hid;     /* x proj res; xb; q; kb vb vb2; hb hb2 */
-    size_t xq, xq2, xbf, zeros;
+    size_t xq, xq2, xq16, xbf, zeros;
     size_t att, amx_panel;        /* per thread */
     int64_t widest;
 } lc_sizes;
@@ -123,6 +124,7 @@ static lc_sizes sizes_of(const lc_config *c, const lc_kernels *k) {
     z.hid = B * c->hidden_dim * 4;
     z.xq = B * (widest / QK + 1) * sizeof(block_q8a);
     z.xq2 = B * (c->dim / QK + 1) * sizeof(block_q8a);
+    z.xq16 = k->quantize_act16 ? B * (widest / QK + 1) * sizeof(block_q16a) : 0;
     z.xbf = k->gemm_amx ? LC_AMX_ACT(B, widest) * 2 : 0;
     z.zeros = k->gemm_amx ? widest * sizeof(float) : 0;
     z.att = lc_attention_scratch(c->head_dim, c->n_heads, c->n_kv_heads) * sizeof(float);
@@ -144,7 +146,7 @@ int64_t lc_model_bytes(const lc_config *cfg, const lc_kernels *k, int64_t *per_t
     const lc_sizes z = sizes_of(cfg, k);
     const int64_t thread = (int64_t)(z.att + z.amx_panel);
     if (per_thread) *per_thread = thread;
-    return (int64_t)(z.cache_k + z.cache_v + 3 * z.x + z.xb + z.q + 3 * z.kv + 2 * z.hid + z.xq + z.xq2 + z.xbf + z.zeros) +
+    return (int64_t)(z.cache_k + z.cache_v + 3 * z.x + z.xb + z.q + 3 * z.kv + 2 * z.hid + z.xq + z.xq2 + z.xq16 + z.xbf + z.zeros) +
            cfg->n_threads * thread;
 }
 
@@ -208,8 +210,9 @@ lc_model *lc_model_new(const lc_config *cfg, const lc_weights *w, const lc_kerne
         m->xbf = xalloc(z.xbf);
         m->zeros = calloc(z.zeros, 1);
     }
+    if (k->quantize_act16) m->xq16 = xalloc(z.xq16);
     if (!m->w.layers || !inv || !m->kcache || !m->vcache || !m->x || !m->xb || !m->q || !m->kb || !m->vb ||
-        !m->hb || !m->hb2 || !m->proj || !m->xq || !m->res || !m->xq2 || !m->vb2 || (k->gemm_amx && (!m->xbf || !m->zeros)) ||
+        !m->hb || !m->hb2 || !m->proj || !m->xq || !m->res || !m->xq2 || !m->vb2 || (k->gemm_amx && (!m->xbf || !m->zeros)) || (k->quantize_act16 && !m->xq16) ||
         alloc_att(m, c.n_threads) != 0 || !(m->pool = lc_pool_new(c.n_threads))) {
         snprintf(err, errlen, "out of memory allocating the KV cache (%.1f MiB) and buffers",
                  (z.cache_k + z.cache_v) / (1024.0 * 1024.0));
@@ -237,6 +240,7 @@ typedef struct {
     const lc_tensor *W;
     const float *xf;
     const block_q8a *xq;
+    const block_q16a *xq16; /* the same activations for gemm_amx_i8 (int8 AMX chunks), or NULL */
     float *Y;
     int64_t ldy;
     /* AMX chunks: the bf16 terms of the activations used (lc_kernels.gemm_amx): 2 (16
@@ -261,6 +265,12 @@ typedef struct {
     int first[5];
 } mm_job;
 
+/* W's int8 AMX gemm (x8 layout) in this table, or NULL */
+static lc_gemm_q16a amx_i8_gemm(const lc_model *m, const lc_tensor *W) {
+    const int i = lc_type_index(W->type);
+    return W->layout == LC_LAYOUT_X8 && i >= 0 ? m->k->gemm_amx_i8[i] : NULL;
+}
+
 static void mm_unit(void *ctx, int ci, int thread) {
     const mm_job *j = ctx;
     const lc_model *m = j->m;
@@ -275,8 +285,8 @@ static void mm_unit(void *ctx, int ci, int thread) {
     if (g.q && m->amx) /* x8 layout: every quantized tensor with rows % 8 == 0 */
         k->gemm_amx(W->type, mm->amx_terms, W->data, W->cols, m->xbf, j->nt, mm->Y, mm->ldy, r0, r1,
                     m->amx_scratch + (size_t)thread * LC_AMX_SCRATCH(m->widest));
-    else if (g.q && m->amx_i8 && k->gemm_amx_i8(W->type, W->data, W->cols, mm->xq, j->nt, mm->Y, mm->ldy, r0, r1) == 0)
-        return;
+    else if (g.q && m->amx_i8 && mm->xq16 && amx_i8_gemm(m, W))
+        amx_i8_gemm(m, W)(W->data, W->cols, mm->xq16, j->nt, mm->Y, mm->ldy, r0, r1);
     else if (g.q) g.q(W->data, W->cols, mm->xq, j->nt, mm->Y, mm->ldy, r0, r1);
     else g.f(W->data, W->cols, mm->xf, j->nt, mm->Y, mm->ldy, r0, r1);
 }
@@ -296,7 +306,7 @@ static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
 }
 
 static void matmul(lc_model *m, const lc_tensor *W, const float *xf, const block_q8a *xq, int nt, float *Y, int64_t ldy) {
-    const lc_mm mm = {W, xf, xq, Y, ldy, 1};
+    const lc_mm mm = {W, xf, xq, m->xq16, Y, ldy, 1};
     matmuls(m, &mm, 1, nt);
 }
 
@@ -332,19 +342,16 @@ static void amx_unit(void *ctx, int t, int thread) {
     m->k->act_to_amx(m->xbf, t < j->nt ? j->x + (int64_t)t * j->cols : m->zeros, j->cols, t);
 }
 
-/* the q8a quantizer of this chunk's matmuls: one scale per 32 elements for the int8 tiles */
-static void quantize_q8a(const lc_model *m, const float *x, block_q8a *y, int64_t n) {
-    if (m->amx_i8) m->k->quantize_act32(x, y, n);
-    else m->k->quantize_act(x, y, n);
-}
-
 static void q8a_unit(void *ctx, int t, int thread) {
     const tok_job *j = ctx;
-    quantize_q8a(j->m, j->x + (int64_t)t * j->cols, j->m->xq + t * (j->cols / QK), j->cols);
+    const lc_model *m = j->m;
+    m->k->quantize_act(j->x + (int64_t)t * j->cols, m->xq + t * (j->cols / QK), j->cols);
+    if (m->amx_i8) m->k->quantize_act16(j->x + (int64_t)t * j->cols, m->xq16 + t * (j->cols / QK), j->cols);
 }
 
-/* Quantize nt rows of `cols` floats to q8a (when any consumer needs it); for an AMX
- * chunk, to bf16 in xbf, zero rows after them up to a multiple of 32 (gemm_amx's tiles). */
+/* Quantize nt rows of `cols` floats to q8a (when any consumer needs it), and for an int8
+ * AMX chunk to q16a too; for a bf16 AMX chunk, to bf16 in xbf, zero rows after them up to
+ * a multiple of 32 (gemm_amx's tiles). */
 static void quantize_rows(lc_model *m, const float *x, int nt, int cols, int needed) {
     if (!needed) return;
     tok_job j = {.m = m, .x = x, .cols = cols, .nt = nt};
@@ -368,7 +375,7 @@ static void value_residual_unit(void *ctx, int t, int thread) {
         const block_q8a *q = m->xq + t * nb + b;
         for (int j = 0; j < QK; j++) r[b * QK + j] = x[b * QK + j] - q->qs[j] * q->d[lc_q8a_group(j)];
     }
-    quantize_q8a(m, r, m->xq2 + t * nb, dim);
+    m->k->quantize_act(r, m->xq2 + t * nb, dim);
 }
 
 /* The first cache row of layer l, sequence seq, kv head h (n_ctx rows follow it) */
@@ -446,7 +453,7 @@ static int forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq,
 
     for (int t = 0; t < nt; t++) embed_row(m, &m->w.tok_embeddings, tokens[t], m->x + (int64_t)t * dim);
     m->amx = k->gemm_amx != NULL && nt >= LC_AMX_MIN_TOKENS;
-    m->amx_i8 = k->gemm_amx_i8 != NULL && !m->amx && nt >= LC_AMX_I8_MIN_TOKENS;
+    m->amx_i8 = k->quantize_act16 != NULL && !m->amx && nt >= LC_AMX_I8_MIN_TOKENS;
 
     for (int l = 0; l < c->n_layers; l++) {
         const lc_layer_weights *L = &m->w.layers[l];
@@ -456,10 +463,11 @@ static int forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq,
         tok_job tj = {.m = m, .L = L, .nt = nt, .l = l, .seq = seq, .pos = pos};
         lc_parallel_for(m->pool, nt, attention_norm_unit, &tj);
         quantize_rows(m, m->xb, nt, dim, lc_is_quantized(L->wq.type) || lc_is_quantized(L->wk.type) || lc_is_quantized(L->wv.type));
-        const int vres = lc_is_quantized(L->wv.type) && !m->amx; /* bf16 inputs: no 8-bit rounding to undo */
+        /* bf16 or 16-bit int8-tile inputs: no 8-bit rounding to undo */
+        const int vres = lc_is_quantized(L->wv.type) && !m->amx && !(m->amx_i8 && amx_i8_gemm(m, &L->wv));
         if (vres) lc_parallel_for(m->pool, nt, value_residual_unit, &tj);
-        const lc_mm qkv[4] = {{&L->wq, m->xb, m->xq, m->q, qd, 2}, {&L->wk, m->xb, m->xq, m->kb, kvd, 2},
-                              {&L->wv, m->xb, m->xq, m->vb, kvd, 2}, {&L->wv, NULL, m->xq2, m->vb2, kvd, 2}};
+        const lc_mm qkv[4] = {{&L->wq, m->xb, m->xq, m->xq16, m->q, qd, 2}, {&L->wk, m->xb, m->xq, m->xq16, m->kb, kvd, 2},
+                              {&L->wv, m->xb, m->xq, m->xq16, m->vb, kvd, 2}, {&L->wv, NULL, m->xq2, NULL, m->vb2, kvd, 2}};
         matmuls(m, qkv, vres ? 4 : 3, nt);
         tj.vres = vres;
         lc_parallel_for(m->pool, nt, rope_cache_unit, &tj);
@@ -474,7 +482,7 @@ static int forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq,
         /* feed-forward block (the residual add fused into the norm's step) */
         lc_parallel_for(m->pool, nt, ffn_norm_unit, &tj);
         quantize_rows(m, m->xb, nt, dim, lc_is_quantized(L->w1.type) || lc_is_quantized(L->w3.type));
-        const lc_mm up[2] = {{&L->w1, m->xb, m->xq, m->hb, hid, 1}, {&L->w3, m->xb, m->xq, m->hb2, hid, 1}};
+        const lc_mm up[2] = {{&L->w1, m->xb, m->xq, m->xq16, m->hb, hid, 1}, {&L->w3, m->xb, m->xq, m->xq16, m->hb2, hid, 1}};
         matmuls(m, up, 2, nt);
         lc_parallel_for(m->pool, nt, swiglu_unit, &tj);
         quantize_rows(m, m->hb, nt, hid, lc_is_quantized(L->w2.type));
@@ -492,7 +500,7 @@ static int forward_chunk(lc_model *m, const int32_t *tokens, const int32_t *seq,
         }
     if (nw == 0) return LC_OK;
     m->amx = k->gemm_amx != NULL && nw >= LC_AMX_MIN_TOKENS;
-    m->amx_i8 = k->gemm_amx_i8 != NULL && !m->amx && nw >= LC_AMX_I8_MIN_TOKENS;
+    m->amx_i8 = k->quantize_act16 != NULL && !m->amx && nw >= LC_AMX_I8_MIN_TOKENS;
     quantize_rows(m, m->xb, nw, dim, lc_is_quantized(O->type));
     matmul(m, O, m->xb, m->xq, nw, logits, c->vocab_size);
     return LC_OK;

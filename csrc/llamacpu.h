@@ -23,6 +23,8 @@ typedef void (*lc_gemm_q8a)(const void *W, int64_t cols, const block_q8a *X, int
                             int64_t r0, int64_t r1);
 typedef void (*lc_gemm_f)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy,
                           int64_t r0, int64_t r1);
+typedef void (*lc_gemm_q16a)(const void *W, int64_t cols, const block_q16a *X, int nt, float *Y, int64_t ldy,
+                             int64_t r0, int64_t r1);
 
 typedef struct lc_kernels {
     const char *name; /* "scalar", "avx2", "avx512vnni", "neon", "neon-dotprod" */
@@ -75,13 +77,11 @@ typedef struct lc_kernels {
     void (*act_to_amx)(uint16_t *X, const float *x, int64_t cols, int t);
 
     /* Steps of LC_AMX_I8_MIN_TOKENS to LC_AMX_MIN_TOKENS - 1 tokens on AMX int8 tiles
-     * (the avx512amx table; NULL in the others). quantize_act32: as quantize_act with one
-     * scale per 32 elements (d[0..3] equal), the activations every gemm of such a step
-     * reads. gemm_amx_i8: the lc_gemm_q8a of a quantized W in the x8 layout for nt <= 16
-     * such tokens; returns 0, or -1 for a type it has no tiles for (use lc_gemm_of's). */
-    void (*quantize_act32)(const float *x, block_q8a *y, int64_t n);
-    int (*gemm_amx_i8)(int type, const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,
-                       int64_t r0, int64_t r1);
+     * (the avx512amx table; NULL in the others). quantize_act16: x (n,) -> y (n/32 blocks).
+     * gemm_amx_i8: by type index, as gemm_x8 (x8 layout) with X in block_q16a; NULL for
+     * a type without int8 tiles (its step uses gemm_x8 on q8a activations). */
+    void (*quantize_act16)(const float *x, block_q16a *y, int64_t n);
+    lc_gemm_q16a gemm_amx_i8[LC_N_TYPES];
 } lc_kernels;
 
 /* positions of a flash-attention block (lc_kernels.attn_block), and its S scratch (floats) */
@@ -92,10 +92,12 @@ typedef struct lc_kernels {
 #define LC_AMX_SCRATCH(cols) ((size_t)(cols) * 64)
 /* elements (uint16) of gemm_amx's X for nt tokens: two bf16 terms, tokens padded to 32 */
 #define LC_AMX_ACT(nt, cols) ((size_t)(((nt) + 31) / 32 * 32) * (size_t)(cols) * 2)
-/* tokens from which a forward uses gemm_amx when the table has it (below: the q8a gemms,
- * whose tiles of 4 tokens need no per-matmul dequantization) */
-#define LC_AMX_MIN_TOKENS 16
-/* tokens from which a forward's step below LC_AMX_MIN_TOKENS uses gemm_amx_i8 */
+/* tokens from which a forward uses gemm_amx when the table has it (below: gemm_amx_i8 and
+ * the q8a gemms, which need no per-matmul dequantization; 1B decode steps of 16 / 24
+ * tokens, 2 threads: Q4_0 ~100 / ~145 ms on int8 tiles against ~155 / ~170 on bf16) */
+#define LC_AMX_MIN_TOKENS 32
+/* tokens from which a forward's step below LC_AMX_MIN_TOKENS uses gemm_amx_i8 (2-3 tokens:
+ * faster on the 512-bit tiles) */
 #define LC_AMX_I8_MIN_TOKENS 4
 
 /* The one mapping from a weight's (type, layout) to its matmul: exactly one of q

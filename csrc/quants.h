@@ -182,6 +182,17 @@ typedef struct {
 } block_q8a;
 static_assert(sizeof(block_q8a) == 64, "block_q8a size");
 
+/* Activations for AMX int8 tiles (lc_kernels.gemm_amx_i8): 16 bits per element with one
+ * scale per 32, as two bytes the tiles multiply separately: x[j] ~= d * (256 hi[j] + lo[j]). */
+typedef struct {
+    int8_t hi[QK];
+    uint8_t lo[QK];
+    float d;
+    float s;      /* d * sum(256 hi + lo): the weights' offset / minimum, once per block */
+    float s16[2]; /* the same over elements 0..15 and 16..31 (Q6_K's sub-blocks) */
+} block_q16a;
+static_assert(sizeof(block_q16a) == 80, "block_q16a size");
+
 /* s and s16 from qs and d, in one fixed order, so every quantize_act variant agrees bit for bit */
 static inline void lc_q8a_set_sum(block_q8a *b) {
     float s = 0.0f, s0 = 0.0f, s1 = 0.0f;

@@ -1,7 +1,7 @@
 # cython: language_level=3
 # Declarations of csrc/llamacpu.h (and the parts of csrc/quants.h it exposes), one to
 # one: keep them in step with the header. _core.pyx cimports these automatically.
-from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t
 
 
 cdef extern from "llamacpu.h" nogil:
@@ -21,6 +21,13 @@ cdef extern from "llamacpu.h" nogil:
         float s16[2]
         float pad
 
+    ctypedef struct block_q16a:
+        int8_t hi[32]
+        uint8_t lo[32]
+        float d
+        float s
+        float s16[2]
+
     ctypedef struct lc_type_info:
         int type
         const char *name
@@ -32,12 +39,15 @@ cdef extern from "llamacpu.h" nogil:
 
     const lc_type_info lc_types[]
     const lc_type_info *lc_type_info_of(int type)
+    int lc_type_index(int type)
     int64_t lc_row_bytes(int type, int64_t cols)
 
     ctypedef void (*lc_gemm_q8a)(const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,
                                  int64_t r0, int64_t r1) noexcept nogil
     ctypedef void (*lc_gemm_f)(const void *W, int64_t cols, const float *X, int nt, float *Y, int64_t ldy,
                                int64_t r0, int64_t r1) noexcept nogil
+    ctypedef void (*lc_gemm_q16a)(const void *W, int64_t cols, const block_q16a *X, int nt, float *Y, int64_t ldy,
+                                  int64_t r0, int64_t r1) noexcept nogil
 
     ctypedef struct lc_kernels:
         const char *name
@@ -56,9 +66,8 @@ cdef extern from "llamacpu.h" nogil:
         void (*gemm_amx)(int type, int terms, const void *W, int64_t cols, const uint16_t *X, int nt, float *Y,
                          int64_t ldy, int64_t r0, int64_t r1, void *scratch) noexcept nogil
         void (*act_to_amx)(uint16_t *X, const float *x, int64_t cols, int t) noexcept nogil
-        void (*quantize_act32)(const float *x, block_q8a *y, int64_t n) noexcept nogil
-        int (*gemm_amx_i8)(int type, const void *W, int64_t cols, const block_q8a *X, int nt, float *Y, int64_t ldy,
-                           int64_t r0, int64_t r1) noexcept nogil
+        void (*quantize_act16)(const float *x, block_q16a *y, int64_t n) noexcept nogil
+        lc_gemm_q16a gemm_amx_i8[15]
 
     size_t LC_AMX_SCRATCH(int64_t cols)
     size_t LC_AMX_ACT(int nt, int64_t cols)

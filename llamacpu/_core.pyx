@@ -32,6 +32,8 @@ QUANTIZED = tuple(sorted(_fmt.QUANTIZED_TYPES))
 #: numpy view of the C activation block (block_q8a)
 Q8A_DTYPE = np.dtype([("qs", "i1", (32,)), ("d", "<f4", (4,)), ("s", "<f4"), ("s16", "<f4", (2,)),
                       ("pad", "<f4")])
+#: numpy view of the AMX int8 activation block (block_q16a): x = d (256 hi + lo)
+Q16A_DTYPE = np.dtype([("hi", "i1", (32,)), ("lo", "u1", (32,)), ("d", "<f4"), ("s", "<f4"), ("s16", "<f4", (2,))])
 
 
 def row_bytes(int type, int64_t cols):
@@ -112,23 +114,34 @@ def dequantize(raw, int type, int64_t cols, impl="scalar"):
 
 # ------------------------------------------------------------ kernels, for tests
 
-def quantize_act(x, impl=None, bint per_block=False):
-    """float32 (n,) -> q8a blocks (n/32,) as a Q8A_DTYPE structured array; per_block: one
-    scale per 32 elements (the table's quantize_act32, avx512amx only)."""
+def quantize_act(x, impl=None):
+    """float32 (n,) -> q8a blocks (n/32,) as a Q8A_DTYPE structured array."""
     cdef const lc_kernels *k = _kernels(impl)
     cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] a = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     cdef int64_t n = a.shape[0]
     if n % 32:
         raise ValueError("quantize_act: length must be a multiple of 32")
-    if per_block and k.quantize_act32 == NULL:
-        raise ValueError(f"kernels {k.name.decode()!r} have no quantize_act32 (only avx512amx)")
     out = np.zeros(n // 32, dtype=Q8A_DTYPE)
     cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] ob = out.view(np.uint8)
     with nogil:
-        if per_block:
-            k.quantize_act32(<const float *>a.data, <block_q8a *>ob.data, n)
-        else:
-            k.quantize_act(<const float *>a.data, <block_q8a *>ob.data, n)
+        k.quantize_act(<const float *>a.data, <block_q8a *>ob.data, n)
+    return out
+
+
+def quantize_act16(x, impl="avx512amx"):
+    """float32 (n,) -> q16a blocks (n/32,) as a Q16A_DTYPE structured array (the table's
+    quantize_act16: avx512amx only)."""
+    cdef const lc_kernels *k = _kernels(impl)
+    cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] a = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    cdef int64_t n = a.shape[0]
+    if n % 32:
+        raise ValueError("quantize_act16: length must be a multiple of 32")
+    if k.quantize_act16 == NULL:
+        raise ValueError(f"kernels {k.name.decode()!r} have no quantize_act16 (only avx512amx)")
+    out = np.zeros(n // 32, dtype=Q16A_DTYPE)
+    cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] ob = out.view(np.uint8)
+    with nogil:
+        k.quantize_act16(<const float *>a.data, <block_q16a *>ob.data, n)
     return out
 
 
@@ -207,37 +220,29 @@ def gemm_amx(w, int type, int64_t rows, int64_t cols, x, impl="avx512amx", int64
 AMX_I8_MIN_TOKENS = LC_AMX_I8_MIN_TOKENS
 
 
-def gemm_q8a(w, int type, int64_t rows, int64_t cols, xq, impl=None, int64_t r0=0, int64_t r1=-1, bint amx_i8=False):
-    """Y (nt, rows) = X W^T for a quantized W in the x8 layout and X given as q8a blocks
-    (nt, cols/32) (quantize_act's arrays), rows [r0, r1) computed (multiples of 8), the
-    others left 0: by the table's x8 gemm, or with amx_i8 by its gemm_amx_i8 (avx512amx)."""
+def gemm_amx_i8(w, int type, int64_t rows, int64_t cols, xq, impl="avx512amx", int64_t r0=0, int64_t r1=-1):
+    """Y (nt, rows) = X W^T on AMX int8 tiles: W quantized in the x8 layout, X as q16a blocks
+    (nt, cols/32) (quantize_act16's arrays); rows [r0, r1) computed (multiples of 8), the
+    others left 0."""
     cdef const lc_kernels *k = _kernels(impl)
     cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] W = np.ascontiguousarray(w).view(np.uint8).reshape(-1)
-    q = np.ascontiguousarray(xq, dtype=Q8A_DTYPE)
+    q = np.ascontiguousarray(xq, dtype=Q16A_DTYPE)
     cdef int nt = q.shape[0] if q.ndim == 2 else 0
     if r1 < 0:
         r1 = rows
     if type not in QUANTIZED or rows % 8 or cols % _fmt.TYPES[type].block_elems or W.shape[0] != rows * row_bytes(type, cols):
-        raise ValueError("gemm_q8a: a quantized W in the x8 layout (rows % 8 == 0) of rows x cols")
+        raise ValueError("gemm_amx_i8: a quantized W in the x8 layout (rows % 8 == 0) of rows x cols")
     if q.ndim != 2 or q.shape[1] != cols // 32 or nt < 1:
-        raise ValueError("gemm_q8a: xq is (nt, cols / 32) q8a blocks")
+        raise ValueError("gemm_amx_i8: xq is (nt, cols / 32) q16a blocks")
     if r0 < 0 or r0 > r1 or r1 > rows or r0 % 8 or r1 % 8:
-        raise ValueError("gemm_q8a: r0 <= r1 <= rows, multiples of 8")
-    cdef lc_gemm g = lc_gemm_of(k, type, 1)
-    if amx_i8 and k.gemm_amx_i8 == NULL:
-        raise ValueError(f"kernels {k.name.decode()!r} have no gemm_amx_i8 (only avx512amx)")
-    if g.q == NULL:
-        raise ValueError(f"gemm_q8a: no x8 kernel for {_fmt.TYPE_NAMES[type]}")
+        raise ValueError("gemm_amx_i8: r0 <= r1 <= rows, multiples of 8")
+    cdef lc_gemm_q16a g = k.gemm_amx_i8[lc_type_index(type)] if k.quantize_act16 != NULL else NULL
+    if g == NULL:
+        raise ValueError(f"gemm_amx_i8: no int8 tiles for {_fmt.TYPE_NAMES[type]} in kernels {k.name.decode()!r}")
     cdef cnp.ndarray[cnp.uint8_t, ndim=1, mode="c"] XQ = q.view(np.uint8).reshape(-1)
     cdef cnp.ndarray[cnp.float32_t, ndim=2, mode="c"] Y = np.zeros((nt, rows), dtype=np.float32)
-    cdef int rc = 0
     with nogil:
-        if amx_i8:
-            rc = k.gemm_amx_i8(type, W.data, cols, <const block_q8a *>XQ.data, nt, <float *>Y.data, rows, r0, r1)
-        else:
-            g.q(W.data, cols, <const block_q8a *>XQ.data, nt, <float *>Y.data, rows, r0, r1)
-    if rc != 0:
-        raise ValueError(f"gemm_q8a: no int8 tiles for {_fmt.TYPE_NAMES[type]} at {nt} tokens")
+        g(W.data, cols, <const block_q16a *>XQ.data, nt, <float *>Y.data, rows, r0, r1)
     return Y
 
 

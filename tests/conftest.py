@@ -44,8 +44,8 @@ def slow_unless(value, *fast):
 
 def _invariant_kernels():
     """The best kernel table whose results do not depend on how a prompt is split into
-    chunks (every table but avx512amx, whose prefill of 16+ tokens runs on bf16 AMX tiles
-    while fewer tokens and decode use the q8a kernels: docs/ARCHITECTURE.md)."""
+    chunks (every table but avx512amx, whose steps of 4+ tokens run on AMX tiles while
+    fewer tokens and decode use the q8a kernels: docs/ARCHITECTURE.md)."""
     from llamacpu import _core
     return [k for k in _core.available_kernels() if k != "avx512amx"][-1]
 

@@ -51,17 +51,20 @@ def test_percentile():
 def test_batched_render_and_markers(tmp_path):
     npl = [1, 2, 8]
     samples, runs = {}, []
-    for key, scale in (("llama", 1.0), ("ours", 1.5)):
+    for key, label, scale, rss in (("llama", "llama.cpp", 1.0, 1.9e9), ("ours", "llamacpu", 1.5, 1.25e9)):
         for b in npl:
             samples[(key, "q4_0", 2, b, "s_tg")] = [10.0 * b * scale]
             samples[(key, "q4_0", 2, b, "s_pp")] = [100.0 * scale]
-        runs.append({"rep": 0, "typ": "q4_0", "t": 2, "engine": key, "foreign": 0.1,
+        runs.append({"rep": 0, "typ": "q4_0", "t": 2, "engine": label, "foreign": 0.1, "rss": rss,
                      "res": {b: {"s_tg": 10.0 * b * scale, "s_pp": 100.0 * scale} for b in npl}})
     ctx = {"date": "d", "argv": "", "elapsed_min": 1, "cpu": bench_batched.bv.cpu_info(), "git": "g",
            "npp": 512, "ntg": 128, "npl": npl, "types": ["q4_0"], "threads": [2], "reps": 1, "samples": samples,
            "runs": runs, "redone": [], "llama_meta": {}, "our_meta": {}, "llama_flags": "", "llama_cmd": "",
-           "engine_changed": False, "quiet_wait": 0, "busy_threshold": 0.25, "redo": 0, "note": "noisy"}
+           "engine_changed": False, "quiet_wait": 0, "busy_threshold": 0.25, "redo": 0, "note": "noisy",
+           "memory": {"q4_0": {"file_mb": 768.0, "kv_mb": 335.5}}}
     body = bench_batched.render(ctx)
+    assert ("llamacpu 1,250.0 MB with 8 sequences of 640 positions, against file + all slots' KV + 200 MB = "
+            "768.0 + 335.5 + 200 = 1,303.5 MB (met); llama-batched-bench 1,900.0 MB.") in body
     assert "| Q4_0 | 2 | 8 | 80.00 | 120.00 | **1.50×** | 8.00× | 8.00× |" in body
     assert "B=8 is 8.00× our B=1 (target ≥ 3×: met)" in body
     assert "lowest ratio at B ≥ 2: 1.50× at B=2" in body

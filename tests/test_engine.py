@@ -37,6 +37,7 @@ COS_MIN = 0.997
 # give 0.996-0.999 (scalar, avx2 and avx512vnni differ by summation order only).
 COS_MIN_SMOL_KQUANT = 0.995
 PREFILL_REL = 1e-5
+SMALL_STEP = 8  # tokens per forward step in the tests of small steps (batched decode's sizes)
 GREEDY_TIE_GAP = 0.25  # logits: a greedy choice between two tokens this close is a coin toss
 N_PROMPT = 64
 
@@ -307,16 +308,20 @@ def chat_ids(model, text):
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", TABLES)
 def test_smollm2_logits_match_reference(smollm, kernels):
+    """Prompts in one chunk, and in chunks of SMALL_STEP tokens (batched decode's steps: with
+    avx512amx, its int8 tiles and activations scaled per 32 elements)."""
     path, ref = smollm
-    with llamacpu.Model(path, n_ctx=512, kernels=kernels) as m:
+    with llamacpu.Model(path, n_ctx=512, kernels=kernels) as m, \
+            llamacpu.Model(path, n_ctx=512, kernels=kernels, n_batch=SMALL_STEP) as small:
         for text in CHAT_PROMPTS:
             ids = chat_ids(m, text)
-            m.reset()
-            got = m.forward(ids, all_logits=True)
-            cos = cosines(got, ref.forward(ids))
-            print(f"\nSmolLM2 {kernels} '{text[:20]}': cosine mean {cos.mean():.6f} min {cos.min():.6f}")
-            assert cos.mean() >= COS_MEAN
-            assert cos.min() >= COS_MIN
+            want = ref.forward(ids)
+            for model, how in ((m, "one chunk"), (small, f"steps of {SMALL_STEP}")):
+                model.reset()
+                cos = cosines(model.forward(ids, all_logits=True), want)
+                print(f"\nSmolLM2 {kernels} {how} '{text[:20]}': cosine mean {cos.mean():.6f} min {cos.min():.6f}")
+                assert cos.mean() >= COS_MEAN
+                assert cos.min() >= COS_MIN
 
 
 @pytest.mark.slow
@@ -333,14 +338,17 @@ def test_smollm2_kquant_mixtures_match_reference_on_their_weights(smollm_gguf, t
         types = {t.type for t in f.tensors.values()}
     assert {6, 12, 14} <= types or {7, 13} <= types  # Q5_0, Q4_K, Q6_K (q4_k_m) / Q5_1, Q5_K (q5_k_m)
     ref = ReferenceLlama(cfg, w, rope_pairing="adjacent")
-    with llamacpu.Model(path, n_ctx=512, kernels=kernels) as m:
+    with llamacpu.Model(path, n_ctx=512, kernels=kernels) as m, \
+            llamacpu.Model(path, n_ctx=512, kernels=kernels, n_batch=SMALL_STEP) as small:
         for text in CHAT_PROMPTS[:2]:
             ids = chat_ids(m, text)
-            m.reset()
-            cos = cosines(m.forward(ids, all_logits=True), ref.forward(ids))
-            print(f"\nSmolLM2 {ftype} '{text[:20]}': cosine mean {cos.mean():.6f} min {cos.min():.6f}")
-            assert cos.mean() >= COS_MEAN
-            assert cos.min() >= COS_MIN_SMOL_KQUANT
+            want = ref.forward(ids)
+            for model, how in ((m, "one chunk"), (small, f"steps of {SMALL_STEP}")):
+                model.reset()
+                cos = cosines(model.forward(ids, all_logits=True), want)
+                print(f"\nSmolLM2 {ftype} {how} '{text[:20]}': cosine mean {cos.mean():.6f} min {cos.min():.6f}")
+                assert cos.mean() >= COS_MEAN
+                assert cos.min() >= COS_MIN_SMOL_KQUANT
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ sequence run alone.
 Named tolerances:
 - PREFILL_REL (test_engine.py): a chunk-invariant table (every table but avx512amx)
   gives each sequence of a mixed batch the logits of running it alone, to rounding.
-- AMX_COS_MIN: with avx512amx, a batch of 16+ tokens takes the bf16 AMX path and one
-  of fewer the q8a path (docs/ARCHITECTURE.md), so a decode token inside a big batch
+- AMX_COS_MIN: with avx512amx, a batch of 32+ tokens takes the bf16 AMX path, one of
+  4-31 the int8 AMX path and one of fewer the q8a path (docs/ARCHITECTURE.md), so a decode token inside a big batch
   differs from the same token alone in the last bits: cosine of the logits rows.
 """
 import numpy as np

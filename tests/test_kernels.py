@@ -452,70 +452,67 @@ def test_amx_activations_are_hi_plus_lo_bf16():
 
 
 # ---------------------------------------------------------------- AMX int8 tiles (avx512amx)
-# Steps of a few tokens: the activations with one scale per 32 elements (quantize_act32),
-# the K-quants' sub-blocks summed in int32 by the tiles. Against the scalar x8 gemm on the
-# same q8a blocks (which takes any group scales): summation order only.
+# Steps of a few tokens: the activations to 16 bits with one scale per 32 elements (two
+# bytes, block_q16a), each block's products summed in int32 by the tiles. Against float64
+# NumPy on the reference weights and those activations: only the float scaling rounds.
 
 I8_TYPES = [fmt.Q4_0, fmt.Q4_1, fmt.Q8_0, fmt.Q6_0, fmt.Q4_K, fmt.Q5_K, fmt.IQ4_XS, fmt.Q6_K]
 
 
-def q8a32_numpy(x):
-    """The per-block quantizer's model: f32 scale amax/127 of all 32 elements, round half
-    to even. Returns (d (n/32,), q (n/32, 32))."""
+def q16a_numpy(x):
+    """The quantizer's model: f32 scale amax/32767 per 32 elements (0 below FLT_MIN), v =
+    round half to even of x / d. Returns (d (n/32,), v (n/32, 32) int32)."""
     b = x.astype(np.float32).reshape(-1, 32)
-    d = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
+    d = (np.abs(b).max(axis=1) / np.float32(32767)).astype(np.float32)
     d[d < np.finfo(np.float32).tiny] = 0
     with np.errstate(divide="ignore"):
         inv = np.where(d > 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    return d, np.rint(b * inv[:, None]).astype(np.int8)
+    return d, np.clip(np.rint(b * inv[:, None]), -32767, 32767).astype(np.int32)
 
 
 @needs_amx
 @SETTINGS
 @given(matrices(max_rows=1))
-def test_quantize_act32_matches_numpy(x):
-    blocks = _core.quantize_act(x[0], "avx512amx", per_block=True)
-    d, q = q8a32_numpy(x[0])
-    np.testing.assert_array_equal(blocks["d"], np.repeat(d[:, None], 4, axis=1))
-    np.testing.assert_array_equal(blocks["qs"], q)
-    # s, s16 as quantize_act's: the same lc_q8a_set_sum over the four (equal) group scales
-    # (f32 sums of 4 group terms: the error is bounded by the magnitudes, d sum |q|, as they can cancel)
-    q16 = q.reshape(-1, 2, 16).astype(np.int64)
-    terms, mags = d.astype(np.float64)[:, None] * q16.sum(axis=2), d.astype(np.float64)[:, None] * np.abs(q16).sum(axis=2)
-    assert np.all(np.abs(blocks["s16"] - terms) <= 1e-6 * mags + 1e-30)
+def test_quantize_act16_matches_numpy(x):
+    blocks = _core.quantize_act16(x[0])
+    d, v = q16a_numpy(x[0])
+    np.testing.assert_array_equal(blocks["d"], d)
+    np.testing.assert_array_equal(blocks["hi"].astype(np.int32) * 256 + blocks["lo"], v)
+    sums = d.astype(np.float64)[:, None] * v.reshape(-1, 2, 16).sum(axis=2)
+    np.testing.assert_allclose(blocks["s16"], sums, rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(blocks["s"], sums.sum(axis=1), rtol=1e-6, atol=1e-30)
+    # 16 bits: within half a step of x, and the step is amax / 32767
+    xd = (v.astype(np.float64) * d[:, None]).reshape(-1)
+    assert np.all(np.abs(xd - x[0]) <= 0.5 * np.repeat(d, 32) * (1 + 1e-6) + 1e-30)
 
 
 @needs_amx
 @pytest.mark.parametrize("t", I8_TYPES, ids=lambda t: fmt.TYPE_NAMES[t])
 @SETTINGS
-@given(groups=st.integers(1, 7), nblocks=st.integers(1, 3), nt=st.integers(1, 16), seed=st.integers(0, 2**32 - 1),
+@given(groups=st.integers(1, 7), nblocks=st.integers(1, 3), nt=st.integers(1, 40), seed=st.integers(0, 2**32 - 1),
        split=st.integers(0, 9))
-def test_amx_int8_gemm_matches_scalar(t, groups, nblocks, nt, seed, split):
-    """gemm_amx_i8 over every token count it takes (1-16: partial accumulator tiles), odd
-    group counts (a group left to the 512-bit tiles) and row ranges as threads split them:
-    against the scalar x8 gemm on the same per-32 activations, and that against NumPy."""
+def test_amx_int8_gemm_matches_reference(t, groups, nblocks, nt, seed, split):
+    """gemm_amx_i8 over token counts in tiles of 16 and partial ones, odd group counts (a
+    group left alone) and row ranges as threads split them."""
     rng = np.random.default_rng(seed)
     info = fmt.TYPES[t]
     rows, cols = 8 * groups, nblocks * info.block_elems
     raw = random_blocks(rng, t, rows, nblocks)
     wd = dequantize_reference(raw, t).astype(np.float64)
     x = (rng.standard_normal((nt, cols)) * np.exp(rng.uniform(-2, 2, (nt, 1)))).astype(np.float32)
-    xq = np.stack([_core.quantize_act(row, "avx512amx", per_block=True) for row in x])
-    xd = (xq["qs"].astype(np.float64) * xq["d"][:, :, :1]).reshape(nt, cols)
+    xq = np.stack([_core.quantize_act16(row) for row in x])
+    xd = ((xq["hi"].astype(np.float64) * 256 + xq["lo"]) * xq["d"][:, :, None]).reshape(nt, cols)
     r0 = 8 * min(split, groups - 1) if split % 2 else 0
-    p = fmt.x8_pack(raw, t)
-    ref = _core.gemm_q8a(p, t, rows, cols, xq, "scalar")
-    assert_within_magnitudes(ref, xd @ wd.T, wd, xd, REF_REL)
-    got = _core.gemm_q8a(p, t, rows, cols, xq, "avx512amx", r0=r0, amx_i8=True)
-    assert_summation_order_only(got[:, r0:], ref[:, r0:], wd[r0:], xd)
+    got = _core.gemm_amx_i8(fmt.x8_pack(raw, t), t, rows, cols, xq, r0=r0)
+    assert_within_magnitudes(got[:, r0:], (xd @ wd.T)[:, r0:], wd[r0:], xd, REF_REL)
     assert not got[:, :r0].any()
 
 
 @needs_amx
-def test_amx_int8_gemm_refuses_other_types():
-    """Types without int8 tiles are the caller's to run (gemm_amx_i8 returns -1)."""
+def test_amx_int8_gemm_types():
+    """Q5_0, Q5_1 and IQ4_NL have no int8 tiles: their steps keep the 512-bit ones."""
     assert set(ALL_QTYPES) - set(I8_TYPES) == {fmt.Q5_0, fmt.Q5_1, fmt.IQ4_NL}
     raw = random_blocks(np.random.default_rng(0), fmt.Q5_0, 16, 2)
-    xq = np.stack([_core.quantize_act(np.ones(64, np.float32), "avx512amx", per_block=True)] * 4)
+    xq = np.stack([_core.quantize_act16(np.ones(64, np.float32))] * 4)
     with pytest.raises(ValueError, match="no int8 tiles for Q5_0"):
-        _core.gemm_q8a(fmt.x8_pack(raw, fmt.Q5_0), fmt.Q5_0, 16, 64, xq, "avx512amx", amx_i8=True)
+        _core.gemm_amx_i8(fmt.x8_pack(raw, fmt.Q5_0), fmt.Q5_0, 16, 64, xq)

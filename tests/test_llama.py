@@ -23,8 +23,8 @@ def smol_path(smollm_model):
 @pytest.fixture(scope="module")
 def llm(smol_path):
     """A chunk-invariant table: answers are compared across calls that batch differently
-    (threads, open streams, prompt-cache hits; with avx512amx a step of 16+ tokens takes
-    the bf16 AMX path, so a token's last bits depend on its batch: docs/ARCHITECTURE.md)."""
+    (threads, open streams, prompt-cache hits; with avx512amx a step of 4+ tokens takes
+    an AMX path, so a token's last bits depend on its batch: docs/ARCHITECTURE.md)."""
     from conftest import INVARIANT_KERNELS
     with Llama(smol_path, n_ctx=1024, kernels=INVARIANT_KERNELS) as m:
         yield m

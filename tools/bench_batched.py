@@ -69,6 +69,7 @@ N_BATCH, N_UBATCH = 2048, 512   # llama-batched-bench's defaults, passed explici
 WARMUP_TOKENS = 16              # llama-batched-bench's warm-up: 16 tokens of sequence 0
 TARGET_SCALING_B, TARGET_SCALING = 8, 3.0
 TARGET_RATIO = 1.2
+MEMORY_SLACK_MB = 200            # target: peak RSS <= file + every slot's KV + this
 
 
 # ----------------------------------------------------------------------------- our side (worker)
@@ -165,6 +166,15 @@ def run_ours(model: Path, npp: int, ntg: int, npl: list, t: int, seed: int) -> d
             "wall": m["wall"], "foreign": m["foreign"], "meta": head}
 
 
+def kv_and_file(model: Path, n_ctx: int, n_seq: int) -> dict:
+    """MB of the model file and of the F16 KV cache of n_seq slots of n_ctx positions."""
+    from llamacpu.format import read_model
+    with read_model(model) as f:
+        c = f.config
+    kv = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * n_ctx * n_seq * 2
+    return {"file_mb": Path(model).stat().st_size / 1e6, "kv_mb": kv / 1e6}
+
+
 # ----------------------------------------------------------------------------- report
 
 def render(ctx: dict) -> str:
@@ -233,6 +243,16 @@ def render(ctx: dict) -> str:
              f"B/B={npl[0]} = an engine's S_TG at B over its own S_TG at B={npl[0]}.")
     L.append("")
     L.extend(verdicts)
+    for typ in ctx["types"]:
+        mem = ctx["memory"][typ]
+        peak = {e: max(r["rss"] for r in ctx["runs"] if r["typ"] == typ and r["engine"] == e) / 1e6
+                for e in ("llamacpu", "llama.cpp")}
+        bound = mem["file_mb"] + mem["kv_mb"] + MEMORY_SLACK_MB
+        L.append(f"- Memory, {typ.upper()}: peak RSS (the process's ru_maxrss, largest of the runs) llamacpu "
+                 f"{peak['llamacpu']:,.1f} MB with {max(npl)} sequences of {npp + ntg} positions, against file + "
+                 f"all slots' KV + {MEMORY_SLACK_MB} MB = {mem['file_mb']:,.1f} + {mem['kv_mb']:,.1f} + "
+                 f"{MEMORY_SLACK_MB} = {bound:,.1f} MB ({'met' if peak['llamacpu'] <= bound else 'not met'}); "
+                 f"llama-batched-bench {peak['llama.cpp']:,.1f} MB.")
     L.append("")
     L.append("<details><summary>All runs: S_TG / S_PP t/s per B (cores used by other jobs during the run), "
              "in run order</summary>")
@@ -344,7 +364,7 @@ def main(argv=None) -> int:
            "samples": samples, "runs": runs, "redone": redone, "llama_meta": llama_meta, "our_meta": our_meta,
            "llama_flags": flags, "llama_cmd": llama_cmd, "engine_changed": bv.engine_fingerprint() != engine_before,
            "quiet_wait": args.quiet_wait, "busy_threshold": args.busy_threshold, "redo": args.redo,
-           "note": args.note}
+           "note": args.note, "memory": {typ: kv_and_file(ours[typ], args.npp + args.ntg, max(npl)) for typ in types}}
     return bv.publish(render(ctx), out_path,
                       "last-run-batched-quick.json" if args.quick else "last-run-batched.json",
                       {"samples": bv.keyed(samples), "runs": runs, "redone": redone, "llama_meta": llama_meta,
