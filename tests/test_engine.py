@@ -305,23 +305,27 @@ def chat_ids(model, text):
     return tok.encode(s, add_special_tokens=False).ids
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kernels", TABLES)
-def test_smollm2_logits_match_reference(smollm, kernels):
-    """Prompts in one chunk, and in chunks of SMALL_STEP tokens (batched decode's steps: with
-    avx512amx, its int8 tiles and activations scaled per 32 elements)."""
-    path, ref = smollm
+def check_chat_logits(path, kernels, ref, texts, cos_min, label):
+    """Each chat prompt's logits against the reference's, the prompt run in one chunk and in
+    steps of SMALL_STEP tokens (batched decode's sizes: with avx512amx, its int8 tiles)."""
     with llamacpu.Model(path, n_ctx=512, kernels=kernels) as m, \
             llamacpu.Model(path, n_ctx=512, kernels=kernels, n_batch=SMALL_STEP) as small:
-        for text in CHAT_PROMPTS:
+        for text in texts:
             ids = chat_ids(m, text)
             want = ref.forward(ids)
             for model, how in ((m, "one chunk"), (small, f"steps of {SMALL_STEP}")):
                 model.reset()
                 cos = cosines(model.forward(ids, all_logits=True), want)
-                print(f"\nSmolLM2 {kernels} {how} '{text[:20]}': cosine mean {cos.mean():.6f} min {cos.min():.6f}")
+                print(f"\nSmolLM2 {label} {how} '{text[:20]}': cosine mean {cos.mean():.6f} min {cos.min():.6f}")
                 assert cos.mean() >= COS_MEAN
-                assert cos.min() >= COS_MIN
+                assert cos.min() >= cos_min
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kernels", TABLES)
+def test_smollm2_logits_match_reference(smollm, kernels):
+    path, ref = smollm
+    check_chat_logits(path, kernels, ref, CHAT_PROMPTS, COS_MIN, kernels)
 
 
 @pytest.mark.slow
@@ -338,17 +342,7 @@ def test_smollm2_kquant_mixtures_match_reference_on_their_weights(smollm_gguf, t
         types = {t.type for t in f.tensors.values()}
     assert {6, 12, 14} <= types or {7, 13} <= types  # Q5_0, Q4_K, Q6_K (q4_k_m) / Q5_1, Q5_K (q5_k_m)
     ref = ReferenceLlama(cfg, w, rope_pairing="adjacent")
-    with llamacpu.Model(path, n_ctx=512, kernels=kernels) as m, \
-            llamacpu.Model(path, n_ctx=512, kernels=kernels, n_batch=SMALL_STEP) as small:
-        for text in CHAT_PROMPTS[:2]:
-            ids = chat_ids(m, text)
-            want = ref.forward(ids)
-            for model, how in ((m, "one chunk"), (small, f"steps of {SMALL_STEP}")):
-                model.reset()
-                cos = cosines(model.forward(ids, all_logits=True), want)
-                print(f"\nSmolLM2 {ftype} {how} '{text[:20]}': cosine mean {cos.mean():.6f} min {cos.min():.6f}")
-                assert cos.mean() >= COS_MEAN
-                assert cos.min() >= COS_MIN_SMOL_KQUANT
+    check_chat_logits(path, kernels, ref, CHAT_PROMPTS[:2], COS_MIN_SMOL_KQUANT, f"{ftype} {kernels}")
 
 
 @pytest.mark.slow
