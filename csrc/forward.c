@@ -282,11 +282,12 @@ static void mm_unit(void *ctx, int ci, int thread) {
     const int64_t rows = W->rows;
     const int64_t r0 = (int64_t)(ci - j->first[i]) * j->chunk[i], r1 = r0 + j->chunk[i] < rows ? r0 + j->chunk[i] : rows;
     const lc_gemm g = lc_gemm_of(k, W->type, W->layout); /* checked in lc_model_new */
+    lc_gemm_q16a gi;
     if (g.q && m->amx) /* x8 layout: every quantized tensor with rows % 8 == 0 */
         k->gemm_amx(W->type, mm->amx_terms, W->data, W->cols, m->xbf, j->nt, mm->Y, mm->ldy, r0, r1,
                     m->amx_scratch + (size_t)thread * LC_AMX_SCRATCH(m->widest));
-    else if (g.q && m->amx_i8 && mm->xq16 && amx_i8_gemm(m, W))
-        amx_i8_gemm(m, W)(W->data, W->cols, mm->xq16, j->nt, mm->Y, mm->ldy, r0, r1);
+    else if (g.q && m->amx_i8 && mm->xq16 && (gi = amx_i8_gemm(m, W)) != NULL)
+        gi(W->data, W->cols, mm->xq16, j->nt, mm->Y, mm->ldy, r0, r1);
     else if (g.q) g.q(W->data, W->cols, mm->xq, j->nt, mm->Y, mm->ldy, r0, r1);
     else g.f(W->data, W->cols, mm->xf, j->nt, mm->Y, mm->ldy, r0, r1);
 }
