@@ -18,7 +18,7 @@
 #include <string.h>
 #include "attention.h"
 
-#define ROWS_MAX 64 /* query rows of a unit (at least one token's group) */
+#define ROWS_MAX 128 /* query rows of a unit (at least one token's group): 32 tokens of a GQA group of 4 read each block of the cache once */
 
 int lc_kv_type_ok(int type, int head_dim) {
     if (type == LC_TYPE_F16) return 1;
@@ -95,6 +95,7 @@ static void run_unit(const lc_attn *a, const unit *u, const float *q, const int3
     memset(O, 0, sizeof(float) * (size_t)nq * hd);
     const size_t head = ((size_t)seq[u->t0] * a->n_kv_heads + u->h) * a->n_ctx;
     const uint8_t *kc = a->kcache + head * a->row_k, *vc = a->vcache + head * a->row_v;
+    int first = 1; /* the unit's first attn_block call */
     for (int b0 = u->kv0; b0 < u->kv1; b0 += LC_ATT_BLOCK) {
         const int nk = u->kv1 - b0 < LC_ATT_BLOCK ? u->kv1 - b0 : LC_ATT_BLOCK;
         int any = 0;
@@ -113,7 +114,8 @@ static void run_unit(const lc_attn *a, const unit *u, const float *q, const int3
             prefetch(kc + (size_t)(b0 + LC_ATT_BLOCK) * a->row_k, (size_t)nn * a->row_k);
             prefetch(vc + (size_t)(b0 + LC_ATT_BLOCK) * a->row_v, (size_t)nn * a->row_v);
         }
-        k->attn_block(nq, hd, Q, vis, K, V, nk, m, l, O, S);
+        k->attn_block(nq, hd, Q, vis, K, V, nk, m, l, O, S, first);
+        first = 0;
     }
     if (u->partial) {
         memcpy(u->partial, m, sizeof(float) * nq);

@@ -292,8 +292,8 @@ static float online_softmax(float *S, int n, float *m, float *l) {
 }
 
 static void attn_block(int nq, int hd, const float *Q, const int *vis, const float *K, const float *V, int nk,
-                       float *m, float *l, float *O, float *S) {
-    (void)nk;
+                       float *m, float *l, float *O, float *S, int first) {
+    (void)nk, (void)first;
     for (int r = 0; r < nq; r++) {
         const int n = vis[r];
         if (n <= 0) continue;

@@ -54,9 +54,10 @@ typedef struct lc_kernels {
      * r sees the block's first vis[r] positions (0 <= vis[r] <= nk; 0 leaves it as it is).
      * Each row's running state: m[r] the largest score so far, l[r] the sum of
      * exp(score - m[r]), O (nq, hd) the sum of exp(score - m[r]) v; start from -inf, 0, 0;
-     * the attention is O / l. S: scratch, LC_ATT_S(hd) floats. */
+     * the attention is O / l. S: scratch, LC_ATT_S(hd) floats. A unit's blocks (one Q,
+     * nq and S, first = 1 on the first) may keep what the kernel derives from Q in S. */
     void (*attn_block)(int nq, int hd, const float *Q, const int *vis, const float *K, const float *V, int nk,
-                       float *m, float *l, float *O, float *S);
+                       float *m, float *l, float *O, float *S, int first);
 
     /* x (n,) float -> y (n,) f16, round to nearest even */
     void (*f32_to_f16)(uint16_t *y, const float *x, int64_t n);
@@ -86,7 +87,10 @@ typedef struct lc_kernels {
 
 /* positions of a flash-attention block (lc_kernels.attn_block), and its S scratch (floats) */
 #define LC_ATT_BLOCK 64
-#define LC_ATT_S(hd) ((4 + (hd)) * LC_ATT_BLOCK) /* 4 score rows and the block's keys transposed */
+/* S scratch: the 512-bit tables' 4 score rows and the block's keys transposed, (4 + hd) x
+ * LC_ATT_BLOCK; the AMX table's bf16 tiles (128 query rows, the keys, values and 64 rows'
+ * weights as hi and lo; their scores and P V: 1280 hd + 32768 bytes) from a 64-byte boundary */
+#define LC_ATT_S(hd) (320 * (hd) + 8192 + 16)
 
 /* bytes of gemm_amx's scratch for `cols` columns: a 32-row panel of bf16 */
 #define LC_AMX_SCRATCH(cols) ((size_t)(cols) * 64)

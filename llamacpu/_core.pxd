@@ -60,7 +60,7 @@ cdef extern from "llamacpu.h" nogil:
         void (*rmsnorm)(float *out, const float *x, const float *w, int n, float eps) noexcept nogil
         void (*rope)(float *x, int n_heads, int head_dim, int pos, const float *inv_freq) noexcept nogil
         void (*attn_block)(int nq, int hd, const float *Q, const int *vis, const float *K, const float *V, int nk,
-                           float *m, float *l, float *O, float *S) noexcept nogil
+                           float *m, float *l, float *O, float *S, int first) noexcept nogil
         void (*f32_to_f16)(uint16_t *y, const float *x, int64_t n) noexcept nogil
         void (*swiglu)(float *hb, const float *hb2, int64_t n) noexcept nogil
         void (*gemm_amx)(int type, int terms, const void *W, int64_t cols, const uint16_t *X, int nt, float *Y,

@@ -17,6 +17,9 @@ TABLES = _core.available_kernels()
 TYPES = list(CACHE_TYPES)  # f16, q8_0, q4_0
 # f32 blocks and online softmax against float64 exact attention (the SIMD exp is ~2 ulp)
 ATT_TOL = 2e-5
+# avx512amx's bf16 tiles (units of 16 query rows and more) carry Q, K, the weights and V to
+# 16 significant bits (each a bf16 hi + lo, 2^-16 relative per rounding); seen: <= 1e-5
+ATT_TOL_AMX = 1e-4
 
 
 # ----------------------------------------------------------- ggml's row quantizers in NumPy
@@ -107,7 +110,7 @@ def run_case(impl, tk, tv, hd, n_kv, group, n_seq, seq, pos, n_threads, seed):
     got = _core.attention(q, KC, VC, CACHE_TYPES[tk], CACHE_TYPES[tv], seq, pos, n_kv, n_threads, impl)
     ref = reference_attention(q, Kd, Vd, seq, pos, n_kv)
     err = np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-6)
-    assert err < ATT_TOL, (impl, tk, tv, err)
+    assert err < (ATT_TOL_AMX if impl == "avx512amx" else ATT_TOL), (impl, tk, tv, err)
 
 
 @pytest.mark.parametrize("tv", TYPES)
@@ -124,10 +127,11 @@ def test_every_table_and_type_pair(impl, tk, tv):
 
 @settings(max_examples=60, deadline=None)
 @given(impl=st.sampled_from(TABLES), tk=st.sampled_from(TYPES), tv=st.sampled_from(TYPES),
-       hd=st.sampled_from([6, 32, 64, 72, 96, 128]), n_kv=st.integers(1, 3), group=st.sampled_from([1, 2, 3, 4, 8, 24]),
+       hd=st.sampled_from([6, 32, 64, 72, 96, 128]), n_kv=st.integers(1, 3),
+       group=st.sampled_from([1, 2, 3, 4, 8, 24, 80]),
        data=st.data(), n_threads=st.integers(1, 9), seed=st.integers(0, 2**31 - 1))
 def test_random_runs_lengths_and_splits(impl, tk, tv, hd, n_kv, group, data, n_threads, seed):
-    """Odd lengths (1 .. a few hundred), GQA groups (rows of a run beyond 64 included),
+    """Odd lengths (1 .. a few hundred), GQA groups (a group of 80: runs beyond 64 rows),
     batches mixing sequences, and thread counts that split positions into merged ranges;
     head_dims off the SIMD widths with f16 (q8_0/q4_0 need multiples of 32)."""
     if hd % 32:
