@@ -1,7 +1,7 @@
 /* One layer's causal GQA attention over the KV cache, as flash attention.
  *
  * A work unit is a run of query rows that share one kv head (the GQA group's heads of up
- * to ROWS_MAX / group consecutive tokens of one sequence, each row with its own causal
+ * to LC_ATT_ROWS / group consecutive tokens of one sequence, each row with its own causal
  * limit pos + 1) against a range of cache positions. It walks the range in blocks of
  * LC_ATT_BLOCK positions: each block's K and V are converted to f32 rows once and the
  * kernel table's attn_block updates every row's online softmax (running max m,
@@ -17,8 +17,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include "attention.h"
-
-#define ROWS_MAX 128 /* query rows of a unit (at least one token's group): 32 tokens of a GQA group of 4 read each block of the cache once */
 
 int lc_kv_type_ok(int type, int head_dim) {
     if (type == LC_TYPE_F16) return 1;
@@ -59,7 +57,7 @@ static void prefetch(const uint8_t *p, size_t n) {
 
 static int group_rows(int n_heads, int n_kv_heads) {
     const int group = n_heads / n_kv_heads;
-    return group >= ROWS_MAX ? group : ROWS_MAX / group * group;
+    return group >= LC_ATT_ROWS ? group : LC_ATT_ROWS / group * group;
 }
 
 /* one thread's scratch: Q rows, O rows, K block, V block, m, l, S, vis */

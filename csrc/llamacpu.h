@@ -87,10 +87,14 @@ typedef struct lc_kernels {
 
 /* positions of a flash-attention block (lc_kernels.attn_block), and its S scratch (floats) */
 #define LC_ATT_BLOCK 64
+/* query rows of an attention unit at most (attention.c: the GQA group's heads of
+ * consecutive tokens, so one pass over the cache serves 64 tokens of a group of 4) */
+#define LC_ATT_ROWS 256
 /* S scratch: the 512-bit tables' 4 score rows and the block's keys transposed, (4 + hd) x
- * LC_ATT_BLOCK; the AMX table's bf16 tiles (128 query rows, the keys, values and 64 rows'
- * weights as hi and lo; their scores and P V: 1280 hd + 32768 bytes) from a 64-byte boundary */
-#define LC_ATT_S(hd) (320 * (hd) + 8192 + 16)
+ * LC_ATT_BLOCK; the AMX table's bf16 tiles (LC_ATT_ROWS query rows, the keys, values and 64
+ * rows' weights as hi and lo; their scores and P V: 4 (LC_ATT_ROWS + 192) hd + 32768 bytes)
+ * from a 64-byte boundary */
+#define LC_ATT_S(hd) ((LC_ATT_ROWS + 192) * (hd) + 8192 + 16)
 
 /* bytes of gemm_amx's scratch for `cols` columns: a 32-row panel of bf16 */
 #define LC_AMX_SCRATCH(cols) ((size_t)(cols) * 64)

@@ -185,18 +185,18 @@ static void test_table(const lc_kernels *k) {
         fill(a, nh * hd, 2.0f); memcpy(b, a, sizeof(float) * nh * hd);
         r->rope(a, nh, hd, 12345, inv); k->rope(b, nh, hd, 12345, inv);
         check(memcmp(a, b, sizeof(float) * nh * hd) == 0, k->name, "rope bit-exact", hd, 0, max_rel(b, a, nh * hd));
-        /* attn_block: 1..80 rows with their own visible counts, two blocks in a row (the
+        /* attn_block: 1..300 rows with their own visible counts, two blocks in a row (the
          * online softmax's rescale), against the scalar twin; avx512amx's tiles (16 rows
          * and more) carry 16 significant bits (tests/test_attention.py) */
-        const int nqs[] = {1, 5, 9, 16, 37, 80};
+        const int nqs[] = {1, 5, 9, 16, 37, 80, 300}; /* 300 > LC_ATT_ROWS: query tiles made per block */
         const double att_tol = strcmp(k->name, "avx512amx") == 0 ? 1e-4 : 1e-5;
         for (unsigned qi = 0; qi < sizeof nqs / sizeof *nqs; qi++)
             for (int nk = 1; nk <= LC_ATT_BLOCK; nk += 21) {
                 const int nq = nqs[qi];
                 float *Q = malloc(sizeof(float) * nq * hd), *K = malloc(sizeof(float) * nk * hd);
                 float *V = malloc(sizeof(float) * nk * hd), *S = malloc(sizeof(float) * LC_ATT_S(hd));
-                float *O[2], m[2][80], l[2][80];
-                int vis[80];
+                float *O[2], m[2][300], l[2][300];
+                int vis[300];
                 for (int i = 0; i < nq; i++) vis[i] = (i * 7 + 3) % (nk + 1);
                 vis[0] = nk;
                 fill(Q, (int64_t)nq * hd, 0.3f);
