@@ -202,7 +202,8 @@ int lc_attention(const lc_attn *a, const float *q, const int32_t *seq, const int
     }
     unit *units = malloc(sizeof(unit) * (size_t)base * split);
     float *partials = NULL;
-    if (split > 1) partials = malloc(sizeof(float) * (size_t)base * split * run_max * group * (hd + 2));
+    /* the runs partition the nt tokens: each piece of a run holds its rn rows' outputs, m and l */
+    if (split > 1) partials = malloc(sizeof(float) * (size_t)nt * nkv * split * group * (hd + 2));
     if (!units || (split > 1 && !partials)) {
         free(runs); free(units); free(partials);
         return -1;
