@@ -1032,7 +1032,9 @@ def kv_args(engine: str, cache_type: str) -> list:
 def run_depth(args, argv, out_path) -> int:
     """--depth: pp and tg at each depth and KV type, both engines, alternating; one process per
     (engine, KV type, depth) runs every thread count (llama-bench fills the cache once per depth
-    and restores it for the other tests; llamacpu bench fills once and rewinds)."""
+    and restores it for the other tests; llamacpu bench fills once and rewinds). The thread
+    counts go most first: llama-bench fills with the first test's threads (llamacpu bench with
+    the most), and its fill at 1 thread was half of a 16384-deep run's time."""
     depths = [int(x) for x in args.depth.split(",") if x.strip()]
     ctypes = [x.strip().lower() for x in args.cache_types.split(",") if x.strip()]
     threads = [int(x) for x in args.threads.split(",") if x.strip()]
@@ -1053,7 +1055,7 @@ def run_depth(args, argv, out_path) -> int:
     engine_before = engine_fingerprint()
     samples, foreign, walls, redone = {}, {}, {}, []
     meta = {}
-    tlist = ",".join(map(str, threads))
+    tlist = ",".join(map(str, sorted(threads, reverse=True)))   # the fill runs on the first
     for rep in range(args.runs):
         for cfg, (ct, d) in enumerate((ct, d) for ct in ctypes for d in depths):
             order = engines if (rep + cfg) % 2 == 0 else engines[::-1]
@@ -1105,13 +1107,14 @@ def render_depth(ctx: dict) -> str:
              f"{median(allf):.2f}, max {max(allf) if allf else float('nan'):.2f} cores.")
     L.append(f"- llama.cpp from llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (build {lm.get('build_number')}, "
              f"commit {lm.get('build_commit')}), `{ctx['llama_flags']}`: `llama-bench -m llamacpp-1b-q4_0.gguf "
-             f"-p {p} -n {n} -t {','.join(map(str, ctx['threads']))} -d D -fa 1 -ctk T -ctv T -r 1 -o json`.")
+             f"-p {p} -n {n} -t {','.join(map(str, sorted(ctx['threads'], reverse=True)))} -d D -fa 1 -ctk T -ctv T -r 1 -o json`.")
     L.append(f"- llamacpu {om.get('version')} (git {ctx['git']}), kernels `{om.get('kernels')}`: `llamacpu bench "
-             f"llamacpu-1b-q4_0.bin -p {p} -n {n} -t {','.join(map(str, ctx['threads']))} -d D [-ctk T -ctv T] "
+             f"llamacpu-1b-q4_0.bin -p {p} -n {n} -t {','.join(map(str, sorted(ctx['threads'], reverse=True)))} -d D [-ctk T -ctv T] "
              f"-r 1 --json` (no -ctk/-ctv for F16, its default)."
              + (" **Warning: the llamacpu extension was rebuilt during the runs. Run again.**"
                 if ctx["engine_changed"] else ""))
-    L.append(f"- Each process fills the cache once with D random tokens (untimed), then runs each thread "
+    L.append(f"- Each process fills the cache once with D random tokens (untimed, with the most threads: "
+             f"the thread counts go most first), then runs each thread "
              f"count's pp{p} (one batch at positions D..D+{p - 1}) and tg{n} ({n} single-token steps from "
              f"position D) after one warm-up; the context is D + {p} + {n}, as llama-bench sizes it. Both "
              f"engines run the same random-weight checkpoint, each converted to Q4_0 by its own tools.")
