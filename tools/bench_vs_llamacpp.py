@@ -1029,6 +1029,12 @@ def kv_args(engine: str, cache_type: str) -> list:
     return [] if cache_type == "f16" else ["-ctk", cache_type, "-ctv", cache_type]
 
 
+def thread_arg(threads) -> str:
+    """-t of a depth run, most threads first: llama-bench fills the cache with its first
+    test's threads (llamacpu bench with the most)."""
+    return ",".join(map(str, sorted(threads, reverse=True)))
+
+
 def run_depth(args, argv, out_path) -> int:
     """--depth: pp and tg at each depth and KV type, both engines, alternating; one process per
     (engine, KV type, depth) runs every thread count (llama-bench fills the cache once per depth
@@ -1055,7 +1061,7 @@ def run_depth(args, argv, out_path) -> int:
     engine_before = engine_fingerprint()
     samples, foreign, walls, redone = {}, {}, {}, []
     meta = {}
-    tlist = ",".join(map(str, sorted(threads, reverse=True)))   # the fill runs on the first
+    tlist = thread_arg(threads)
     for rep in range(args.runs):
         for cfg, (ct, d) in enumerate((ct, d) for ct in ctypes for d in depths):
             order = engines if (rep + cfg) % 2 == 0 else engines[::-1]
@@ -1107,9 +1113,9 @@ def render_depth(ctx: dict) -> str:
              f"{median(allf):.2f}, max {max(allf) if allf else float('nan'):.2f} cores.")
     L.append(f"- llama.cpp from llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} (build {lm.get('build_number')}, "
              f"commit {lm.get('build_commit')}), `{ctx['llama_flags']}`: `llama-bench -m llamacpp-1b-q4_0.gguf "
-             f"-p {p} -n {n} -t {','.join(map(str, sorted(ctx['threads'], reverse=True)))} -d D -fa 1 -ctk T -ctv T -r 1 -o json`.")
+             f"-p {p} -n {n} -t {thread_arg(ctx['threads'])} -d D -fa 1 -ctk T -ctv T -r 1 -o json`.")
     L.append(f"- llamacpu {om.get('version')} (git {ctx['git']}), kernels `{om.get('kernels')}`: `llamacpu bench "
-             f"llamacpu-1b-q4_0.bin -p {p} -n {n} -t {','.join(map(str, sorted(ctx['threads'], reverse=True)))} -d D [-ctk T -ctv T] "
+             f"llamacpu-1b-q4_0.bin -p {p} -n {n} -t {thread_arg(ctx['threads'])} -d D [-ctk T -ctv T] "
              f"-r 1 --json` (no -ctk/-ctv for F16, its default)."
              + (" **Warning: the llamacpu extension was rebuilt during the runs. Run again.**"
                 if ctx["engine_changed"] else ""))
