@@ -1,5 +1,6 @@
 """tools/pack_model.py: a packed and unpacked model file keeps every byte outside the tensor
 data, the size and the mtime, and each matrix is its first 16 rows repeated."""
+import gzip
 import os
 import sys
 from pathlib import Path
@@ -66,7 +67,6 @@ def test_gguf_round_trip(smollm_gguf, tmp_path):
 
 def test_unpack_refuses_other_files(tmp_path):
     bad = tmp_path / "bad"
-    import gzip
     with gzip.open(bad, "wb") as f:
         f.write(b"not a packed model")
     with pytest.raises(SystemExit, match="not a file written by"):
