@@ -256,12 +256,22 @@ typedef struct {
  * instead of three and two. Chunks are claimed one at a time: on a shared machine
  * one thread may run slower or not at all (another process on its core), and the
  * others take its share (pp512, 2 threads: 131-141 t/s static, 146-149 dynamic,
- * BENCHMARKS.md). */
+ * BENCHMARKS.md).
+ * AMX chunks have at least LC_AMX_CHUNK_ROWS rows: gemm_amx_type brings each K-block
+ * of the activations into L2 once per chunk and reuses it for every 32-row panel of
+ * the chunk, so small chunks (16 threads cut a 2048-row matrix into single panels)
+ * read the activations from L3 over and over (pp512 -28%, BENCHMARKS.md). Where that
+ * leaves fewer than LC_AMX_UNITS units a thread, the tokens are cut into slices too
+ * (multiples of 32, at least 64): a slice dequantizes its chunk's weights again but
+ * reads only its own tokens. The sums are the same, bit for bit, however it is cut. */
+#define LC_AMX_CHUNK_ROWS 512
+#define LC_AMX_UNITS 4
 typedef struct {
     lc_model *m;
     const lc_mm *mm;
     int nt;
     int64_t chunk[4];
+    int slices[4]; /* token slices of each chunk (1 except on gemm_amx) */
     int first[5];
 } mm_job;
 
@@ -280,12 +290,18 @@ static void mm_unit(void *ctx, int ci, int thread) {
     const lc_mm *mm = &j->mm[i];
     const lc_tensor *W = mm->W;
     const int64_t rows = W->rows;
-    const int64_t r0 = (int64_t)(ci - j->first[i]) * j->chunk[i], r1 = r0 + j->chunk[i] < rows ? r0 + j->chunk[i] : rows;
+    const int u = ci - j->first[i], ns = j->slices[i];
+    const int64_t r0 = (int64_t)(u / ns) * j->chunk[i], r1 = r0 + j->chunk[i] < rows ? r0 + j->chunk[i] : rows;
     const lc_gemm g = lc_gemm_of(k, W->type, W->layout); /* checked in lc_model_new */
     lc_gemm_q16a gi;
-    if (g.q && m->amx) /* x8 layout: every quantized tensor with rows % 8 == 0 */
-        k->gemm_amx(W->type, mm->amx_terms, W->data, W->cols, m->xbf, j->nt, mm->Y, mm->ldy, r0, r1,
-                    m->amx_scratch + (size_t)thread * LC_AMX_SCRATCH(m->widest));
+    if (g.q && m->amx) { /* x8 layout: every quantized tensor with rows % 8 == 0 */
+        const int per = (j->nt + 32 * ns - 1) / (32 * ns) * 32, t0 = (u % ns) * per;
+        const int t1 = t0 + per < j->nt ? t0 + per : j->nt;
+        if (t1 > t0) /* m->xbf: tiles of 16 tokens, W->cols / 32 pieces of 1024 bf16 each */
+            k->gemm_amx(W->type, mm->amx_terms, W->data, W->cols, m->xbf + (int64_t)(t0 / 16) * (W->cols / QK) * 1024,
+                        t1 - t0, mm->Y + (int64_t)t0 * mm->ldy, mm->ldy, r0, r1,
+                        m->amx_scratch + (size_t)thread * LC_AMX_SCRATCH(m->widest));
+    }
     else if (g.q && m->amx_i8 && mm->xq16 && (gi = amx_i8_gemm(m, W)) != NULL)
         gi(W->data, W->cols, mm->xq16, j->nt, mm->Y, mm->ldy, r0, r1);
     else if (g.q) g.q(W->data, W->cols, mm->xq, j->nt, mm->Y, mm->ldy, r0, r1);
@@ -294,14 +310,23 @@ static void mm_unit(void *ctx, int ci, int thread) {
 
 static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
     const int nth = m->c.n_threads;
-    mm_job j = {m, mm, nt, {0}, {0}};
+    mm_job j = {m, mm, nt, {0}, {0}, {0}};
     const int64_t unit = m->amx ? 32 : m->amx_i8 ? 16 : 8; /* AMX panels are 32 rows; int8 tiles 16; x8 groups 8 */
+    int64_t chunks = 0;
     for (int i = 0; i < n; i++) {
         const int64_t rows = mm[i].W->rows;
         int64_t c = (rows + (int64_t)nth * 8 - 1) / ((int64_t)nth * 8);
         c = (c + unit - 1) / unit * unit;
+        if (m->amx && c < LC_AMX_CHUNK_ROWS) c = LC_AMX_CHUNK_ROWS;
         j.chunk[i] = c < unit ? unit : c;
-        j.first[i + 1] = j.first[i] + (int)((rows + j.chunk[i] - 1) / j.chunk[i]);
+        chunks += (rows + j.chunk[i] - 1) / j.chunk[i];
+    }
+    int slices = 1;
+    if (m->amx)
+        while (chunks * slices < (int64_t)LC_AMX_UNITS * nth && nt >= 128 * slices) slices *= 2;
+    for (int i = 0; i < n; i++) {
+        j.slices[i] = m->amx && lc_gemm_of(m->k, mm[i].W->type, mm[i].W->layout).q ? slices : 1;
+        j.first[i + 1] = j.first[i] + (int)((mm[i].W->rows + j.chunk[i] - 1) / j.chunk[i]) * j.slices[i];
     }
     lc_parallel_for(m->pool, j.first[n], mm_unit, &j);
 }

@@ -329,6 +329,22 @@ def test_smollm2_logits_match_reference(smollm, kernels):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("threads", [1, 8])
+def test_smollm2_long_prompt_matches_reference_at_any_thread_count(smollm, threads):
+    """300 tokens of chat in one chunk. On avx512amx, forward.c's matmuls cuts gemm_amx's
+    work into chunks of >= 512 rows and, at 8 threads (too few chunks), into token slices
+    of 96 (the last one 12): every cut against the reference."""
+    path, ref = smollm
+    with llamacpu.Model(path, n_ctx=512, n_threads=threads) as m:
+        ids = chat_ids(m, " ".join(CHAT_PROMPTS) * 8)[:300]
+        assert len(ids) == 300
+        cos = cosines(m.forward(ids, all_logits=True), ref.forward(ids))
+    print(f"\nSmolLM2 300 tokens, {threads} threads: cosine mean {cos.mean():.6f} min {cos.min():.6f}")
+    assert cos.mean() >= COS_MEAN
+    assert cos.min() >= COS_MIN
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", TABLES)
 @pytest.mark.parametrize("ftype", ["q4_k_m", "q5_k_m"])
 def test_smollm2_kquant_mixtures_match_reference_on_their_weights(smollm_gguf, tmp_path, ftype, kernels):
