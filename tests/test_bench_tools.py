@@ -1,4 +1,4 @@
-"""tools/bench_batched.py and tools/bench_serve.py: the parts that need neither llama.cpp nor a
+"""tools/bench_batched.py, bench_serve.py and bench_ab.py: the parts that need neither llama.cpp nor a
 server (our worker on a tiny model, the parsers, the statistics, the report)."""
 import json
 import subprocess
@@ -12,6 +12,7 @@ pytestmark = pytest.mark.slow   # the benchmark tools, not the package: the full
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 sys.path.insert(0, str(TOOLS))
 
+import bench_ab  # noqa: E402
 import bench_batched  # noqa: E402
 import bench_serve  # noqa: E402
 
@@ -284,3 +285,28 @@ def test_long_context_render_says_extrapolated():
     full = dict(row, fill=131072, kv_fill=4 * 2**30, peak_rss=5e9, fill_s=7200.0)
     body = bench_long_context.render(dict(ctx, rows=[full]))
     assert "extrapolated" not in body.split("|---")[1] and "| 5,000.0 MB | 120 min |" in body
+
+
+def test_bench_ab_alternates_two_builds(converted):
+    """Both builds this checkout: two rounds, a row per thread count, the ratio of the medians."""
+    path = str(converted("tiny64", "q4_0"))
+    root = TOOLS.parent
+    r = subprocess.run([sys.executable, str(TOOLS / "bench_ab.py"), str(root), str(root), path, "-t", "1,2",
+                        "-p", "16", "-r", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count(" A: ") == 4 and r.stderr.count(" B: ") == 4
+    rows = [x for x in r.stdout.splitlines() if x.startswith(f"| {Path(path).name} |")]
+    assert [x.split("|")[2].strip() for x in rows] == ["1", "2"]
+    for x in rows:
+        a, b, ratio = (float(v.strip().rstrip("×")) for v in x.split("|")[3:6])
+        assert ratio == pytest.approx(b / a, abs=2e-3)
+
+
+def test_bench_ab_table_takes_medians():
+    s = {("m.bin", 1, "A"): [100.0, 300.0, 200.0], ("m.bin", 1, "B"): [250.0, 240.0, 1000.0]}
+    assert bench_ab.table(s, ["m.bin"], [1], "pp512").splitlines()[-1] == "| m.bin | 1 | 200.0 | 250.0 | 1.250× |"
+
+
+def test_bench_ab_refuses_a_checkout_without_a_build(tmp_path):
+    with pytest.raises(SystemExit):
+        bench_ab.main([str(tmp_path), str(TOOLS.parent), "x.bin"])
