@@ -657,19 +657,24 @@ def our_env() -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
 
 
-def tensor_table(path: Path) -> dict:
-    """Tensor bytes by type and the decode bytes per token of a llamacpu or GGUF file."""
+def file_tensors(path: Path) -> tuple[list, str]:
+    """[(name, type name, shape, nbytes, absolute offset)] of a llamacpu or GGUF file's
+    tensors, and the name of its token embedding."""
     sys.path.insert(0, str(REPO))
     if path.suffix == ".gguf":
-        from llamacpu.gguf import GGUFFile
-        with GGUFFile(path) as g:
-            ts = [(t.name, t.type_name, t.shape, t.nbytes) for t in g.tensors.values()]
-        emb, out_name = "token_embd.weight", "output.weight"
+        from llamacpu.gguf import GGUFFile as opener
+        emb = "token_embd.weight"
     else:
-        from llamacpu.format import read_model
-        with read_model(path) as m:
-            ts = [(t.name, t.type_name, t.shape, t.nbytes) for t in m.tensors.values()]
-        emb, out_name = "tok_embeddings.weight", "output.weight"
+        from llamacpu.format import read_model as opener
+        emb = "tok_embeddings.weight"
+    with opener(path) as f:
+        return [(t.name, t.type_name, tuple(t.shape), t.nbytes, t.offset) for t in f.tensors.values()], emb
+
+
+def tensor_table(path: Path) -> dict:
+    """Tensor bytes by type and the decode bytes per token of a llamacpu or GGUF file."""
+    ts, emb = file_tensors(path)
+    out_name = "output.weight"
     by = {t[0]: t for t in ts}
     total = sum(t[3] for t in ts)
     e = by[emb]
@@ -677,7 +682,7 @@ def tensor_table(path: Path) -> dict:
     tied = out_name not in by
     per_token = total - (0 if tied else e[3]) + row
     types: dict[str, list] = {}
-    for name, tname, shape, nb in ts:
+    for name, tname, shape, nb, _ in ts:
         s = types.setdefault(tname, [0, 0])
         s[0] += 1
         s[1] += nb

@@ -29,14 +29,9 @@ MAGIC = b"llamacpu-packed-model 1\n"
 
 def tensor_spans(path: Path) -> list:
     """[(absolute offset, nbytes, shape)] of the file's tensors."""
-    sys.path.insert(0, str(REPO))
-    if path.suffix == ".gguf":
-        from llamacpu.gguf import GGUFFile
-        with GGUFFile(path) as g:
-            return [(t.offset, t.nbytes, tuple(t.shape)) for t in g.tensors.values()]
-    from llamacpu.format import read_model
-    with read_model(path) as m:
-        return [(t.offset, t.nbytes, tuple(t.shape)) for t in m.tensors.values()]
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_vs_llamacpp import file_tensors  # pack only
+    return [(off, nb, shape) for _name, _type, shape, nb, off in file_tensors(path)[0]]
 
 
 def period(nbytes: int, shape: tuple) -> int:
