@@ -310,3 +310,17 @@ def test_bench_ab_table_takes_medians():
 def test_bench_ab_refuses_a_checkout_without_a_build(tmp_path):
     with pytest.raises(SystemExit):
         bench_ab.main([str(tmp_path), str(TOOLS.parent), "x.bin"])
+
+
+def test_device_scaling_builds_are_the_tools_variants():
+    """tools/device_scaling.sh builds llama.cpp through bench_vs_llamacpp.build_llamacpp: every
+    variant it names has CMAKE_FLAGS, and the folders it copies are those builds'."""
+    import re
+    import bench_vs_llamacpp as bv
+    text = (TOOLS / "device_scaling.sh").read_text()
+    built = re.search(r"for v in \(([^)]*)\): b\.build_llamacpp", text).group(1)
+    variants = [v.strip(" '") for v in built.split(",")]
+    copied = re.search(r"for b in ([^;]*); do", text).group(1).split()
+    assert [c.split(":")[0] for c in copied] == variants
+    assert all(v in bv.CMAKE_FLAGS for v in variants)
+    assert not any(f.startswith("-DGGML_AMX") and f.endswith("=ON") for v in variants for f in bv.CMAKE_FLAGS[v])

@@ -122,6 +122,12 @@ CMAKE_FLAGS = {
     # the same ISA as llamacpu's x86 kernels: no AVX-512 even where the CPU has it
     "avx2": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
              "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX_VNNI=OFF"],
+    # AVX-512 (VBMI, VNNI, BF16) without AVX-VNNI or AMX: a Zen 4's ISA; tools/device_scaling.sh
+    # carries it beside native-noamx and avx2 for a CPU that lacks what the native build uses
+    "avx512": ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+               "-DGGML_BMI2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON",
+               "-DGGML_AVX512_BF16=ON", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+               "-DGGML_AMX_BF16=OFF"],
 }
 # llama.cpp 0.3.36's AMX matmuls die with SIGILL (tilezero) on AMX machines: the tile config
 # and the XTILEDATA permission are not set up in the worker threads (ggml-org/llama.cpp PR

@@ -8,8 +8,8 @@
 # q4_0,q4_k_m --build-only), the tool's native-noamx llama.cpp build, and PY312: a Python of the
 # device's version with numpy and cython (the extension is built for it here). It packs the four
 # model files with tools/pack_model.py (the rows repeat: a speed-only copy), and builds llama.cpp
-# twice more (AVX-512 without AVX-VNNI, AVX2 only) so that `run` can pick the build the device's
-# CPU can execute. Carry .devcarry and llamacpu/_core.cpython-312-x86_64-linux-gnu.so.
+# twice more (the tool's avx512 and avx2 builds: AVX-512 without AVX-VNNI, AVX2 only) so that
+# `run` can pick the build the device's CPU can execute. Carry .devcarry and llamacpu/_core.cpython-312-x86_64-linux-gnu.so.
 # run unpacks into $LLAMACPU_CACHE with empty stand-ins for the checkpoint and the bf16 GGUF
 # (bench_vs_llamacpp.py then finds every file made), and runs the tool with -t 1,2,4,8,16, writing
 # to $OUT; LIMIT (seconds, default 570) bounds the whole run, and a type that has no time left
@@ -21,9 +21,6 @@ D=$REPO/.devcarry
 BENCH=${LLAMACPU_CACHE:-$HOME/.cache/llamacpu}/bench
 SRC=${LLAMACPU_CACHE:-$HOME/.cache/llamacpu}/llama.cpp-0.3.36/llama_cpp_python-0.3.36/vendor/llama.cpp
 FILES="llamacpp-1b-q4_0.gguf llamacpp-1b-q4_k_m.gguf $(cd "$BENCH" 2>/dev/null && ls llamacpu-1b-q4_0-*.bin llamacpu-1b-q4_k_m-*.bin 2>/dev/null)"
-COMMON="-DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF
- -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
- -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF"
 
 prepare() {
   set -e
@@ -33,11 +30,10 @@ prepare() {
   cp "$BENCH/ckpt-1b/config.json" "$D/"
   python -c "import sys; sys.path.insert(0, '$REPO/tools'); import bench_vs_llamacpp as b; open('$D/bw.c', 'w').write(b.BW_C)"
   gcc -O2 -fopenmp -static "$D/bw.c" -o "$D/bw"   # static: the device may have another libgomp
-  cmake -S "$SRC" -B "$SRC/build-dev-zen4" $COMMON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON \
-    -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON > /dev/null
-  cmake -S "$SRC" -B "$SRC/build-dev-avx2" $COMMON -DGGML_AVX512=OFF > /dev/null
-  for b in native-noamx:noamx dev-zen4:zen4 dev-avx2:avx2; do
-    cmake --build "$SRC/build-${b%%:*}" --target llama-bench -j "$(nproc)" > /dev/null
+  # bench_vs_llamacpp.py's builds (its CMAKE_FLAGS), llama-bench only; each built once
+  python -c "import sys; sys.path.insert(0, '$REPO/tools'); import bench_vs_llamacpp as b
+for v in ('native-noamx', 'avx512', 'avx2'): b.build_llamacpp(v, ['llama-bench'])"
+  for b in native-noamx:noamx avx512:zen4 avx2:avx2; do
     mkdir -p "/tmp/device-llama/${b##*:}"
     cp -a "$SRC/build-${b%%:*}"/bin/{llama-bench,libllama-bench-impl.so,libllama-common.so*,libllama.so*,libggml*.so*} \
       "/tmp/device-llama/${b##*:}/"
