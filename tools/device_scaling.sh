@@ -5,11 +5,12 @@
 #   bash tools/device_scaling.sh run q4_0:3 q4_k_m:1   # there: TYPE:RUNS, one tool run each
 #
 # prepare needs this machine's bench cache (python tools/bench_vs_llamacpp.py --types
-# q4_0,q4_k_m --build-only), the tool's native-noamx llama.cpp build, and PY312: a Python of the
-# device's version with numpy and cython (the extension is built for it here). It packs the four
-# model files with tools/pack_model.py (the rows repeat: a speed-only copy), and builds llama.cpp
-# twice more (the tool's avx512 and avx2 builds: AVX-512 without AVX-VNNI, AVX2 only) so that
-# `run` can pick the build the device's CPU can execute. Carry .devcarry and llamacpu/_core.cpython-312-x86_64-linux-gnu.so.
+# q4_0,q4_k_m --build-only) and PY312: a Python of the device's version with numpy and cython
+# (the extension is built for it here: rerun prepare after a change to the C code). It packs the
+# four model files with tools/pack_model.py (the rows repeat: a speed-only copy) and takes
+# llama-bench from three of the tool's llama.cpp builds, building what is missing (native-noamx,
+# avx512: AVX-512 without AVX-VNNI, avx2), so that `run` can pick the widest the device's CPU
+# executes. Carry .devcarry and llamacpu/_core.cpython-312-x86_64-linux-gnu.so.
 # run unpacks into $LLAMACPU_CACHE with empty stand-ins for the checkpoint and the bf16 GGUF
 # (bench_vs_llamacpp.py then finds every file made), and runs the tool with -t 1,2,4,8,16, writing
 # to $OUT; LIMIT (seconds, default 570) bounds the whole run, and a type that has no time left
