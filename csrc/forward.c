@@ -260,7 +260,7 @@ typedef struct {
  * AMX chunks have at least LC_AMX_CHUNK_ROWS rows: gemm_amx_type brings each K-block
  * of the activations into L2 once per chunk and reuses it for every 32-row panel of
  * the chunk, so small chunks (16 threads cut a 2048-row matrix into single panels)
- * read the activations from L3 over and over (pp512 -28%, BENCHMARKS.md). Where that
+ * read the activations from L3 over and over (pp512 -22 to -24%, BENCHMARKS.md). Where that
  * leaves fewer than LC_AMX_UNITS units a thread, the tokens are cut into slices too
  * (multiples of 32, at least 64): a slice dequantizes its chunk's weights again but
  * reads only its own tokens. The sums are the same, bit for bit, however it is cut. */
