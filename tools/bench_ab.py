@@ -10,22 +10,16 @@ mean t/s. On a shared, noisy machine alternating keeps both builds under the sam
 the median of several rounds is the figure to quote (BENCHMARKS.md, "What we tried").
 """
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_vs_llamacpp as bv  # noqa: E402
+
 
 def bench(build: Path, path: str, threads: int, p: int, n: int) -> float:
-    env = dict(os.environ, PYTHONPATH=str(build))
-    cmd = [sys.executable, "-m", "llamacpu", "bench", path, "-p", str(p), "-n", str(n), "-t", str(threads),
-           "-r", "2", "--json"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"bench_ab: {' '.join(cmd)} (PYTHONPATH={build}) failed:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout)["results"][0]["avg_ts"]
+    return bv.run_ours(Path(path), p, n, threads, repo=build, reps=2)["by_threads"][(threads, f"pp{p}" if p else f"tg{n}")]
 
 
 def table(samples: dict, files, threads, test: str) -> str:

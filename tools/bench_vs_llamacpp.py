@@ -659,8 +659,8 @@ def _identical_tensors(our_file: str, gguf: str) -> tuple[int, int]:
     return same, total
 
 
-def our_env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+def our_env(repo: Path = REPO) -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH")) if p))
 
 
 def file_tensors(path: Path) -> tuple[list, str]:
@@ -748,10 +748,11 @@ def run_llama(bench: Path, gguf: Path, p: int, n: int, t, extra=()) -> dict:
             "foreign": m["foreign"], "meta": meta}
 
 
-def run_ours(model: Path, p: int, n: int, t, extra=()) -> dict:
-    """One `llamacpu bench` process (-r 1), as run_llama (t None: our default thread count)."""
+def run_ours(model: Path, p: int, n: int, t, extra=(), repo: Path = REPO, reps: int = 1) -> dict:
+    """One `llamacpu bench` process (-r reps), as run_llama (t None: our default thread count);
+    repo: the checkout whose build runs (tools/bench_ab.py's two)."""
     m = run_measured([sys.executable, "-m", "llamacpu", "bench", model, "-p", p, "-n", n,
-                      *(["-t", t] if t is not None else []), *extra, "-r", "1", "--json"], env=our_env(), cwd=REPO)
+                      *(["-t", t] if t is not None else []), *extra, "-r", reps, "--json"], env=our_env(repo), cwd=repo)
     if m["rc"] != 0:
         raise SystemExit(f"llamacpu bench failed ({m['rc']}):\n{m['err'][-3000:]}")
     r = json.loads(m["out"])
