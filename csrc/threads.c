@@ -104,6 +104,9 @@ static void *worker(void *arg) {
     struct worker_arg *a = arg;
     lc_pool *p = a->p;
     uint32_t seen = a->job;
+#ifdef __linux__
+    pthread_setname_np(pthread_self(), "llamacpu-work"); /* its name in top -H and /proc/PID/task/TID/comm */
+#endif
     for (;;) {
         SPIN_UNTIL(atomic_load(&p->job) != seen || atomic_load(&p->stop));
         if (atomic_load(&p->job) == seen && !atomic_load(&p->stop)) {
