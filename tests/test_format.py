@@ -597,6 +597,77 @@ def test_writer_failure_leaves_the_target_as_it_was(tmp_path):
     assert os.listdir(tmp_path) == ["m.lcpu"]
 
 
+# ----------------------------------------------------------------------------- the page cache, 2 MB pages
+
+def resident_pages(path) -> tuple[int, int]:
+    """(pages of `path` in the page cache, pages), by mincore(2) on a fresh mapping that
+    touches nothing."""
+    import ctypes
+    import mmap
+    import os
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size, page = os.path.getsize(path), mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value)
+        n = (size + page - 1) // page
+        vec = ctypes.create_string_buffer(n)
+        try:
+            assert libc.mincore(addr, size, vec) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw), n
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "posix_fadvise"), reason="no posix_fadvise here")
+def test_a_written_file_leaves_the_page_cache(tmp_path):
+    """ModelWriter syncs the file and drops it from the page cache, where writing left it
+    in small folios (4 KB pages in every mapping): the first load reads it back in folios
+    that can be mapped with 2 MB pages."""
+    import os
+    import subprocess
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
+    if fs in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is on {fs}: the file is its page cache")
+    big = copy.deepcopy(META)
+    big["config"]["vocab_size"] = 65536  # MBs of embedding
+    path = write(tmp_path / "m.lcpu", meta=big)
+    resident, pages = resident_pages(path)
+    assert pages > 256
+    assert resident <= pages // 4, f"{resident} of {pages} pages still cached after the write"
+    with read_model(path) as m:  # reading brings it back
+        for name in m.tensors:
+            m.array(name).view(np.uint8).sum()
+    assert resident_pages(path)[0] > pages // 2
+    # a plain file written the same way stays cached: the check above can fail
+    plain = tmp_path / "plain.bin"
+    with open(plain, "wb") as f:
+        f.write(os.urandom(pages * 4096))
+    assert resident_pages(plain)[0] > pages // 2
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_HUGEPAGE"), reason="no MADV_HUGEPAGE here")
+def test_read_model_asks_for_2mb_pages(tmp_path):
+    """The model's mapping carries MADV_HUGEPAGE ('hg' in /proc/self/smaps' VmFlags)."""
+    import os
+    path = write(tmp_path / "m.lcpu")
+    with read_model(path) as m:
+        m.array("norm.weight")
+        smaps = open("/proc/self/smaps").read().split("\n")
+    starts = [i for i, line in enumerate(smaps) if line.endswith(" " + os.fspath(path))]
+    assert starts, "the model file is not mapped"
+    flags = next(line for line in smaps[starts[-1]:] if line.startswith("VmFlags:"))
+    assert " hg" in flags, flags
+
+
 def test_chat_template_and_tokenizer_sizes_are_bounded(tmp_path):
     meta = copy.deepcopy(META)
     meta["chat_template"] = "x" * (fmt.MAX_CHAT_TEMPLATE_CHARS + 1)

@@ -53,9 +53,11 @@ the preset, e.g. llamacpp-3b-q4_k_m.gguf):
      `python -m llamacpu convert llamacpp-PRESET-TYPE.gguf OUT` (the import). Redone
      whenever the converter, the format or the C headers change, or the source file
      does (the file name carries their hash).
-  4. Read bandwidth: a small C program (OpenMP, AVX2 loads summing a 1 GiB buffer, 10
-     passes, best pass) for each thread count, before every round of runs and after the
-     last; the median sample is the one used for the bound.
+  4. Read bandwidth: a small C program (OpenMP, AVX2 loads summing a 1 GiB buffer of
+     2 MB pages, 10 passes, best pass) for each thread count, before every round of runs
+     and after the last; the median sample is the one used for the bound. Before the
+     runs, both engines' files are dropped from the page cache (uncache): each engine
+     reads its file from disk at its first run, as after a reboot.
   5. Runs alternate between the engines (the order flips every run), each run a fresh
      process: `llama-bench -m GGUF -p P -n N -t T -r 1 -o json` and
      `python -m llamacpu bench FILE -p P -n N -t T -r 1 --json`. Both do one warm-up per
@@ -168,13 +170,15 @@ COMMON_CMAKE_FLAGS = ["-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_
 
 BW_C = r"""
 /* Read bandwidth: each thread sums its slice of a buffer with 256-bit AVX2 loads.
-   usage: bw THREADS [MiB] [PASSES]; prints JSON; GB/s = 1e9 bytes/s, best pass. */
+   usage: bw THREADS [MiB] [PASSES]; prints JSON; GB/s = 1e9 bytes/s, best pass.
+   The buffer asks for 2 MB pages, as the engines' weights get them (Linux THP). */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 static double now(void) {
@@ -204,8 +208,11 @@ int main(int argc, char **argv) {
     int passes = argc > 3 ? atoi(argv[3]) : 10;
     size_t bytes = mib << 20, nvec = bytes / 32;
     if (nt < 1 || passes < 1 || nvec < 4) { fprintf(stderr, "bw: bad arguments\n"); return 2; }
-    __m256i *buf = aligned_alloc(4096, bytes);
-    if (!buf) { fprintf(stderr, "bw: cannot allocate %zu MiB\n", mib); return 1; }
+    __m256i *buf = NULL;
+    if (posix_memalign((void **)&buf, 2 << 20, bytes)) { fprintf(stderr, "bw: cannot allocate %zu MiB\n", mib); return 1; }
+#ifdef MADV_HUGEPAGE
+    madvise(buf, bytes, MADV_HUGEPAGE);
+#endif
     omp_set_num_threads(nt);
     volatile uint64_t sink = 0;
     /* first touch by the same static split that reads it */
@@ -337,6 +344,7 @@ def llamacpp_and_files(given, targets: list, exe_name: str, types: list, our_typ
     conv_py = None if bf16.exists() else convert_python(None)
     ggufs = ensure_llamacpp_files(ck, types, quantize, conv_py, "1b")
     ours = ensure_our_files(ck, our_types, ggufs, "1b", prune=False)
+    uncache([*ggufs.values(), *ours.values()])
     return exe, flags, ggufs, ours
 
 
@@ -699,6 +707,23 @@ def tensor_table(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- bandwidth
 
+def uncache(paths) -> None:
+    """Drop the engines' files from the page cache before the runs, so that each engine
+    reads its file from disk and maps it as after a reboot. A file llama-quantize or
+    `llamacpu convert` has just written sits there in small folios, which every mapping
+    maps with 4 KB pages; read back from disk, the kernel caches it in folios of up to
+    2 MB (Linux, large-folio filesystems), which a mapping can map with 2 MB pages where
+    its loader lets it: decode is ~15% faster on them (BENCHMARKS.md, session 15)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def bandwidth(threads, quiet_wait: float = 0, busy_threshold: float = 0.25) -> dict:
     exe = BENCH_DIR / "bw"
     csrc = BENCH_DIR / "bw.c"
@@ -895,9 +920,11 @@ def render(ctx: dict) -> str:
 
     # bandwidth
     L.append("Read bandwidth (tools/bench_vs_llamacpp.py's C program: OpenMP threads sum a 1 GiB "
-             "buffer with AVX2 loads, 10 passes, best pass; GB/s = 10^9 B/s), measured before each round of "
-             "runs and after the last; their median is used for the bound. The machine is a VM: its memory "
-             "bandwidth moves with the host's other tenants, which the busy-core check cannot see.")
+             "buffer of 2 MB pages with AVX2 loads, 10 passes, best pass; GB/s = 10^9 B/s), measured before "
+             "each round of runs and after the last; their median is used for the bound. The machine is a "
+             "VM: its memory bandwidth moves with the host's other tenants, which the busy-core check cannot "
+             "see. Before the runs both engines' files were dropped from the page cache, so each engine read "
+             "its file from disk at its first run and mapped it as its loader does after a reboot.")
     L.append("")
     L.append("| threads | " + " | ".join(f"#{i + 1}" for i in range(len(ctx["bw_samples"]))) + " | used |")
     L.append("|---:|" + "---:|" * (len(ctx["bw_samples"]) + 1))
@@ -1278,6 +1305,7 @@ def main(argv=None) -> int:
         for k, v in files.items():
             log(f"{k}: {v['name']} {fmt_mb(v['file_size'])}, {fmt_mb(v['bytes_per_token'])} per token")
         return 0
+    uncache([*ggufs.values(), *ours.values()])
 
     engine_before = engine_fingerprint()
 
