@@ -356,8 +356,8 @@ def write_model(path, meta: dict, tensors: Iterable) -> None:
 def _drop_cached(fd: int) -> None:
     """Drop a just-written (and synced) file from the page cache, where writing left it in
     small pieces: read back at the first load, the kernel caches it in large folios
-    that read_model's mapping can map with 2 MB pages (decode reads every weight once per
-    token: 4 KB pages cost it ~15%, BENCHMARKS.md session 15)."""
+    that read_model's mapping can map with 2 MB pages (decode, which reads every weight once
+    per token, is 4-7% faster on them than on 4 KB pages: BENCHMARKS.md, session 15)."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 

@@ -56,8 +56,8 @@ the preset, e.g. llamacpp-3b-q4_k_m.gguf):
   4. Read bandwidth: a small C program (OpenMP, AVX2 loads summing a 1 GiB buffer of
      2 MB pages, 10 passes, best pass) for each thread count, before every round of runs
      and after the last; the median sample is the one used for the bound. Before the
-     runs, both engines' files are dropped from the page cache (uncache): each engine
-     reads its file from disk at its first run, as after a reboot.
+     runs, both engines' files are dropped from the page cache and read back (recache),
+     so that each engine maps its file as after a reboot.
   5. Runs alternate between the engines (the order flips every run), each run a fresh
      process: `llama-bench -m GGUF -p P -n N -t T -r 1 -o json` and
      `python -m llamacpu bench FILE -p P -n N -t T -r 1 --json`. Both do one warm-up per
@@ -344,7 +344,7 @@ def llamacpp_and_files(given, targets: list, exe_name: str, types: list, our_typ
     conv_py = None if bf16.exists() else convert_python(None)
     ggufs = ensure_llamacpp_files(ck, types, quantize, conv_py, "1b")
     ours = ensure_our_files(ck, our_types, ggufs, "1b", prune=False)
-    uncache([*ggufs.values(), *ours.values()])
+    recache([*ggufs.values(), *ours.values()])
     return exe, flags, ggufs, ours
 
 
@@ -707,19 +707,21 @@ def tensor_table(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- bandwidth
 
-def uncache(paths) -> None:
-    """Drop the engines' files from the page cache before the runs, so that each engine
-    reads its file from disk and maps it as after a reboot. A file llama-quantize or
-    `llamacpu convert` has just written sits there in small folios, which every mapping
-    maps with 4 KB pages; read back from disk, the kernel caches it in folios of up to
-    2 MB (Linux, large-folio filesystems), which a mapping can map with 2 MB pages where
-    its loader lets it: decode is ~15% faster on them (BENCHMARKS.md, session 15)."""
+def recache(paths) -> None:
+    """Drop the engines' files from the page cache and read them back, before the runs: a
+    file llama-quantize or `llamacpu convert` has just written sits there in small folios,
+    which every mapping maps with 4 KB pages; read back from disk, the kernel caches it in
+    folios of up to 2 MB (Linux, large-folio filesystems), which each engine's mapping can
+    map with 2 MB pages, as after a reboot (decode is 4-7% faster on them, BENCHMARKS.md,
+    session 15). Reading them back here keeps the disk out of the first timed runs."""
     if not hasattr(os, "posix_fadvise"):
         return
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            while os.read(fd, 16 << 20):
+                pass
         finally:
             os.close(fd)
 
@@ -923,8 +925,8 @@ def render(ctx: dict) -> str:
              "buffer of 2 MB pages with AVX2 loads, 10 passes, best pass; GB/s = 10^9 B/s), measured before "
              "each round of runs and after the last; their median is used for the bound. The machine is a "
              "VM: its memory bandwidth moves with the host's other tenants, which the busy-core check cannot "
-             "see. Before the runs both engines' files were dropped from the page cache, so each engine read "
-             "its file from disk at its first run and mapped it as its loader does after a reboot.")
+             "see. Before the runs both engines' files were dropped from the page cache and read back, so "
+             "each engine mapped its file as after a reboot (in 2 MB pages where the kernel could).")
     L.append("")
     L.append("| threads | " + " | ".join(f"#{i + 1}" for i in range(len(ctx["bw_samples"]))) + " | used |")
     L.append("|---:|" + "---:|" * (len(ctx["bw_samples"]) + 1))
@@ -1305,7 +1307,7 @@ def main(argv=None) -> int:
         for k, v in files.items():
             log(f"{k}: {v['name']} {fmt_mb(v['file_size'])}, {fmt_mb(v['bytes_per_token'])} per token")
         return 0
-    uncache([*ggufs.values(), *ours.values()])
+    recache([*ggufs.values(), *ours.values()])
 
     engine_before = engine_fingerprint()
 
