@@ -359,7 +359,10 @@ def _drop_cached(fd: int) -> None:
     that read_model's mapping can map with 2 MB pages (decode, which reads every weight once
     per token, is 4-7% faster on them than on 4 KB pages: BENCHMARKS.md, session 15)."""
     if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:  # advice: never a reason to fail a conversion
+            pass
 
 
 # ----------------------------------------------------------------------------- reader
