@@ -281,6 +281,22 @@ static lc_gemm_q16a amx_i8_gemm(const lc_model *m, const lc_tensor *W) {
     return W->layout == LC_LAYOUT_X8 && i >= 0 ? m->k->gemm_amx_i8[i] : NULL;
 }
 
+/* The SIMD gemms run each group of 8 rows over every token of the call while the
+ * group's weights sit in L1; a chunk of 512 tokens, though, is 2 bytes per activation
+ * (block_q8a) times the width: 2 MB for a 2048-wide matrix, 8 MB for ffn_down, read
+ * again for every group of 8 rows from L3. The non-AMX matmuls therefore go in token
+ * blocks of about LC_X_BLOCK_BYTES of activations, which stay in L2 while the chunk's
+ * weights stream past them once per block. Blocks are multiples of 24 tokens, so the
+ * tables' token tiles (4, 6 or 8) fall where they fall without blocks: the sums are the
+ * same, bit for bit. */
+#ifndef LC_X_BLOCK_BYTES
+#define LC_X_BLOCK_BYTES (256 * 1024)
+#endif
+static int token_block(int64_t bytes_per_token) {
+    const int64_t n = LC_X_BLOCK_BYTES / bytes_per_token / 24 * 24;
+    return n < 24 ? 24 : n > (1 << 20) ? 1 << 20 : (int)n;
+}
+
 static void mm_unit(void *ctx, int ci, int thread) {
     const mm_job *j = ctx;
     const lc_model *m = j->m;
@@ -304,8 +320,16 @@ static void mm_unit(void *ctx, int ci, int thread) {
     }
     else if (g.q && m->amx_i8 && mm->xq16 && (gi = amx_i8_gemm(m, W)) != NULL)
         gi(W->data, W->cols, mm->xq16, j->nt, mm->Y, mm->ldy, r0, r1);
-    else if (g.q) g.q(W->data, W->cols, mm->xq, j->nt, mm->Y, mm->ldy, r0, r1);
-    else g.f(W->data, W->cols, mm->xf, j->nt, mm->Y, mm->ldy, r0, r1);
+    else {
+        const int64_t xrow = g.q ? W->cols / QK : W->cols; /* X's elements per token */
+        const int tb = token_block(g.q ? xrow * (int64_t)sizeof(block_q8a) : xrow * (int64_t)sizeof(float));
+        for (int t0 = 0; t0 < j->nt; t0 += tb) {
+            const int n = j->nt - t0 < tb ? j->nt - t0 : tb;
+            float *Y = mm->Y + (int64_t)t0 * mm->ldy;
+            if (g.q) g.q(W->data, W->cols, mm->xq + t0 * xrow, n, Y, mm->ldy, r0, r1);
+            else g.f(W->data, W->cols, mm->xf + t0 * xrow, n, Y, mm->ldy, r0, r1);
+        }
+    }
 }
 
 static void matmuls(lc_model *m, const lc_mm *mm, int n, int nt) {
