@@ -129,8 +129,11 @@ class ReferenceLlama:
             inv = inv / div
         self.inv_freq = inv
         # optional: kv_hook(q, k, v) -> (q, k, v) after RoPE, before the cache; out_hook(att
-        # [n, H, hd]) -> att before o_proj (tests of the quantized KV cache set them)
-        self.kv_hook = self.out_hook = None
+        # [n, H, hd]) -> att before o_proj (tests of the quantized KV cache set them);
+        # mm_hook(layer, name, x) -> x, the input of matmul `name` (wq wk wv wo wg wu wd of
+        # `layer`, or head with layer None) as an engine's 8-bit arithmetic rounds it
+        # (tools/ppl_rounding.py)
+        self.kv_hook = self.out_hook = self.mm_hook = None
 
         D, H, KV, hd, F = self.dim, self.n_heads, self.n_kv, self.head_dim, self.ffn
 
@@ -184,12 +187,15 @@ class ReferenceLlama:
         allowed = np.arange(t_total)[None, :] <= pos[:, None]             # [n, t_total]
         scale = 1.0 / math.sqrt(hd)
 
+        def mm(x, li, name, w):
+            return (x if self.mm_hook is None else self.mm_hook(li, name, x)) @ w.T
+
         x = self.embed[tokens].copy()
         for li, L in enumerate(self.layers):
             h = rms_norm(x, L["attn_norm"], self.eps)
-            q = (h @ L["wq"].T).reshape(n, H, hd)
-            k = (h @ L["wk"].T).reshape(n, KV, hd)
-            v = (h @ L["wv"].T).reshape(n, KV, hd)
+            q = mm(h, li, "wq", L["wq"]).reshape(n, H, hd)
+            k = mm(h, li, "wk", L["wk"]).reshape(n, KV, hd)
+            v = mm(h, li, "wv", L["wv"]).reshape(n, KV, hd)
             q = apply_rope(q, pos, self.inv_freq, self.pairing)
             k = apply_rope(k, pos, self.inv_freq, self.pairing)
             if self.kv_hook is not None:   # e.g. a quantized KV cache: (q, k, v) as attention sees them
@@ -207,12 +213,12 @@ class ReferenceLlama:
             if self.out_hook is not None:
                 att = self.out_hook(att)
             att = att.reshape(n, H * hd)
-            x = x + att @ L["wo"].T
+            x = x + mm(att, li, "wo", L["wo"])
             h = rms_norm(x, L["ffn_norm"], self.eps)
-            x = x + (silu(h @ L["wg"].T) * (h @ L["wu"].T)) @ L["wd"].T
+            x = x + mm(silu(mm(h, li, "wg", L["wg"])) * mm(h, li, "wu", L["wu"]), li, "wd", L["wd"])
         cache.length = t_total
         x = rms_norm(x, self.norm, self.eps)
-        return x @ self.head.T
+        return mm(x, None, "head", self.head)
 
     def forward(self, tokens) -> np.ndarray:
         """Logits [n, vocab] for a fresh sequence at positions 0 .. n-1."""

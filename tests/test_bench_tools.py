@@ -1,11 +1,15 @@
-"""tools/bench_batched.py, bench_serve.py and bench_ab.py: the parts that need neither llama.cpp nor a
-server (our worker on a tiny model, the parsers, the statistics, the report)."""
+"""tools/bench_batched.py, bench_serve.py, bench_ab.py and ppl_rounding.py: the parts that need
+neither llama.cpp nor a server (our worker on a tiny model, the parsers, the statistics, the
+report, the models of each engine's 8-bit activations)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from llamacpu import _core
 
 pytestmark = pytest.mark.slow   # the benchmark tools, not the package: the full run's
 
@@ -15,6 +19,7 @@ sys.path.insert(0, str(TOOLS))
 import bench_ab  # noqa: E402
 import bench_batched  # noqa: E402
 import bench_serve  # noqa: E402
+import ppl_rounding  # noqa: E402
 
 
 def test_worker_rows_have_llama_batched_bench_fields(converted):
@@ -324,3 +329,47 @@ def test_device_scaling_builds_are_the_tools_variants():
     assert [c.split(":")[0] for c in copied] == variants
     assert all(v in bv.CMAKE_FLAGS for v in variants)
     assert not any(f.startswith("-DGGML_AMX") and f.endswith("=ON") for v in variants for f in bv.CMAKE_FLAGS[v])
+
+
+def _heavy_tailed(n, seed):
+    """Activations with a few massive channels, as SmolLM2's are."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(n) * np.exp(2 * rng.standard_normal(n))).astype(np.float32)
+
+
+@pytest.mark.parametrize("impl", _core.available_kernels())
+def test_ppl_rounding_models_the_engines_q8a(impl):
+    """tools/ppl_rounding.py's model of llamacpu's 8-bit activations is the engine's, value for value."""
+    x = _heavy_tailed(8192, 1)
+    x[:32] = 0                                     # an all-zero block
+    q = _core.quantize_act(x, impl)
+    groups = (np.arange(32) % 16) // 4
+    engine = (q["qs"].astype(np.float32) * q["d"][:, groups]).reshape(-1)
+    assert np.array_equal(ppl_rounding.q8a(x[None])[0], engine)
+
+
+def test_ppl_rounding_models_ggmls_q8_0():
+    """ggml's Q8_0 activations against the gguf package's reference quantizer (roundf of x / d,
+    where ggml's AVX2 build rounds x * 127 / max to even): the same values but for a rare tie."""
+    from gguf import GGMLQuantizationType as GT, quants
+    x = _heavy_tailed(32 * 1024, 2).reshape(4, -1)
+    ref = quants.dequantize(quants.quantize(x, GT.Q8_0), GT.Q8_0)
+    ours = ppl_rounding.ggml_q8_0(x)
+    step = np.repeat(np.abs(x.reshape(4, -1, 32)).max(axis=2) / 127, 32, axis=1)
+    assert np.mean(ours != ref) < 1e-3
+    assert np.all(np.abs(ours - ref) <= step * 1.01)
+
+
+def test_ppl_rounding_models_ggmls_q8_k():
+    """ggml's Q8_K (quantize_row_q8_K_ref): per 256, the element of largest magnitude becomes
+    -127 steps of d = -max / 127, every element lies within half a step."""
+    x = _heavy_tailed(256 * 64, 3).reshape(2, -1)
+    x[0, :256] = 0
+    y = ppl_rounding.ggml_q8_k(x)
+    b, yb = x.reshape(2, -1, 256), y.reshape(2, -1, 256)
+    i = np.abs(b).argmax(axis=2)[..., None]
+    mx = np.take_along_axis(b, i, axis=2)
+    assert np.allclose(np.take_along_axis(yb, i, axis=2), mx, rtol=1e-6)
+    d = np.abs(mx) / 127
+    assert np.all(np.abs(yb - b) <= d / 2 * (1 + 1e-5) + 1e-30)
+    assert not y[0, :256].any()
