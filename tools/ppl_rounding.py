@@ -4,7 +4,7 @@
 rounded to 8 bits as each engine rounds it; writes its part of docs/QUALITY.md.
 
     python tools/ppl_rounding.py                     # SmolLM2's Q4_K_M, Q5_K_M, Q6_K files
-    python tools/ppl_rounding.py --types q6_k --chunks 4   # a smoke test: prints, writes no file
+    python tools/ppl_rounding.py --types q6_k --chunks 4   # a smoke test: prints only (--out FILE: writes)
 
 The files are tools/quality_vs_llamacpp.py's (llama-quantize'd from an F16 GGUF of
 SmolLM2-135M-Instruct; llamacpu imports the same GGUF), the text and the method too
@@ -24,9 +24,11 @@ SmolLM2-135M-Instruct; llamacpu imports the same GGUF), the text and the method 
                     even, and wv's input to about 16 bits (a second q8a pass over the rounding
                     error); F16 and F32 weights see float inputs
 
-Nothing else of either engine's arithmetic is modelled (summation order, the KV cache in
-F16, the attention's precision): if the NumPy figure with an engine's rounding lands on
-that engine's figure, the rounding of the activations is what separates the two engines.
+Both rounded modes keep K and V in F16 (the engines' default KV cache) and ggml's also Q
+(its flash attention's F16 dot products). Nothing else of either engine's arithmetic is
+modelled (summation order, ggml's F16 accumulation of V): if the NumPy figure with an
+engine's rounding lands on that engine's figure, the rounding of the activations is what
+separates the two engines.
 The generated part of docs/QUALITY.md lies between <!-- rounding:begin --> and
 <!-- rounding:end -->.
 """
@@ -96,6 +98,10 @@ def q8a(x):
     return (np.rint(b * _safe_div(1, d)) * d).reshape(n, cols)
 
 
+def f16(x):
+    return x.astype(np.float16).astype(np.float32)
+
+
 def hook(mode: str, types: dict):
     """The reference's mm_hook for `mode`; types: (layer, name) -> GGML type id."""
     if mode == "float":
@@ -106,7 +112,7 @@ def hook(mode: str, types: dict):
         if act is None:
             return x
         if act == "f16":
-            return x.astype(np.float16).astype(np.float32)
+            return f16(x)
         return ggml_q8_k(x) if act == "q8_k" else ggml_q8_0(x)
 
     def ours(layer, name, x):
@@ -139,6 +145,8 @@ class NumpyModel:
         if unknown:
             raise SystemExit(f"{gguf.name}: GGML types {sorted(unknown)} have no rounding here")
         self.ref.mm_hook = hook(mode, types)
+        if mode != "float":  # both engines' F16 KV cache; ggml's flash attention takes Q in F16 too
+            self.ref.kv_hook = lambda q, k, v: (f16(q) if mode == "ggml" else q, f16(k), f16(v))
         self.metadata, self.n_ctx, self.path = meta, n_ctx, str(gguf)
         self.cache = None
 
@@ -206,7 +214,7 @@ def main(argv=None) -> int:
                     help=f"files of tools/quality_vs_llamacpp.py (default {','.join(qv.KQUANT_TYPES)})")
     ap.add_argument("-c", "--ctx-size", type=int, default=512, help="n_ctx (default 512)")
     ap.add_argument("-t", "--threads", type=int, default=2, help="threads of both engines (default 2)")
-    ap.add_argument("--chunks", type=int, default=None, help="only the first N chunks (prints, writes no file)")
+    ap.add_argument("--chunks", type=int, default=None, help="only the first N chunks (prints; writes no file unless --out)")
     ap.add_argument("--out", type=Path, default=None, help="file to write (default docs/QUALITY.md; none with --chunks)")
     args = ap.parse_args(argv)
     types = [x.strip().lower() for x in args.types.split(",") if x.strip()]
