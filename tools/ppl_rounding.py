@@ -200,11 +200,8 @@ def render(ctx: dict) -> str:
 
 
 def write_doc(path: Path, body: str) -> None:
-    text = path.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers")
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(head + BEGIN + "\n" + body + END + rest.split(END, 1)[1])
+    bv.write_marked(path, BEGIN, END, body.rstrip("\n"), lambda block: block + "\n")
+    bv.log(f"wrote {path}")
 
 
 def main(argv=None) -> int:
