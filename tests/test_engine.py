@@ -36,6 +36,12 @@ COS_MIN = 0.997
 # cosine of 0.996-0.999 there depending on which inputs are rounded; the engine's tables
 # give 0.996-0.999 (scalar, avx2 and avx512vnni differ by summation order only).
 COS_MIN_SMOL_KQUANT = 0.995
+# 300 tokens of SmolLM2 chat in one chunk on a table whose prefill rounds every matmul input
+# to 8 bits (q8a: every table but avx512amx, whose prefill takes bf16 hi + lo terms): the
+# mean stays at 0.9998, and a few positions move with the rounding, as above. avx2 on a
+# Zen 3 (session 17): min 0.99592 at 1 thread, 0.99411 at 8, the same before and after
+# that session's token blocks (the CI runs of sessions 9-16 had AMX).
+COS_MIN_LONG_Q8A = 0.99
 PREFILL_REL = 1e-5
 SMALL_STEP = 8  # tokens per forward step in the tests of small steps (batched decode's sizes)
 GREEDY_TIE_GAP = 0.25  # logits: a greedy choice between two tokens this close is a coin toss
@@ -339,9 +345,10 @@ def test_smollm2_long_prompt_matches_reference_at_any_thread_count(smollm, threa
         ids = chat_ids(m, " ".join(CHAT_PROMPTS) * 8)[:300]
         assert len(ids) == 300
         cos = cosines(m.forward(ids, all_logits=True), ref.forward(ids))
+        cos_min = COS_MIN if m.kernels == "avx512amx" else COS_MIN_LONG_Q8A
     print(f"\nSmolLM2 300 tokens, {threads} threads: cosine mean {cos.mean():.6f} min {cos.min():.6f}")
     assert cos.mean() >= COS_MEAN
-    assert cos.min() >= COS_MIN
+    assert cos.min() >= cos_min
 
 
 @pytest.mark.slow
