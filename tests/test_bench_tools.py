@@ -1,7 +1,9 @@
-"""tools/bench_batched.py, bench_serve.py, bench_ab.py and ppl_rounding.py: the parts that need
+"""tools/bench_batched.py, bench_serve.py, bench_ab.py, ppl_rounding.py and x86_op_costs.c: the parts that need
 neither llama.cpp nor a server (our worker on a tiny model, the parsers, the statistics, the
 report, the models of each engine's 8-bit activations)."""
 import json
+import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -373,3 +375,23 @@ def test_ppl_rounding_models_ggmls_q8_k():
     d = np.abs(mx) / 127
     assert np.all(np.abs(yb - b) <= d / 2 * (1 + 1e-5) + 1e-30)
     assert not y[0, :256].any()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("cc") is None,
+                    reason="an x86-64 C compiler")
+def test_x86_op_costs_prints_a_ratio_per_loop(tmp_path):
+    exe = tmp_path / "x86_op_costs"
+    subprocess.run(["cc", "-O2", "-Wall", "-Werror", str(TOOLS / "x86_op_costs.c"), "-o", str(exe)], check=True)
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()
+    assert out[0].split()[:2] == ["loop", "body"]
+    rows = [line.rsplit(None, 3) for line in out[1:]]
+    names = [r[0] for r in rows]
+    assert names[:2] == ["6 vpmaddubsw", "+ 6 vpaddw"] and len(rows) == 13
+    ns = [float(r[1]) for r in rows]
+    ratios = [float(r[3]) for r in rows]
+    assert ratios[0] == 1.0 and all(n > 0 for n in ns)
+    assert ratios == pytest.approx([n / ns[0] for n in ns], abs=0.006)   # printed to 2 decimals
+    # 6 more multiplies can never be free beside 6 (x86 cores run at most 2 per cycle), and
+    # 3 whole groups hold those 9 multiplies and more
+    mul9 = ratios[names.index("+ 6 vpmaddwd (3 multiplies per group)")]
+    assert mul9 > 1.3 and ratios[names.index("3 q8a groups (6 vpmaddubsw, 3 vpmaddwd, ...)")] > 1.3
