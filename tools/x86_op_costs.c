@@ -10,9 +10,9 @@
  * as the ratio to the multiplies alone: 1.00 when the added instructions run on ports
  * the multiplies leave free. The last three lines are whole groups of a tile (all but
  * the unpacking of the weights), as tile_k does them and as two alternatives would: the
- * most a tile can do on this core (divide by the number of groups). Each loop is the best of 20 timings of 5e6 iterations, the
- * loops alternating (the machines here are shared and noisy); registers only, except
- * the loads and broadcasts (one L1 line). */
+ * most a tile can do on this core (divide by the number of groups). Each loop is the
+ * best of 20 timings of 5e6 iterations, the loops alternating (the machines here are
+ * shared and noisy); registers only, except the loads and broadcasts (one L1 line). */
 #include <stdio.h>
 #include <time.h>
 
@@ -46,7 +46,7 @@ static int mem[32] __attribute__((aligned(64)));
              "vmovdqa 32(%0), %%ymm9\n vmovdqa (%0), %%ymm10\n vmovdqa 32(%0), %%ymm11\n"
 /* one q8a group of a tile (tile_k, one token): the activation's two 4-byte broadcasts and
  * its scale, 2 vpmaddubsw, vpaddw, vpmaddwd by the weights' scales, conversion, FMA; three
- * of them (registers 0-2, 3-5, 6-11) */
+ * of them (integer registers a, b: 0-5; scale c and sum d: 6-11) */
 #define GROUP(a, b, c, d, m)                                                                     \
     "vpbroadcastd " m "(%0), %%ymm" a "\n vpbroadcastd " m "+4(%0), %%ymm" b "\n"                \
     "vpmaddubsw %%ymm" a ", %%ymm14, %%ymm" a "\n vpmaddubsw %%ymm" b ", %%ymm15, %%ymm" b "\n" \
