@@ -47,18 +47,18 @@ static int mem[32] __attribute__((aligned(64)));
 /* one q8a group of a tile (tile_k, one token): the activation's two 4-byte broadcasts and
  * its scale, 2 vpmaddubsw, vpaddw, vpmaddwd by the weights' scales, conversion, FMA; three
  * of them (integer registers a, b: 0-5; scale c and sum d: 6-11) */
-#define GROUP(a, b, c, d, m)                                                                     \
-    "vpbroadcastd " m "(%0), %%ymm" a "\n vpbroadcastd " m "+4(%0), %%ymm" b "\n"                \
-    "vpmaddubsw %%ymm" a ", %%ymm14, %%ymm" a "\n vpmaddubsw %%ymm" b ", %%ymm15, %%ymm" b "\n" \
-    "vpaddw %%ymm" a ", %%ymm" b ", %%ymm" a "\n vpmaddwd %%ymm12, %%ymm" a ", %%ymm" a "\n"     \
-    "vcvtdq2ps %%ymm" a ", %%ymm" a "\n vbroadcastss " m "+8(%0), %%ymm" c "\n"                 \
-    "vmovaps %%ymm13, %%ymm" d "\n vfmadd231ps %%ymm" a ", %%ymm" c ", %%ymm" d "\n"
+#define BCAST3(a, b, c, m) \
+    "vpbroadcastd " m "(%0), %%ymm" a "\n vpbroadcastd " m "+4(%0), %%ymm" b "\n vbroadcastss " m "+8(%0), %%ymm" c "\n"
+/* a group's arithmetic: activations a, b against weights wa, wb into x (y: scratch), then
+ * vpmaddwd, conversion, and the FMA by the scale c into s (a copy of ymm13) */
+#define DOT(a, b, x, y, wa, wb, c, s)                                                              \
+    "vpmaddubsw %%ymm" a ", %%ymm" wa ", %%ymm" x "\n vpmaddubsw %%ymm" b ", %%ymm" wb ", %%ymm" y "\n" \
+    "vpaddw %%ymm" x ", %%ymm" y ", %%ymm" x "\n vpmaddwd %%ymm12, %%ymm" x ", %%ymm" x "\n"            \
+    "vcvtdq2ps %%ymm" x ", %%ymm" x "\n vmovaps %%ymm13, %%ymm" s "\n vfmadd231ps %%ymm" x ", %%ymm" c ", %%ymm" s "\n"
+#define GROUP(a, b, c, d, m) BCAST3(a, b, c, m) DOT(a, b, a, b, "14", "15", c, d)
 #define GROUPS3 GROUP("0", "1", "6", "7", "0") GROUP("2", "3", "8", "9", "16") GROUP("4", "5", "10", "11", "32")
 /* the same groups in pairs of row groups (one activation broadcast for 16 rows): 4 groups */
-#define PAIR(a, b, c, d, e, f, m) \
-    "vpbroadcastd " m "(%0), %%ymm" a "\n vpbroadcastd " m "+4(%0), %%ymm" b "\n vbroadcastss " m "+8(%0), %%ymm" c "\n" \
-    "vpmaddubsw %%ymm" a ", %%ymm14, %%ymm" d "\n vpmaddubsw %%ymm" b ", %%ymm15, %%ymm" e "\n vpaddw %%ymm" d ", %%ymm" e ", %%ymm" d "\n vpmaddwd %%ymm12, %%ymm" d ", %%ymm" d "\n vcvtdq2ps %%ymm" d ", %%ymm" d "\n vmovaps %%ymm13, %%ymm" f "\n vfmadd231ps %%ymm" d ", %%ymm" c ", %%ymm" f "\n" \
-    "vpmaddubsw %%ymm" a ", %%ymm15, %%ymm" a "\n vpmaddubsw %%ymm" b ", %%ymm14, %%ymm" b "\n vpaddw %%ymm" a ", %%ymm" b ", %%ymm" a "\n vpmaddwd %%ymm12, %%ymm" a ", %%ymm" a "\n vcvtdq2ps %%ymm" a ", %%ymm" a "\n vmovaps %%ymm13, %%ymm" e "\n vfmadd231ps %%ymm" a ", %%ymm" c ", %%ymm" e "\n"
+#define PAIR(a, b, c, d, e, f, m) BCAST3(a, b, c, m) DOT(a, b, d, e, "14", "15", c, f) DOT(a, b, a, b, "15", "14", c, e)
 #define PAIRS3 PAIR("0","1","2","3","4","5","0") PAIR("6","7","8","9","10","11","16")
 /* with one activation scale per 32 (not q8a): a group's 2 vpmaddubsw summed in 16 bits
  * (vpaddw) over the 4 groups of a block, then one vpmaddwd, conversion and FMA per block;
