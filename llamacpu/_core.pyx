@@ -362,20 +362,21 @@ cdef lc_tensor _tensor(spec) except *:
     return t  # lc_model_new checks that the kernels have (type, layout)
 
 
-cdef lc_config _config(dict cfg, int n_ctx, int n_seq, int n_batch, int n_threads, int type_k, int type_v):
+cdef lc_config _config(cfg, int n_ctx, int n_seq, int n_batch, int n_threads, int type_k, int type_v):
+    """cfg: a format.ModelConfig"""
     cdef lc_config c
-    c.vocab_size = cfg["vocab_size"]; c.dim = cfg["dim"]; c.hidden_dim = cfg["hidden_dim"]
-    c.n_layers = cfg["n_layers"]; c.n_heads = cfg["n_heads"]; c.n_kv_heads = cfg["n_kv_heads"]
-    c.head_dim = cfg["head_dim"]; c.norm_eps = cfg["norm_eps"]
+    c.vocab_size = cfg.vocab_size; c.dim = cfg.hidden_size; c.hidden_dim = cfg.intermediate_size
+    c.n_layers = cfg.num_hidden_layers; c.n_heads = cfg.num_attention_heads; c.n_kv_heads = cfg.num_key_value_heads
+    c.head_dim = cfg.head_dim; c.norm_eps = cfg.rms_norm_eps
     c.n_ctx = n_ctx; c.n_seq = n_seq; c.n_batch = n_batch; c.n_threads = n_threads
     c.type_k = type_k; c.type_v = type_v
     return c
 
 
-def model_bytes(dict cfg, int n_ctx, int n_seq, int n_batch, int n_threads, kernels=None, int type_k=LC_TYPE_F16,
+def model_bytes(cfg, int n_ctx, int n_seq, int n_batch, int n_threads, kernels=None, int type_k=LC_TYPE_F16,
                 int type_v=LC_TYPE_F16):
     """(bytes Engine(...) allocates with these settings, bytes per extra thread):
-    lc_model_bytes, the same sums lc_model_new allocates. type_k, type_v: the KV cache's
+    lc_model_bytes, the same sums lc_model_new allocates. cfg: a format.ModelConfig; type_k, type_v: the KV cache's
     types (F16, Q8_0, Q4_0)."""
     cdef lc_config c = _config(cfg, n_ctx, n_seq, n_batch, n_threads, type_k, type_v)
     cdef int64_t per_thread = 0
@@ -392,12 +393,12 @@ cdef class Engine:
     cdef readonly object keepalive
     cdef readonly int vocab_size, n_ctx, n_seq, n_threads
 
-    def __cinit__(self, dict cfg, dict tensors, layers, inv_freq, int n_ctx, int n_batch, int n_threads,
+    def __cinit__(self, cfg, dict tensors, layers, inv_freq, int n_ctx, int n_batch, int n_threads,
                   kernels=None, keepalive=None, int n_seq=1, int type_k=LC_TYPE_F16, int type_v=LC_TYPE_F16):
         cdef lc_config c = _config(cfg, n_ctx, n_seq, n_batch, n_threads, type_k, type_v)
         cdef lc_weights w
         cdef char err[256]
-        cdef int i, nl = cfg["n_layers"]
+        cdef int i, nl = cfg.num_hidden_layers
         cdef const lc_kernels *k = _kernels(kernels)
         cdef cnp.ndarray[cnp.float32_t, ndim=1, mode="c"] f = np.ascontiguousarray(inv_freq, dtype=np.float32)
         if len(layers) != nl:

@@ -117,7 +117,7 @@ def _check_counts(n_prompt: int, n_gen: int, repetitions: int, loads: int) -> No
 
 def _check_context(desc: dict, n: int, depth: int = 0) -> None:
     """The context given to the model is depth + -p + -n (as llama-bench does): it must fit."""
-    max_pos = desc["config"]["max_position_embeddings"]
+    max_pos = desc["config"].max_position_embeddings
     if depth + n > max_pos:
         what = f"-d {depth} + -p + -n = {depth + n}" if depth else f"-p + -n = {n}"
         raise ValueError(f"{what} tokens do not fit the model's context of {max_pos}")
@@ -130,7 +130,7 @@ def _describe(path) -> dict:
     with read_model(path) as f:
         tensors = list(f.tensors.values())
         prov = f.meta.get("provenance") or {}
-        cfg = dict(f.config)
+        cfg = f.config
         st = dict(f.meta.get("special_tokens") or {})
         file_size = f.file_size
     n_params = sum(math.prod(t.shape) for t in tensors)
@@ -291,16 +291,14 @@ def run_bench(path, n_prompt: int = 512, n_gen: int = 128, threads=(1,), repetit
     }
 
 
-def _kv_bytes(cfg: dict, n_ctx: int, cache_type_k: str = "f16", cache_type_v: str = "f16") -> int:
+def _kv_bytes(cfg, n_ctx: int, cache_type_k: str = "f16", cache_type_v: str = "f16") -> int:
+    """Bytes of the KV cache of n_ctx positions (cfg: format.ModelConfig)."""
     from . import _core
     from .cache_types import cache_type
 
-    try:
-        hd = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
-        row = _core.row_bytes(cache_type(cache_type_k), hd) + _core.row_bytes(cache_type(cache_type_v), hd)
-        return row * n_ctx * int(cfg["num_hidden_layers"]) * int(cfg["num_key_value_heads"])
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
-        return 0
+    hd = cfg.head_dim
+    row = _core.row_bytes(cache_type(cache_type_k), hd) + _core.row_bytes(cache_type(cache_type_v), hd)
+    return row * n_ctx * cfg.num_hidden_layers * cfg.num_key_value_heads
 
 
 def _cpu_name() -> str:

@@ -97,7 +97,7 @@ def model_summary(m, top: int = 5) -> dict:
         "path": str(m.path),
         "file_size": m.file_size,
         "parameters": n_params,
-        "config": m.config,
+        "config": m.config.to_dict(),
         "tensors": len(m.tensors),
         "types": by_type,
         "largest": [{"name": t.name, "type": TYPE_NAMES[t.type], "shape": list(t.shape),

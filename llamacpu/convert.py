@@ -48,7 +48,7 @@ DEFAULT_HF_TYPE = "q4_0"
 
 # ----------------------------------------------------------------------------- policy
 
-def tensor_type(name: str, src_type: int, target: str | None, config: dict,
+def tensor_type(name: str, src_type: int, target: str | None, config: fmt.ModelConfig,
                 source_format: str, cols: int = 0, rows: int = 0, head_type: str | None = None,
                 mix: dict | None = None) -> int:
     """The output type of one tensor (docs/FORMAT.md, "Type policy"). With a K-quant
@@ -216,7 +216,7 @@ def convert(src, out, type: str | None = None, progress=True, overwrite: bool = 
                      for s in plan.tensors}
         meta = {
             "format_version": fmt.FORMAT_VERSION,
-            "config": plan.config,
+            "config": plan.config.to_dict(),
             # as text: JSON-parsing a 9 MB object costs 0.12 s at every load, a string 0.04 s
             "tokenizer": json.dumps(plan.tokenizer, ensure_ascii=False, separators=(",", ":")),
             "chat_template": plan.chat_template,

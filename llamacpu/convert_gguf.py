@@ -18,7 +18,7 @@ import numpy as np
 from .convert_source import (BF16, Plan, SourceTensor, checked_config, drop_pages, map_name,
                              ordered_tensors, tokenizer_within_vocab)
 from .errors import ModelFormatError
-from .format import TYPE_NAMES
+from .format import TYPE_NAMES, ModelConfig
 from .gguf import GGML_TYPE_NAMES, GGUFFile
 from .gguf_tokenizer import tokenizer_from_gguf
 
@@ -70,7 +70,7 @@ def internal_name(gguf_name: str, n_layers: int):
 
 # ----------------------------------------------------------------------------- plan
 
-def _gguf_config(g, where: str) -> dict:
+def _gguf_config(g, where: str) -> ModelConfig:
     kv = g.kv
     arch = kv.get("general.architecture")
     if not isinstance(arch, str) or arch != "llama":  # (an array value would make != ambiguous)
@@ -136,7 +136,7 @@ def _gguf_config(g, where: str) -> dict:
 def plan_gguf(src: Path) -> Plan:
     where = str(src)
     g = GGUFFile(src)
-    plan = Plan("gguf", src, [src], {}, {}, None, {}, {}, [], closers=[g.close])
+    plan = Plan("gguf", src, [src], None, {}, None, {}, {}, [], closers=[g.close])
     try:
         _check_types(g, where)
         config = _gguf_config(g, where)
@@ -146,8 +146,8 @@ def plan_gguf(src: Path) -> Plan:
             tokenizer = json.loads(tk["tokenizer_json"])
         except (ValueError, RecursionError) as e:
             raise ModelFormatError(f"{where}: rebuilt tokenizer is not JSON ({e})") from None
-        tokenizer = tokenizer_within_vocab(tokenizer, config["vocab_size"], where)
-        vocab = config["vocab_size"]
+        tokenizer = tokenizer_within_vocab(tokenizer, config.vocab_size, where)
+        vocab = config.vocab_size
 
         def in_vocab(i):
             if isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < vocab:
@@ -171,7 +171,7 @@ def plan_gguf(src: Path) -> Plan:
 
         sources = {}
         for t in g.tensors.values():
-            name = internal_name(t.name, config["num_hidden_layers"])
+            name = internal_name(t.name, config.num_hidden_layers)
             if name is None:
                 raise ModelFormatError(f"{where}: unexpected tensor {t.name!r}")
             sources[name] = _gguf_source(t, name, g.mmap)

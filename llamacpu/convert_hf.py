@@ -22,7 +22,7 @@ from . import format as fmt
 from .convert_source import (BF16, Plan, SourceTensor, checked_config, drop_pages, map_name,
                              ordered_tensors, tokenizer_within_vocab)
 from .errors import ModelFormatError
-from .format import F16, F32
+from .format import F16, F32, ModelConfig
 
 # ----------------------------------------------------------------------------- name map
 
@@ -200,7 +200,7 @@ def _normalize_rope_scaling(rs, where: str):
     return out
 
 
-def _hf_config(c: dict, where: str) -> dict:
+def _hf_config(c: dict, where: str) -> ModelConfig:
     if not isinstance(c, dict):
         raise ModelFormatError(f"{where}: config.json is not an object")
     if c.get("model_type") != "llama":
@@ -261,7 +261,7 @@ def plan_hf(src: Path) -> Plan:
     raw_cfg = _read_json(src / "config.json")
     config = _hf_config(raw_cfg, where)
     tok_path = src / "tokenizer.json"
-    tokenizer = tokenizer_within_vocab(_read_json(tok_path), config["vocab_size"], where)
+    tokenizer = tokenizer_within_vocab(_read_json(tok_path), config.vocab_size, where)
     tok_cfg = _read_json(src / "tokenizer_config.json", required=False) or {}
     gen_cfg = _read_json(src / "generation_config.json", required=False) or {}
     st_map = _read_json(src / "special_tokens_map.json", required=False) or {}
@@ -285,7 +285,7 @@ def plan_hf(src: Path) -> Plan:
         raise ModelFormatError(f"{where}: chat_template is not a string")
 
     # special tokens
-    vocab = config["vocab_size"]
+    vocab = config.vocab_size
 
     def tok_id(key):
         v = tok_cfg.get(key, st_map.get(key))
@@ -359,17 +359,17 @@ def plan_hf(src: Path) -> Plan:
                 if t not in located:
                     raise ModelFormatError(f"{where}: index puts {t!r} in {n}, which lacks it")
 
-        head_dim = config["head_dim"]
+        head_dim = config.head_dim
         sources = {}
         for t, sf in located.items():
             name = map_name(t, HF_NAMES, HF_LAYER_NAMES, _HF_LAYER_RE,
-                            config["num_hidden_layers"])
+                            config.num_hidden_layers)
             if name is None:
                 if HF_IGNORED.match(t):
                     continue
                 raise ModelFormatError(f"{where}: unexpected tensor {t!r} (not a Llama weight "
                                        "this converter knows)")
-            if name == "output.weight" and config["tie_word_embeddings"]:
+            if name == "output.weight" and config.tie_word_embeddings:
                 continue  # tied: the head is the embedding
             s = sf.source(t, name)
             if name.endswith(("attention.wq.weight", "attention.wk.weight")):

@@ -69,7 +69,7 @@ class Plan:
     source_format: str  # "hf" | "gguf"
     src: Path
     files: list  # source files read, in hashing order
-    config: dict
+    config: fmt.ModelConfig | None  # None only while plan_gguf fills the plan in
     tokenizer: dict
     chat_template: object
     generation: dict
@@ -133,12 +133,12 @@ def map_name(name: str, names: dict, layer_names: dict, layer_re, n_layers: int)
     return None
 
 
-def checked_config(config: dict, where: str) -> dict:
+def checked_config(config: dict, where: str) -> fmt.ModelConfig:
+    """A source's config, mapped to our key names, typed; ModelFormatError naming `where`."""
     try:
-        fmt.validate_config(config)
+        return fmt.ModelConfig.from_dict(config)
     except ModelFormatError as e:
         raise ModelFormatError(f"{where}: {e}") from None
-    return config
 
 
 def tokenizer_within_vocab(tok: dict, vocab_size: int, where: str) -> dict:
@@ -155,7 +155,7 @@ def tokenizer_within_vocab(tok: dict, vocab_size: int, where: str) -> dict:
     return tok
 
 
-def ordered_tensors(sources: dict, config: dict, where: str) -> list:
+def ordered_tensors(sources: dict, config: fmt.ModelConfig, where: str) -> list:
     """Check the tensor set against the config; return the tensors in file order."""
     try:
         fmt.check_tensor_set(config, {n: (F32 if fmt.is_norm(n) or n == "rope_freqs.weight"

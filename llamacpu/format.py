@@ -26,7 +26,7 @@ import mmap
 import os
 import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Iterable
 
 import numpy as np
@@ -119,10 +119,40 @@ assert _HEADER.size == HEADER_SIZE and _DIR_ENTRY.size == DIR_ENTRY_SIZE
 
 REQUIRED_META_KEYS = ("format_version", "config", "tokenizer", "chat_template",
                       "generation", "special_tokens", "provenance")
-REQUIRED_CONFIG_KEYS = ("architecture", "vocab_size", "hidden_size", "intermediate_size",
-                        "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                        "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
-                        "max_position_embeddings", "tie_word_embeddings", "rope_pairing")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model's shape and position constants: the metadata's "config" object (Hugging Face's
+    key names, plus head_dim and rope_pairing), validated. `from_dict` is the one way in from
+    JSON (a converter's source, a file's metadata), `to_dict` the way back out."""
+    architecture: str  # "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None  # null, or Hugging Face's llama3 object (validate_rope_scaling)
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    rope_pairing: str  # "adjacent": RoPE rotates elements (2i, 2i + 1) of a head
+
+    @classmethod
+    def from_dict(cls, d) -> ModelConfig:
+        """The config of JSON object `d` (other keys ignored); ModelFormatError naming the
+        field if one is missing or out of range."""
+        _validate_config(d)
+        return cls(**{k: d[k] for k in REQUIRED_CONFIG_KEYS})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+REQUIRED_CONFIG_KEYS = tuple(f.name for f in fields(ModelConfig))
 
 # Per-layer tensors: suffix -> (shape as a function of the config, is a norm).
 LAYER_TENSORS = ("attention_norm", "attention.wq", "attention.wk", "attention.wv",
@@ -168,16 +198,16 @@ class TensorInfo:
         return TYPE_NAMES[self.type]
 
 
-def expected_tensors(config: dict) -> dict:
+def expected_tensors(config: ModelConfig) -> dict:
     """Internal tensor name -> shape (numpy order) that `config` requires.
 
     `rope_freqs.weight` is optional and therefore not included.
     """
-    vocab, dim = config["vocab_size"], config["hidden_size"]
-    hidden = config["intermediate_size"]
-    hd = config["head_dim"]
-    q_dim = config["num_attention_heads"] * hd
-    kv_dim = config["num_key_value_heads"] * hd
+    vocab, dim = config.vocab_size, config.hidden_size
+    hidden = config.intermediate_size
+    hd = config.head_dim
+    q_dim = config.num_attention_heads * hd
+    kv_dim = config.num_key_value_heads * hd
     layer_shapes = {
         "attention_norm": (dim,),
         "attention.wq": (q_dim, dim),
@@ -190,11 +220,11 @@ def expected_tensors(config: dict) -> dict:
         "feed_forward.w3": (hidden, dim),
     }
     out = {"tok_embeddings.weight": (vocab, dim)}
-    for i in range(config["num_hidden_layers"]):
+    for i in range(config.num_hidden_layers):
         for suffix in LAYER_TENSORS:
             out[f"layers.{i}.{suffix}.weight"] = layer_shapes[suffix]
     out["norm.weight"] = (dim,)
-    if not config["tie_word_embeddings"]:
+    if not config.tie_word_embeddings:
         out["output.weight"] = (vocab, dim)
     return out
 
@@ -203,13 +233,13 @@ def is_norm(name: str) -> bool:
     return name.endswith("_norm.weight") or name == "norm.weight"
 
 
-def output_head_name(config: dict) -> str:
+def output_head_name(config: ModelConfig) -> str:
     """The tensor that produces the logits: the embedding when tied."""
-    return "tok_embeddings.weight" if config["tie_word_embeddings"] else "output.weight"
+    return "tok_embeddings.weight" if config.tie_word_embeddings else "output.weight"
 
 
-def max_tensor_count(config: dict) -> int:
-    return 9 * config["num_hidden_layers"] + 4  # + tok, norm, output, rope_freqs
+def max_tensor_count(config: ModelConfig) -> int:
+    return 9 * config.num_hidden_layers + 4  # + tok, norm, output, rope_freqs
 
 
 # ----------------------------------------------------------------------------- writer
@@ -232,8 +262,8 @@ class ModelWriter:
                                 separators=(",", ":")).encode("utf-8")
         if n_tensors is None:
             try:
-                n_tensors = max_tensor_count(meta["config"])
-            except (KeyError, TypeError) as e:
+                n_tensors = max_tensor_count(ModelConfig.from_dict(meta["config"]))
+            except (KeyError, TypeError, ModelFormatError) as e:
                 raise ValueError("n_tensors not given and meta has no usable config") from e
         self._capacity = int(n_tensors)
         self._dir_offset = align(HEADER_SIZE + len(meta_bytes), 8)
@@ -370,11 +400,11 @@ def _drop_cached(fd: int) -> None:
 class ModelFile:
     """A validated model file, mmapped read-only. Arrays are views, never copies."""
 
-    def __init__(self, path, mm: mmap.mmap, meta: dict, tensors: dict, data_offset: int):
+    def __init__(self, path, mm: mmap.mmap, meta: dict, config: ModelConfig, tensors: dict, data_offset: int):
         self.path = path
         self._mm = mm
-        self.meta = meta
-        self.config = meta["config"]
+        self.meta = meta  # the JSON metadata as it is in the file
+        self.config = config  # its "config", typed
         self.tensors = tensors
         self.data_offset = data_offset
 
@@ -440,14 +470,14 @@ def read_model(path) -> ModelFile:
         except OSError:
             pass
     try:
-        meta, tensors, data_offset = _validate(mm, size)
+        meta, config, tensors, data_offset = _validate(mm, size)
     except ModelFormatError as e:
         mm.close()
         raise ModelFormatError(f"{path}: {e}") from None
     except BaseException:
         mm.close()
         raise
-    return ModelFile(path, mm, meta, tensors, data_offset)
+    return ModelFile(path, mm, meta, config, tensors, data_offset)
 
 
 def _validate(mm, size: int):
@@ -482,8 +512,7 @@ def _validate(mm, size: int):
                                f"{ALIGNMENT}, >= {dir_end}, <= {size})")
 
     meta = _parse_meta(mm[meta_offset:meta_offset + meta_size])
-    validate_meta(meta)
-    config = meta["config"]
+    config = validate_meta(meta)
 
     tensors = {}
     for i in range(n_tensors):
@@ -496,7 +525,7 @@ def _validate(mm, size: int):
         if s1 < e0:
             raise ModelFormatError(f"tensors {n0!r} and {n1!r} overlap")
     check_tensor_set(config, {n: (t.type, t.shape) for n, t in tensors.items()})
-    return meta, tensors, data_offset
+    return meta, config, tensors, data_offset
 
 
 def _parse_meta(raw: bytes) -> dict:
@@ -645,7 +674,7 @@ def _int(d: dict, key: str, lo: int, hi: int, where: str) -> int:
     return v
 
 
-def validate_config(config) -> None:
+def _validate_config(config) -> None:
     """Check a `config` dict (our schema); raise ModelFormatError naming the field."""
     if not isinstance(config, dict):
         raise ModelFormatError("metadata 'config' must be an object")
@@ -713,16 +742,16 @@ def _token_id(v, vocab: int, where: str, nullable: bool = True):
         raise ModelFormatError(f"{where} must be a token id in [0, {vocab}), got {v!r}")
 
 
-def validate_meta(meta: dict) -> None:
-    """Check the whole metadata object (see docs/FORMAT.md, "Metadata")."""
+def validate_meta(meta: dict) -> ModelConfig:
+    """Check the whole metadata object (see docs/FORMAT.md, "Metadata"); its config, typed."""
     for key in REQUIRED_META_KEYS:
         if key not in meta:
             raise ModelFormatError(f"metadata key {key!r} is missing")
     if meta["format_version"] != FORMAT_VERSION or not _is_int(meta["format_version"]):
         raise ModelFormatError(f"metadata format_version {meta['format_version']!r}, "
                                f"expected {FORMAT_VERSION}")
-    validate_config(meta["config"])
-    vocab = meta["config"]["vocab_size"]
+    config = ModelConfig.from_dict(meta["config"])
+    vocab = config.vocab_size
     tok = meta["tokenizer"]
     if isinstance(tok, str):
         # the tokenizer.json text: parsed when the tokenizer is first used (tokenizer_dict),
@@ -758,12 +787,13 @@ def validate_meta(meta: dict) -> None:
         raise ModelFormatError("special_tokens.add_bos_token must be true or false")
     if not isinstance(meta["provenance"], dict):
         raise ModelFormatError("metadata 'provenance' must be an object")
+    return config
 
 
-def check_tensor_set(config: dict, tensors: dict) -> None:
+def check_tensor_set(config: ModelConfig, tensors: dict) -> None:
     """`tensors`: name -> (type, shape). The set must match the config exactly."""
     want = expected_tensors(config)
-    hd = config["head_dim"]
+    hd = config.head_dim
     for name, (ttype, shape) in tensors.items():
         if name == "rope_freqs.weight":
             if shape != (hd // 2,) or ttype != F32:
@@ -775,7 +805,7 @@ def check_tensor_set(config: dict, tensors: dict) -> None:
                 raise ModelFormatError("output.weight present but config.tie_word_embeddings "
                                        "is true")
             raise ModelFormatError(f"unknown tensor {name!r} (config has "
-                                   f"{config['num_hidden_layers']} layers)")
+                                   f"{config.num_hidden_layers} layers)")
         if tuple(shape) != want[name]:
             raise ModelFormatError(f"tensor {name!r} has shape {list(shape)}, the config "
                                    f"implies {list(want[name])}")

@@ -7,7 +7,7 @@ import numpy as np
 from . import _core
 from .cache_types import CACHE_TYPES, cache_type
 from .errors import ContextOverflowError
-from .format import F16, Q4_0, Q8_0, read_model
+from .format import F16, Q4_0, Q8_0, ModelConfig, output_head_name, read_model
 from .rope import inv_freq
 
 DEFAULT_N_CTX = 4096
@@ -16,32 +16,24 @@ MAX_THREADS = 1024     # sanity bound (the engine keeps attention blocks per thr
 MAX_SEQ = 1024         # sanity bound on sequence slots
 
 
-def engine_config(cfg: dict) -> dict:
-    """The model config (Hugging Face names) as the C engine's lc_config fields."""
-    return {"vocab_size": cfg["vocab_size"], "dim": cfg["hidden_size"], "hidden_dim": cfg["intermediate_size"],
-            "n_layers": cfg["num_hidden_layers"], "n_heads": cfg["num_attention_heads"],
-            "n_kv_heads": cfg["num_key_value_heads"], "head_dim": cfg["head_dim"],
-            "norm_eps": float(cfg["rms_norm_eps"])}
-
-
 assert (CACHE_TYPES["f16"], CACHE_TYPES["q8_0"], CACHE_TYPES["q4_0"]) == (F16, Q8_0, Q4_0)
 
 
-def _check_cache_types(cfg: dict, cache_type_k: str, cache_type_v: str) -> tuple[int, int]:
+def _check_cache_types(cfg: ModelConfig, cache_type_k: str, cache_type_v: str) -> tuple[int, int]:
     tk, tv = cache_type(cache_type_k, "cache_type_k"), cache_type(cache_type_v, "cache_type_v")
-    if (tk != F16 or tv != F16) and cfg["head_dim"] % 32:
+    if (tk != F16 or tv != F16) and cfg.head_dim % 32:
         raise ValueError(f"q8_0 and q4_0 KV caches need a head_dim that is a multiple of 32 (this model's is "
-                         f"{cfg['head_dim']}); use f16")
+                         f"{cfg.head_dim}); use f16")
     return tk, tv
 
 
-def engine_bytes(cfg: dict, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1, kernels=None,
+def engine_bytes(cfg: ModelConfig, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1, kernels=None,
                  cache_type_k: str = "f16", cache_type_v: str = "f16") -> int:
     """Bytes the C engine allocates for `cfg` (lc_model_bytes, csrc/forward.c): the KV
     cache of n_seq sequences of n_ctx positions in its types, the scratch of one chunk of
     n_batch tokens, and per thread attention's blocks and an AMX weight panel."""
     tk, tv = _check_cache_types(cfg, cache_type_k, cache_type_v)
-    total, _ = _core.model_bytes(engine_config(cfg), n_ctx, n_seq, min(n_batch, n_ctx), n_threads, kernels, tk, tv)
+    total, _ = _core.model_bytes(cfg, n_ctx, n_seq, min(n_batch, n_ctx), n_threads, kernels, tk, tv)
     return total
 
 
@@ -116,7 +108,7 @@ class Model:
         self._file = read_model(path)
         try:
             cfg = self._file.config
-            max_pos = int(cfg["max_position_embeddings"])
+            max_pos = cfg.max_position_embeddings
             if n_ctx > max_pos:
                 raise ValueError(f"n_ctx={n_ctx} is larger than the model's context of {max_pos} tokens")
             self.path = os.fspath(path)
@@ -158,7 +150,7 @@ class Model:
             return (addr(name), t.type, rows, int(t.shape[-1]), t.layout)
 
         layers = []
-        for i in range(cfg["num_hidden_layers"]):
+        for i in range(cfg.num_hidden_layers):
             p = f"layers.{i}."
             layers.append({
                 "attention_norm": addr(p + "attention_norm.weight"),
@@ -168,20 +160,20 @@ class Model:
                 "w1": tensor(p + "feed_forward.w1.weight"), "w2": tensor(p + "feed_forward.w2.weight"),
                 "w3": tensor(p + "feed_forward.w3.weight"),
             })
-        out_name = "tok_embeddings.weight" if cfg["tie_word_embeddings"] else "output.weight"
-        tensors = {"tok_embeddings": tensor("tok_embeddings.weight"), "output": tensor(out_name),
+        tensors = {"tok_embeddings": tensor("tok_embeddings.weight"), "output": tensor(output_head_name(cfg)),
                    "norm": addr("norm.weight")}
         divisors = f.array("rope_freqs.weight") if "rope_freqs.weight" in f.tensors else None
-        freqs = inv_freq(cfg["head_dim"], cfg["rope_theta"], cfg["rope_scaling"], divisors)
-        return _core.Engine(engine_config(cfg), tensors, layers, freqs, self.n_ctx, min(n_batch, self.n_ctx), n_threads,
+        freqs = inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, divisors)
+        return _core.Engine(cfg, tensors, layers, freqs, self.n_ctx, min(n_batch, self.n_ctx), n_threads,
                             kernels=kernels, keepalive=(f, keep), n_seq=self.n_seq, type_k=self._cache_types[0],
                             type_v=self._cache_types[1])
 
     # ------------------------------------------------------------------ properties
     @property
-    def config(self) -> dict:
-        """The model config (Hugging Face key names, plus head_dim and rope_pairing)."""
-        return dict(self._file.config)
+    def config(self) -> ModelConfig:
+        """The model config (Hugging Face's key names, plus head_dim and rope_pairing), typed;
+        `.to_dict()` gives the file's JSON object."""
+        return self._file.config
 
     @property
     def metadata(self) -> dict:
@@ -341,11 +333,11 @@ class Model:
         c = self._file.config
         if self.closed:
             return f"<llamacpu.Model {os.path.basename(self.path)!r} closed>"
-        return (f"<llamacpu.Model {os.path.basename(self.path)!r} layers={c['num_hidden_layers']} "
-                f"dim={c['hidden_size']} n_ctx={self.n_ctx} threads={self.n_threads} kernels={self.kernels}>")
+        return (f"<llamacpu.Model {os.path.basename(self.path)!r} layers={c.num_hidden_layers} "
+                f"dim={c.hidden_size} n_ctx={self.n_ctx} threads={self.n_threads} kernels={self.kernels}>")
 
 
-def _check_memory(cfg: dict, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1, kernels=None,
+def _check_memory(cfg: ModelConfig, n_ctx: int, n_batch: int, n_threads: int, n_seq: int = 1, kernels=None,
                   cache_type_k: str = "f16", cache_type_v: str = "f16") -> None:
     """Refuse, before allocating, a KV cache and scratch larger than the memory available
     (a tiny file may declare huge head counts: 1 MB of KV per token)."""

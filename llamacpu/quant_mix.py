@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 
-from .format import F16, F32, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, TYPES, expected_tensors
+from .format import F16, F32, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q8_0, TYPES, ModelConfig, expected_tensors, output_head_name
 
 # ftype name (as `llamacpu convert --type` and llama-quantize's argument spell it,
 # lower case) -> the ftype's default type (llama_ftype_get_default_type)
@@ -85,18 +85,18 @@ def _layer_type(ftype: str, kind: str, i: int, n_layers: int, is_70b: bool) -> i
     return t
 
 
-def mixture(config: dict, ftype: str) -> dict:
+def mixture(config: ModelConfig, ftype: str) -> dict:
     """Internal tensor name -> type id that llama-quantize `ftype` gives it (no imatrix).
 
-    `config` is llamacpu's model config (format.REQUIRED_CONFIG_KEYS); the names are
+    `config` is the model's (format.ModelConfig); the names are
     those of format.expected_tensors(config). `ftype` is one of FTYPES. A tensor not
     listed (rope_freqs.weight) is 1-D and keeps its type.
     """
     if ftype not in FTYPES:
         raise ValueError(f"unknown K-quant mixture {ftype!r}; expected one of {', '.join(FTYPES)}")
-    n_layers = config["num_hidden_layers"]
-    is_70b = n_layers == 80 and config["num_attention_heads"] != config["num_key_value_heads"]
-    head = "tok_embeddings.weight" if config["tie_word_embeddings"] else "output.weight"
+    n_layers = config.num_hidden_layers
+    is_70b = n_layers == 80 and config.num_attention_heads != config.num_key_value_heads
+    head = output_head_name(config)
     out = {}
     for name, shape in expected_tensors(config).items():
         cols = shape[-1]

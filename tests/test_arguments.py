@@ -12,6 +12,7 @@ import sys
 import pytest
 
 import llamacpu
+from conftest import llama_1b_config
 from llamacpu.errors import ContextOverflowError
 from llamacpu.llama import Llama
 from llamacpu.sampling import SamplingParams
@@ -174,11 +175,9 @@ def test_ctx_flag_message(monkeypatch):
     assert ctx_flag_message("the context holds 16 (load with a larger n_ctx)") == \
         "the context holds 16 (load with a larger -c/--ctx-size)"
     # the memory check's message (Llama 3.2 1B's shapes, 1 GiB available)
-    cfg = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "rms_norm_eps": 1e-5}
     monkeypatch.setattr(model, "available_memory", lambda: 1 << 30)
     with pytest.raises(ValueError) as e:
-        model._check_memory(cfg, 131072, 512, 2)
+        model._check_memory(llama_1b_config(), 131072, 512, 2)
     msg = ctx_flag_message(str(e.value))
     assert msg.startswith("-c 131072 needs ") and "load it with -c " in msg and " or less" in msg
     assert "n_ctx" not in msg

@@ -262,10 +262,11 @@ def test_long_context_worker_fills_the_cache(converted):
 
 
 def test_long_context_kv_bytes_and_time_fit():
+    from conftest import llama_1b_config
     from llamacpu.bench import _kv_bytes
     cfg = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 16,
            "head_dim": 64}
-    assert bench_long_context.kv_bytes(cfg, 131072, "f16") == _kv_bytes(cfg, 131072) == 4 * 2**30
+    assert bench_long_context.kv_bytes(cfg, 131072, "f16") == _kv_bytes(llama_1b_config(), 131072) == 4 * 2**30
     assert bench_long_context.kv_bytes(cfg, 131072, "q8_0") == 4 * 2**30 * 34 // 64
     assert bench_long_context.kv_bytes(cfg, 131072, "q4_0") == 4 * 2**30 * 18 // 64
     cfg.update(intermediate_size=8192, vocab_size=128256)

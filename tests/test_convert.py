@@ -202,8 +202,9 @@ def test_head_type_option(tiny, tiny_src, tmp_path, head_type, want):
 
 def test_q6_0_head_needs_rows_multiple_of_8():
     """Q6_0 exists in the x8 layout only: a vocabulary that is not a multiple of 8 keeps Q8_0."""
+    from conftest import llama_1b_config
     from llamacpu.convert import tensor_type
-    cfg = {"tie_word_embeddings": True}
+    cfg = llama_1b_config(tie_word_embeddings=True)
     assert tensor_type("tok_embeddings.weight", F32, "q4_0", cfg, "hf", cols=64, rows=128) == Q6_0
     assert tensor_type("tok_embeddings.weight", F32, "q4_0", cfg, "hf", cols=64, rows=130) == Q8_0
     assert tensor_type("tok_embeddings.weight", F32, None, cfg, "gguf", cols=64, rows=128, head_type="q6_0") == Q6_0
@@ -218,7 +219,7 @@ def test_hf_metadata(tiny, tmp_path):
     tok_cfg = json.loads((tiny / "tokenizer_config.json").read_text())
     gen = json.loads((tiny / "generation_config.json").read_text())
     with read_model(out) as m:
-        c = m.config
+        c = m.config.to_dict()
         for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
                   "rope_theta", "max_position_embeddings", "tie_word_embeddings"):
@@ -381,7 +382,7 @@ def test_gguf_blocks_bit_exact(smol, smol_reader, tmp_path):
             assert info.type == gtype, name  # default: every type kept
             assert info.shape == tuple(int(d) for d in reversed(t.shape.tolist()))
             assert m.rows_array(name).tobytes() == np.asarray(t.data).tobytes(), name
-        c = m.config
+        c = m.config.to_dict()
         kv = {f.name: f for f in r.fields.values()}
 
         def val(key):

@@ -104,7 +104,7 @@ def weights_of_file(path):
     """(config, HF-named float weights in the file's adjacent-pair order), dequantized with
     the gguf package (independent of llamacpu's kernels)."""
     with read_model(path) as f:
-        cfg = dict(f.config)
+        cfg = f.config.to_dict()
         out = {}
         for name, t in f.tensors.items():
             raw = np.array(f.array(name))

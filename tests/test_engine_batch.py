@@ -145,5 +145,5 @@ def test_memory_check_counts_every_sequence(converted):
     cfg = llamacpu.Model(converted("tiny64", "q4_0"), n_ctx=16).config
     one = engine_bytes(cfg, 64, 16, 1, n_seq=1)
     four = engine_bytes(cfg, 64, 16, 1, n_seq=4)
-    kv_per_seq = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 64 * 2
+    kv_per_seq = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 64 * 2
     assert four - one == 3 * kv_per_seq

@@ -45,7 +45,7 @@ def tensor_list(config=CONFIG, rope_freqs=False, seed=0):
     """(name, type, shape, bytes) for a valid model of `config`."""
     rng = np.random.default_rng(seed)
     out = []
-    for i, (name, shape) in enumerate(fmt.expected_tensors(config).items()):
+    for i, (name, shape) in enumerate(fmt.expected_tensors(fmt.ModelConfig.from_dict(config)).items()):
         t = F32 if len(shape) == 1 else WEIGHT_TYPES[i % len(WEIGHT_TYPES)]
         n = fmt.tensor_nbytes(t, shape)
         out.append((name, t, shape, rng.integers(0, 256, n, dtype=np.uint8).tobytes()))
@@ -129,7 +129,7 @@ def test_round_trip(tmp_path):
     assert h["meta_offset"] + h["meta_size"] == h["dir_offset"]  # padded with spaces
     with read_model(p) as m:
         assert m.meta == META
-        assert m.config == CONFIG
+        assert m.config == fmt.ModelConfig(**CONFIG) and m.config.to_dict() == CONFIG
         assert list(m.tensors) == [t[0] for t in tensors]
         for name, t, shape, data in tensors:
             info = m.tensors[name]
@@ -154,7 +154,7 @@ def test_writer_reserved_capacity_and_default(tmp_path):
     # default capacity is the config's maximum (9 * layers + 4); fewer tensors is fine
     p = write(tmp_path / "a.lcpu")
     with read_model(p) as m:
-        assert len(m.tensors) == len(fmt.expected_tensors(CONFIG))
+        assert len(m.tensors) == len(fmt.expected_tensors(fmt.ModelConfig(**CONFIG)))
     with pytest.raises(ValueError):
         write(tmp_path / "b.lcpu", n_tensors=3)
 
@@ -307,7 +307,7 @@ def test_bad_metadata(tmp_path, path, value):
 def test_rope_scaling_null_ok(tmp_path):
     meta = _mutated("config.rope_scaling", None)
     with read_model(write(tmp_path / "m.lcpu", meta=meta)) as m:
-        assert m.config["rope_scaling"] is None
+        assert m.config.rope_scaling is None
 
 
 # ----------------------------------------------------------------------------- directory
@@ -465,7 +465,7 @@ def test_quantized_needs_whole_blocks(tmp_path):
     meta = dict(META, config=cfg)
     tensors = [(n, F32 if len(s) == 1 else F16, s,
                 bytes(fmt.tensor_nbytes(F32 if len(s) == 1 else F16, s)))
-               for n, s in fmt.expected_tensors(cfg).items()]
+               for n, s in fmt.expected_tensors(fmt.ModelConfig.from_dict(cfg)).items()]
     write(tmp_path / "ok.lcpu", meta=meta, tensors=tensors)
     read_model(tmp_path / "ok.lcpu").close()
     # a Q8_0 tensor with 48 columns cannot exist: the reader refuses the entry
@@ -577,7 +577,7 @@ before = {{n: a.tobytes() for n, a in arrays.items()}}
 smaller = copy.deepcopy(META)
 smaller["config"]["vocab_size"] = 8
 write(path, meta=smaller)
-assert read_model(path).config["vocab_size"] == 8
+assert read_model(path).config.vocab_size == 8
 assert all(arrays[n].tobytes() == before[n] for n in arrays), "the mapped bytes changed"
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -74,7 +74,7 @@ def _mixture_cases():
 @pytest.mark.parametrize("config, ftype, frozen", _mixture_cases())
 def test_mixture_matches_llama_quantize(config, ftype, frozen):
     want = fixtures.expand_types(frozen)
-    got = {name: fmt.TYPES[t].name for name, t in mixture(config, ftype).items()}
+    got = {name: fmt.TYPES[t].name for name, t in mixture(fixtures.model_config(config), ftype).items()}
     assert got.keys() == want.keys()
     assert {n: (got[n], want[n]) for n in got if got[n] != want[n]} == {}
 
@@ -82,7 +82,7 @@ def test_mixture_matches_llama_quantize(config, ftype, frozen):
 def test_mixture_of_smollm2_is_mostly_fallbacks():
     """Row length 576: the Q4_K/Q5_K/Q6_K tensors fall back to Q5_0/Q5_1/Q8_0, and so
     does the tied head (Q8_0); only ffn_down (row length 1536) keeps K-quants."""
-    m = mixture(FROZEN_MIXTURES["SmolLM2-135M"]["config"], "q4_k_m")
+    m = mixture(fixtures.model_config(FROZEN_MIXTURES["SmolLM2-135M"]["config"]), "q4_k_m")
     assert m["tok_embeddings.weight"] == fmt.Q8_0
     assert {m[f"layers.{i}.attention.wq.weight"] for i in range(30)} == {fmt.Q5_0}
     assert {m[f"layers.{i}.feed_forward.w2.weight"] for i in range(30)} == {fmt.Q4_K, fmt.Q6_K}

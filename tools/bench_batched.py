@@ -171,7 +171,7 @@ def kv_and_file(model: Path, n_ctx: int, n_seq: int) -> dict:
     from llamacpu.format import read_model
     with read_model(model) as f:
         c = f.config
-    kv = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * n_ctx * n_seq * 2
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * n_ctx * n_seq * 2
     return {"file_mb": Path(model).stat().st_size / 1e6, "kv_mb": kv / 1e6}
 
 

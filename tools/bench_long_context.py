@@ -95,7 +95,7 @@ def worker(args) -> int:
         now = time.perf_counter()
         if now - last[0] >= args.every or done == total:
             last[0] = now
-            eta = estimate_time(m.config, done, now - t_fill, total) - (now - t_fill)
+            eta = estimate_time(m.config.to_dict(), done, now - t_fill, total) - (now - t_fill)
             print(f"  fill {done}/{total} tokens, {now - t_fill:.0f} s, {done / (now - t_fill):.1f} t/s, "
                   f"about {max(eta, 0) / 60:.1f} min to go (estimate)", file=sys.stderr, flush=True)
 

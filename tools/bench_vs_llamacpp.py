@@ -653,7 +653,7 @@ def _identical_tensors(our_file: str, gguf: str) -> tuple[int, int]:
 
     same = total = 0
     with read_model(our_file) as m, GGUFFile(gguf) as g:
-        n_layers = m.config["num_hidden_layers"]
+        n_layers = m.config.num_hidden_layers
         for name, gt in g.tensors.items():
             ours = internal_name(name, n_layers)
             total += 1

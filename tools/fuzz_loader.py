@@ -463,7 +463,7 @@ def random_shape_model(rng: random.Random) -> tuple[ModelImage, list]:
                                "eog_token_ids": [vocab - 1], "pad_token_id": None,
                                "add_bos_token": rng.random() < 0.5},
             "provenance": {}}
-    shapes = fmt.expected_tensors(config)
+    shapes = fmt.expected_tensors(fmt.ModelConfig.from_dict(config))
     if rng.random() < 0.4:
         shapes["rope_freqs.weight"] = (head_dim // 2,)
     entries = []
@@ -1412,9 +1412,8 @@ def exercise(path, rng: random.Random, ops: list) -> str:
     from llamacpu.model import Model
 
     with read_model(path) as mf:
-        cfg = dict(mf.config)
+        n_ctx = min(8, mf.config.max_position_embeddings)
         meta = mf.meta
-    n_ctx = min(8, cfg["max_position_embeddings"])
     # mostly one thread: OpenMP barriers cost a scheduler slice on a busy machine (a 2-thread
     # forward of this tiny model took 440 ms on a loaded 2-core box, 0.03 ms with one thread)
     with Model(path, n_ctx=n_ctx, n_threads=2 if rng.random() < 0.02 else 1) as m:

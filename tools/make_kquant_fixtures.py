@@ -65,6 +65,15 @@ def _llama(vocab, dim, ffn, layers, heads, kv_heads, tied):
             "tie_word_embeddings": tied}
 
 
+def model_config(shape: dict):
+    """format.ModelConfig of a shape dict as the mixtures fixture keeps it (the keys mixture()
+    reads): Llama 3's other constants, which no type choice depends on."""
+    from llamacpu.format import ModelConfig
+    return ModelConfig.from_dict({"architecture": "llama", "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+                                  "rope_scaling": None, "max_position_embeddings": 131072,
+                                  "rope_pairing": "adjacent", **shape})
+
+
 CONFIGS = {
     "Llama-3.2-1B": _llama(128256, 2048, 8192, 16, 32, 8, True),
     "Llama-3.2-3B": _llama(128256, 3072, 8192, 28, 24, 8, True),
@@ -132,7 +141,8 @@ def rows_sha256(rows: np.ndarray) -> str:
 # ---------------------------------------------------------------- GGUF in and out
 
 def config_of_gguf(path) -> dict:
-    """The keys quant_mix.mixture() reads, from a llama GGUF's metadata and shapes."""
+    """The keys quant_mix.mixture() reads (a shape dict for model_config), from a llama GGUF's
+    metadata and shapes."""
     import gguf
     r = gguf.GGUFReader(str(path))
 
@@ -151,11 +161,11 @@ def config_of_gguf(path) -> dict:
 
 
 def gguf_tensors(config: dict) -> dict:
-    """GGUF name -> shape (numpy order) of a llama model with `config`, in GGUF names."""
+    """GGUF name -> shape (numpy order) of a llama model with shape dict `config`, in GGUF names."""
     from llamacpu.format import expected_tensors
     inv = {v: k for k, v in GGUF_LAYER.items()}
     out = {}
-    for name, shape in expected_tensors(config).items():
+    for name, shape in expected_tensors(model_config(config)).items():
         m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
         if m:
             out[f"blk.{m.group(1)}.{inv[m.group(2)]}.weight"] = shape
@@ -319,7 +329,7 @@ def check_model(bin_dir: Path, src: Path, ftypes, tmp: Path) -> bool:
     for ftype in ftypes:
         dst = tmp / f"{src.stem}-{ftype}.gguf"
         llama_quantize(bin_dir, [src, dst, ftype.upper()])
-        want = mixture(config, ftype)
+        want = mixture(model_config(config), ftype)
         n_types_ok = n_types_bad = n_rows_bad = 0
         counts = {}  # type name -> [tensors, rows] compared byte for byte
         for t in gguf.GGUFReader(str(dst)).tensors:
