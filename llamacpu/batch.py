@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from .cli_flags import warn_threads
 from .server.errors import APIError, api_error, bad
-from .server.parse import check_structured, parse_chat, parse_json
+from .server.parse import ChatRequest, check_structured, parse_chat, parse_json
 from .server.prompts import PromptCheck
 
 CHAT_URL = "/v1/chat/completions"
@@ -93,30 +93,27 @@ class Answerer:
         self.prompts = PromptCheck(llm)
         self.renders_tool_calls = "tool_calls" in (llm.template.source or "")
 
-    def settings(self, body) -> tuple[dict, dict | None]:
-        """The Llama.chat arguments for a /v1/chat/completions body and what "truncate"
-        dropped (None: nothing), or an APIError (400)."""
+    def request(self, body) -> ChatRequest:
+        """The checked request of a /v1/chat/completions body, or an APIError (400)."""
         if not isinstance(body, dict):
             raise bad("'body' must be a JSON object")
-        s = parse_chat(body, self.llm.n_ctx, self.renders_tool_calls)
-        if s["stream"]:
+        req = parse_chat(body, self.llm.n_ctx, self.renders_tool_calls)
+        if req.stream:
             raise bad("'stream' is not supported in a batch: each row holds the whole reply", "stream")
         try:
-            self.llm.sampling_params(**s["sampling"])
+            self.llm.sampling_params(**req.sampling)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
-        check_structured(s, self.llm.tokenizer)
-        self.prompts.check(s)
-        return dict(messages=s["messages"], tools=s["tools"], max_tokens=s["max_tokens"], stop=s["stop"],
-                    logprobs=s["logprobs"], top_logprobs=s["top_logprobs"], response_format=s["response_format"],
-                    tool_choice=s["tool_choice"], **s["sampling"]), s.get("truncated")
+        check_structured(req, self.llm.tokenizer)
+        self.prompts.check(req)
+        return req
 
     def answer(self, custom_id: str, body) -> dict:
         try:
-            kw, truncated = self.settings(body)
-            reply = self.llm.chat(**kw)
-            if truncated:   # turns dropped to fit the context ("truncate": "oldest")
-                reply["usage"]["truncated"] = truncated
+            req = self.request(body)
+            reply = self.llm.chat(**req.llama_kwargs())
+            if req.truncated:   # turns dropped to fit the context ("truncate": "oldest")
+                reply["usage"]["truncated"] = req.truncated
             return response_row(custom_id, 200, reply)
         except Exception as e:  # noqa: BLE001 - every failure is a row, never the end of the job
             err = api_error(e)

@@ -21,7 +21,7 @@ The modules, in the order a request meets them:
     command.py    the flags; uvicorn, with deadlines for idle connections
     guard.py      who may talk to the server: Host, Origin (CORS), API key, Content-Type
     app.py        routes; reads the body, then prepares the job in a thread
-    parse.py      the JSON body -> the job's settings, or a 400 naming the field
+    parse.py      the JSON body -> a ChatRequest / CompletionRequest, or a 400 naming the field
     prompts.py    does the prompt fit the context (a byte bound, then its tokens)
     scheduler.py  Job and Scheduler: the bounded queue and the one worker thread
     responses.py  a job's output as one JSON body or server-sent events (the objects

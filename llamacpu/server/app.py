@@ -15,7 +15,7 @@ import time
 from ..openai_format import ServedChat, ServedCompletion
 from .errors import APIError
 from .guard import Guard
-from .parse import check_structured, parse_chat, parse_completion, parse_json
+from .parse import ChatRequest, CompletionRequest, check_structured, parse_chat, parse_completion, parse_json
 from .prompts import PromptCheck
 from .responses import JobResponse
 from .scheduler import Job, Scheduler
@@ -61,40 +61,41 @@ def create_app(llm, *, api_key: str | None = None, queue_size: int = 16, model_i
                 raise too_big
         return bytes(raw)
 
-    def check(settings: dict) -> None:
+    def check(req) -> None:
         """What parse.py cannot know: the Llama's own rules for sampling, the prompt's fit,
         whether the constraint engine takes response_format's schema or the forced tools'."""
         try:
-            llm.sampling_params(**settings["sampling"])
+            llm.sampling_params(**req.sampling)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
-        check_structured(settings, llm.tokenizer)
-        prompts.check(settings)
+        if isinstance(req, ChatRequest):
+            check_structured(req, llm.tokenizer)
+        prompts.check(req)
 
-    def prepare_chat(raw: bytes) -> dict:
-        settings = parse_chat(parse_json(raw), llm.n_ctx, renders_tool_calls)
-        check(settings)
-        return settings
+    def prepare_chat(raw: bytes) -> ChatRequest:
+        req = parse_chat(parse_json(raw), llm.n_ctx, renders_tool_calls)
+        check(req)
+        return req
 
-    def prepare_completion(raw: bytes) -> dict:
-        settings = parse_completion(parse_json(raw), llm.n_ctx, vocab_size)
-        check(settings)
-        p = settings["prompt"]
-        settings["echo_text"] = (p if isinstance(p, str) else llm.detokenize(p)) if settings["echo"] else None
-        return settings
+    def prepare_completion(raw: bytes) -> CompletionRequest:
+        req = parse_completion(parse_json(raw), llm.n_ctx, vocab_size)
+        check(req)
+        if req.echo:
+            req.echo_text = req.prompt if isinstance(req.prompt, str) else llm.detokenize(req.prompt)
+        return req
 
-    def submit(kind, settings, fmt):
-        job = Job(kind, settings, asyncio.get_running_loop())
+    def submit(req, fmt):
+        job = Job(req, asyncio.get_running_loop())
         scheduler.submit(job)
         return JobResponse(scheduler, job, fmt)
 
     async def chat_completions(request):
-        settings = await asyncio.to_thread(prepare_chat, await read_body(request))
-        return submit("chat", settings, ServedChat(model_id, settings["include_usage"], settings.get("truncated")))
+        req = await asyncio.to_thread(prepare_chat, await read_body(request))
+        return submit(req, ServedChat(model_id, req.include_usage, req.truncated))
 
     async def completions(request):
-        s = await asyncio.to_thread(prepare_completion, await read_body(request))
-        return submit("completion", s, ServedCompletion(model_id, s["include_usage"], s["echo_text"]))
+        req = await asyncio.to_thread(prepare_completion, await read_body(request))
+        return submit(req, ServedCompletion(model_id, req.include_usage, req.echo_text))
 
     def model_obj():
         return {"id": model_id, "object": "model", "created": created, "owned_by": "llamacpu"}

@@ -1,12 +1,14 @@
 """Request parsing: a JSON body in, the job's settings out (or a 400 naming the field).
 
-`parse_chat` checks a /v1/chat/completions body, `parse_completion` a /v1/completions
-body; both return plain dicts that the Scheduler hands to Llama.chat / Llama.generate.
+`parse_chat` checks a /v1/chat/completions body and returns a ChatRequest, `parse_completion`
+a /v1/completions body and returns a CompletionRequest; their `llama_kwargs()` are the
+arguments of Llama.chat / Llama.generate (the one place a request becomes a call).
 """
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 
 from ..context_fit import TRUNCATE_CHOICES
 from ..sampling import REPEAT_PENALTY_RANGE  # checked here too: a 400 before the request queues
@@ -97,8 +99,48 @@ class _Fields:
         return v
 
 
+@dataclass
+class _Request:
+    """What both endpoints take: streaming, the reply's length and stops, the sampling
+    arguments (Llama.sampling_params' keywords, checked against its rules by the caller)."""
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage
+    max_tokens: int | None = None
+    stop: list | None = None
+    sampling: dict = field(default_factory=dict)
+
+
+@dataclass
+class ChatRequest(_Request):
+    messages: list = field(default_factory=list)
+    tools: list | None = None
+    tool_choice: object = None
+    response_format: dict | None = None  # json_object / json_schema (None: text)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    truncate: str | None = None  # "oldest": drop the oldest turns that do not fit (context_fit.py)
+    truncated: dict | None = None  # what "oldest" dropped (PromptCheck.fit sets it)
+
+    def llama_kwargs(self) -> dict:
+        """Llama.chat's arguments (stream=False: the caller chooses)."""
+        return dict(messages=self.messages, tools=self.tools, max_tokens=self.max_tokens, stop=self.stop,
+                    logprobs=self.logprobs, top_logprobs=self.top_logprobs, response_format=self.response_format,
+                    tool_choice=self.tool_choice, **self.sampling)
+
+
+@dataclass
+class CompletionRequest(_Request):
+    prompt: str | list = ""  # text, or token ids
+    echo: bool = False
+    echo_text: str | None = None  # the prompt as text when echo (app.py fills it in)
+
+    def llama_kwargs(self) -> dict:
+        """Llama.generate's arguments (stream=False: the caller chooses)."""
+        return dict(prompt=self.prompt, max_tokens=self.max_tokens, stop=self.stop, **self.sampling)
+
+
 def _common(f: _Fields, n_ctx: int, default_max_tokens, min_max_tokens: int) -> dict:
-    """Fields shared by both endpoints: n, stream, max_tokens, stop, sampling."""
+    """Fields shared by both endpoints: n, stream, max_tokens, stop, sampling (_Request's)."""
     n = f.get("n", int, 1)
     if n != 1:
         raise bad("only n=1 is supported (one choice per request)", "n")
@@ -252,7 +294,7 @@ def _tools(f: _Fields):
     raise bad(f"'tool_choice' must be 'none', 'auto', 'required' or an object, got {choice!r}", "tool_choice")
 
 
-def parse_chat(body: dict, n_ctx: int, template_renders_tool_calls: bool = True) -> dict:
+def parse_chat(body: dict, n_ctx: int, template_renders_tool_calls: bool = True) -> ChatRequest:
     """Check a /v1/chat/completions body; return the job's settings (400 APIError if bad)."""
     f = _Fields(body)
     f.get("model", str)
@@ -260,42 +302,40 @@ def parse_chat(body: dict, n_ctx: int, template_renders_tool_calls: bool = True)
     if rf is not None and rf.get("type", "text") not in ("text", "json_object", "json_schema"):
         raise bad(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {rf.get('type')!r}",
                   "response_format")
-    job = _common(f, n_ctx, None, 1)
-    job["messages"] = _messages(body.get("messages"), template_renders_tool_calls)
-    job["tools"], job["tool_choice"] = _tools(f)
-    job["response_format"] = rf if rf is not None and rf.get("type", "text") != "text" else None
+    common = _common(f, n_ctx, None, 1)
+    messages = _messages(body.get("messages"), template_renders_tool_calls)
+    tools, tool_choice = _tools(f)
     logprobs = f.get("logprobs", bool, False)
     top = f.get("top_logprobs", int, lo=0, hi=20)
     if top is not None and not logprobs:
         raise bad("'top_logprobs' requires 'logprobs': true", "top_logprobs")
-    job["logprobs"], job["top_logprobs"] = logprobs, top or 0
     truncate = body.get("truncate")
     if truncate is not None and truncate not in TRUNCATE_CHOICES:
         raise bad(f"'truncate' must be null (a conversation longer than the context is an error) or "
                   f"\"oldest\" (drop its oldest turns), got {truncate!r}", "truncate")
-    job["truncate"] = truncate
-    return job
+    return ChatRequest(**common, messages=messages, tools=tools, tool_choice=tool_choice,
+                       response_format=rf if rf is not None and rf.get("type", "text") != "text" else None,
+                       logprobs=logprobs, top_logprobs=top or 0, truncate=truncate)
 
 
-def check_structured(settings: dict, tokenizer) -> None:
+def check_structured(req: ChatRequest, tokenizer) -> None:
     """A 400 when the constraint engine cannot take the chat's response_format schema or its
     forced tools' (param "response_format" / "tools", code "invalid_schema")."""
-    if not (settings.get("response_format") or settings.get("tool_choice")):
+    if not (req.response_format or req.tool_choice):
         return
     try:
-        output_spec(tokenizer, response_format=settings["response_format"], tools=settings["tools"],
-                    tool_choice=settings["tool_choice"])
+        output_spec(tokenizer, response_format=req.response_format, tools=req.tools, tool_choice=req.tool_choice)
     except ValueError as e:
-        param = "response_format" if settings["response_format"] else \
+        param = "response_format" if req.response_format else \
             ("tools" if str(e).startswith("tools") else "tool_choice")
         raise bad(str(e), param, "invalid_schema" if param != "tool_choice" else None) from None
 
 
-def parse_completion(body: dict, n_ctx: int, vocab_size: int) -> dict:
+def parse_completion(body: dict, n_ctx: int, vocab_size: int) -> CompletionRequest:
     """Check a /v1/completions body; return the job's settings (400 APIError if bad)."""
     f = _Fields(body)
     f.get("model", str)
-    job = _common(f, n_ctx, 16, 0)   # OpenAI's default max_tokens here is 16
+    common = _common(f, n_ctx, 16, 0)   # OpenAI's default max_tokens here is 16
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]           # a batch of one
@@ -317,5 +357,4 @@ def parse_completion(body: dict, n_ctx: int, vocab_size: int) -> dict:
                    "logprobs and top_logprobs", "logprobs")
     if f.get("best_of", int, 1) != 1:
         raise bad("only best_of=1 is supported", "best_of")
-    job["prompt"], job["echo"] = prompt, f.get("echo", bool, False)
-    return job
+    return CompletionRequest(**common, prompt=prompt, echo=f.get("echo", bool, False))

@@ -10,10 +10,11 @@ from __future__ import annotations
 from ..context_fit import fit_oldest, reply_room
 from ..errors import ContextOverflowError
 from .errors import bad
+from .parse import ChatRequest
 
 
 class PromptCheck:
-    """check(settings) -> the prompt's token count, or a 400 (empty, does not fit the context)."""
+    """check(request) -> the prompt's token count, or a 400 (empty, does not fit the context)."""
 
     def __init__(self, llm):
         self.llm, self.n_ctx = llm, llm.n_ctx
@@ -23,23 +24,24 @@ class PromptCheck:
         # text can be shorter in tokens than this; it is refused all the same.)
         self.max_bytes = self.n_ctx * self.longest_token
 
-    def check(self, job: dict) -> int:
-        if "prompt" in job and not isinstance(job["prompt"], str):
-            return len(job["prompt"])   # token ids: parse_completion checked them
-        if job.get("truncate") == "oldest":
+    def check(self, job) -> int:
+        """job: a parse.ChatRequest or CompletionRequest"""
+        chat = isinstance(job, ChatRequest)
+        if not chat and not isinstance(job.prompt, str):
+            return len(job.prompt)   # token ids: parse_completion checked them
+        if chat and job.truncate == "oldest":
             return self.fit(job)
-        chat = "messages" in job
         what, param = ("your messages", "messages") if chat else ("your prompt", "prompt")
         drop = ', send "truncate": "oldest" to drop the oldest turns,' if chat else ""
         try:
-            text = self.llm.apply_chat_template(job["messages"], tools=job["tools"]) if chat else job["prompt"]
+            text = self.llm.apply_chat_template(job.messages, tools=job.tools) if chat else job.prompt
             size = len(text.encode("utf-8", "surrogatepass"))
             if size > self.max_bytes:
                 raise bad(f"This model's maximum context length is {self.n_ctx} tokens; {what} came to {size} "
                            f"bytes, more than {self.n_ctx} tokens of at most {self.longest_token} bytes can "
                            f"hold. Shorten the prompt{drop} or start the server with a larger --ctx-size.", param,
                            "context_length_exceeded")
-            ids = self.llm.tokenize_chat(job["messages"], tools=job["tools"]) if chat else self.llm.tokenize(text)
+            ids = self.llm.tokenize_chat(job.messages, tools=job.tools) if chat else self.llm.tokenize(text)
         except (ValueError, TypeError) as e:
             raise bad(str(e), param) from None
         if not ids:
@@ -50,11 +52,11 @@ class PromptCheck:
                        f"the server with a larger --ctx-size.", param, "context_length_exceeded")
         return len(ids)
 
-    def fit(self, job: dict) -> int:
-        """"truncate": "oldest": job["messages"] becomes the messages kept (context_fit.py),
-        job["truncated"] what was dropped; the prompt's token count, or a 400. A conversation
+    def fit(self, job: ChatRequest) -> int:
+        """"truncate": "oldest": job.messages becomes the messages kept (context_fit.py),
+        job.truncated what was dropped; the prompt's token count, or a 400. A conversation
         past the byte bound is not tokenized whole: turns are dropped until it is under it."""
-        llm, tools = self.llm, job["tools"]
+        llm, tools = self.llm, job.tools
 
         def ids_of(messages):
             text = llm.apply_chat_template(messages, tools=tools)
@@ -62,11 +64,11 @@ class PromptCheck:
                 return None
             return llm.tokenize_chat(messages, tools=tools)
         try:
-            fit = fit_oldest(job["messages"], ids_of, self.n_ctx, reply_room(self.n_ctx, job["max_tokens"]))
+            fit = fit_oldest(job.messages, ids_of, self.n_ctx, reply_room(self.n_ctx, job.max_tokens))
         except ContextOverflowError as e:
             raise bad(f"This model's maximum context length is {self.n_ctx} tokens; {e}", "messages",
                       "context_length_exceeded") from None
         except (ValueError, TypeError) as e:   # the template's, a message's
             raise bad(str(e), "messages") from None
-        job["messages"], job["truncated"] = fit.messages, fit.dropped
+        job.messages, job.truncated = fit.messages, fit.dropped
         return len(fit.ids)

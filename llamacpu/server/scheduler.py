@@ -10,15 +10,16 @@ import threading
 import time
 
 from .errors import APIError, api_error
+from .parse import ChatRequest
 
 
 class Job:
     """One request on its way through the Scheduler. The worker thread calls put(); the
     event loop awaits get()."""
 
-    def __init__(self, kind: str, settings: dict, loop: asyncio.AbstractEventLoop):
-        self.kind, self.settings, self.loop = kind, settings, loop
-        self.stream = settings["stream"]
+    def __init__(self, request, loop: asyncio.AbstractEventLoop):
+        self.request, self.loop = request, loop  # a parse.ChatRequest or CompletionRequest
+        self.stream = request.stream
         self.items: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.handle = None   # its GenerationStream, once a worker started it
@@ -134,15 +135,12 @@ class Scheduler:
     def _run(self, job: Job) -> tuple[int, int]:
         """Generate for one job in this worker thread, putting what comes out on the job;
         return its (prompt, completion) token counts."""
-        s, llm = job.settings, self.llm
-        if job.kind == "chat":
-            it = llm.chat(messages=s["messages"], tools=s["tools"], max_tokens=s["max_tokens"], stop=s["stop"],
-                          logprobs=s["logprobs"], top_logprobs=s["top_logprobs"], stream=True,
-                          response_format=s["response_format"], tool_choice=s["tool_choice"], **s["sampling"])
+        req, llm = job.request, self.llm
+        if isinstance(req, ChatRequest):
+            it = llm.chat(**req.llama_kwargs(), stream=True)
             tag = "chunk" if job.stream else None
         else:
-            it = llm.generate(s["prompt"], max_tokens=s["max_tokens"], stream=True, stop=s["stop"],
-                              **s["sampling"])
+            it = llm.generate(**req.llama_kwargs(), stream=True)
             tag = "text"
         job.handle = it
         if job.cancelled.is_set():
