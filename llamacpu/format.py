@@ -238,8 +238,8 @@ def output_head_name(config: ModelConfig) -> str:
     return "tok_embeddings.weight" if config.tie_word_embeddings else "output.weight"
 
 
-def max_tensor_count(config: ModelConfig) -> int:
-    return 9 * config.num_hidden_layers + 4  # + tok, norm, output, rope_freqs
+def max_tensor_count(n_layers: int) -> int:
+    return 9 * n_layers + 4  # + tok, norm, output, rope_freqs
 
 
 # ----------------------------------------------------------------------------- writer
@@ -262,8 +262,8 @@ class ModelWriter:
                                 separators=(",", ":")).encode("utf-8")
         if n_tensors is None:
             try:
-                n_tensors = max_tensor_count(ModelConfig.from_dict(meta["config"]))
-            except (KeyError, TypeError, ModelFormatError) as e:
+                n_tensors = max_tensor_count(meta["config"]["num_hidden_layers"])
+            except (KeyError, TypeError) as e:
                 raise ValueError("n_tensors not given and meta has no usable config") from e
         self._capacity = int(n_tensors)
         self._dir_offset = align(HEADER_SIZE + len(meta_bytes), 8)

@@ -53,16 +53,11 @@ def _invariant_kernels():
 INVARIANT_KERNELS = _invariant_kernels()
 
 
-def llama_1b_config(**changes):
-    """Llama 3.2 1B's format.ModelConfig (the config behind the 1B rows of BENCHMARKS.md), with `changes`."""
-    from llamacpu.format import ModelConfig
-    return ModelConfig.from_dict({
-        "architecture": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
-        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 8192},
-        "max_position_embeddings": 131072, "tie_word_embeddings": True, "rope_pairing": "adjacent", **changes})
+def llama_1b_config():
+    """Llama 3.2 1B's format.ModelConfig (tied embeddings), from the shapes the K-quant mixture
+    fixtures freeze (tools/make_kquant_fixtures.py: CONFIGS, model_config)."""
+    import make_kquant_fixtures as fixtures  # tools/, on sys.path above
+    return fixtures.model_config(fixtures.CONFIGS["Llama-3.2-1B"])
 
 
 @pytest.fixture(scope="module")

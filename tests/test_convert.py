@@ -204,7 +204,7 @@ def test_q6_0_head_needs_rows_multiple_of_8():
     """Q6_0 exists in the x8 layout only: a vocabulary that is not a multiple of 8 keeps Q8_0."""
     from conftest import llama_1b_config
     from llamacpu.convert import tensor_type
-    cfg = llama_1b_config(tie_word_embeddings=True)
+    cfg = llama_1b_config()  # tied: the head is tok_embeddings
     assert tensor_type("tok_embeddings.weight", F32, "q4_0", cfg, "hf", cols=64, rows=128) == Q6_0
     assert tensor_type("tok_embeddings.weight", F32, "q4_0", cfg, "hf", cols=64, rows=130) == Q8_0
     assert tensor_type("tok_embeddings.weight", F32, None, cfg, "gguf", cols=64, rows=128, head_type="q6_0") == Q6_0
